@@ -1,0 +1,61 @@
+"""fusion_titan's TOML sections, merged into torchtitan's JobConfig via `[job] custom_config_module`.
+
+Dataclasses named like torchtitan's sections (`Model`, `Optimizer`) add fields to those sections;
+new sections (`Loss`, `Data`) are new tables in the TOML. Every field is documented in
+docs/config.md; `tests/test_config.py` fails if one is missing there.
+"""
+
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Model:
+    """Overrides of the flavor's architecture. Unset (None) keeps the flavor's value."""
+
+    layer_schedule: str | None = None
+    n_layers: int | None = None
+    n_routed_experts: int | None = None
+    n_activated_experts: int | None = None
+    mtp_depth: int | None = None
+    logit_softcap: float | None = None
+    mup: bool | None = None
+    sliding_window: int | None = None
+    attn_backend: str | None = None
+    gdn_backend: str | None = None
+    moe_bias_update_rate: float | None = None
+    use_grouped_mm: bool | None = None
+
+
+@dataclass
+class Optimizer:
+    """NorMuon (matrices) + CautiousAdamW (the rest) when name = "NorMuon"; torchtitan's AdamW otherwise."""
+
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_beta2: float = 0.95
+    muon_weight_decay: float = 0.0
+    ns_steps: int = 5
+
+
+@dataclass
+class Loss:
+    mtp_weight: float = 0.3
+    z_loss_weight: float = 0.0
+    ce_chunk_size: int = 4096
+
+
+@dataclass
+class Data:
+    source: str = "stdlib"
+    tokenizer: str = "qwen2.5"
+    seed: int = 0
+    max_documents: int = 0
+
+
+@dataclass
+class JobConfig:
+    model: Model = field(default_factory=Model)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    loss: Loss = field(default_factory=Loss)
+    data: Data = field(default_factory=Data)

@@ -1,0 +1,146 @@
+"""TrainSpec.parallelize_fn: expert parallel, activation checkpointing, torch.compile, FSDP2.
+
+Built on torchtitan's pieces (ExpertParallel, apply_ac, fully_shard settings) but walking our
+module tree: the trunk's blocks, the MTP modules' blocks, and the tied embedding/head, which stays
+in the root FSDP unit so the one [vocab, dim] table (sharded along vocab) serves both ends.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import parallelize_module
+
+from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.distributed.expert_parallel import ExpertParallel
+from torchtitan.models.moe.moe import GroupedExperts
+from torchtitan.tools import utils as tt_utils
+from torchtitan.tools.logging import logger
+
+from ..model.blocks import FusionBlock
+from . import cpu_shim
+
+# Selective AC keeps these ops' outputs (recomputing them is the expensive part).
+SAC_SAVE_LIST = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    torch.ops._c10d_functional.all_to_all_single.default,
+    torch.ops.aten.max.default,
+}
+
+
+def refuse_unsupported(parallel_dims, job_config) -> None:
+    unsupported = {
+        "tensor_parallel_degree": parallel_dims.tp,
+        "pipeline_parallel_degree": parallel_dims.pp,
+        "context_parallel_degree": parallel_dims.cp,
+    }
+    enabled = {k: v for k, v in unsupported.items() if v > 1}
+    if enabled:
+        raise NotImplementedError(
+            f"fusion_titan does not support {enabled} yet: set them to 1 under [parallelism] and "
+            "scale with data_parallel_shard_degree (FSDP) and expert_parallel_degree instead."
+        )
+
+
+def _all_blocks(model: nn.Module) -> list[FusionBlock]:
+    return [m for m in model.modules() if isinstance(m, FusionBlock)]
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
+    for block in _all_blocks(model):
+        if block.moe_enabled:
+            if block.moe.n_experts % ep_mesh.size():
+                raise ValueError(
+                    f"expert_parallel_degree {ep_mesh.size()} must divide n_routed_experts "
+                    f"{block.moe.n_experts}"
+                )
+            parallelize_module(block.moe.experts, ep_mesh, ExpertParallel())
+
+
+def apply_compile(model: nn.Module, backend: str) -> None:
+    """Compile per block; MoE expert dispatch (data-dependent shapes, EP hooks) stays eager."""
+    torch._dynamo.config.capture_scalar_outputs = True
+    for block in _all_blocks(model):
+        block.attention_norm.compile(backend=backend)
+        block.ffn_norm.compile(backend=backend)
+        block.mixer.compile(backend=backend)
+        if block.moe_enabled:
+            block.moe.router.compile(backend=backend, fullgraph=True)
+            if block.moe.shared_experts is not None:
+                block.moe.shared_experts.compile(backend=backend, fullgraph=True)
+        else:
+            block.feed_forward.compile(backend=backend, fullgraph=True)
+
+
+def apply_fsdp(model: nn.Module, parallel_dims, job_config, on_cpu: bool) -> None:
+    training = job_config.training
+    config = {
+        "mesh": parallel_dims.get_mesh("fsdp"),
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+        ),
+    }
+    if training.enable_cpu_offload:
+        config["offload_policy"] = CPUOffloadPolicy()
+    reshard = job_config.parallelism.fsdp_reshard_after_forward != "never"
+    edp_mesh = parallel_dims.get_optional_mesh("efsdp") if parallel_dims.ep_enabled else None
+
+    def shard_block(unit: nn.Module) -> None:
+        block = getattr(unit, "_checkpoint_wrapped_module", unit)  # under activation checkpointing
+        if block.moe_enabled and edp_mesh is not None:
+            experts = block.moe.experts
+            # EP already splits dim 0 (experts); shard on dim 1 when dim 0 would run out.
+            placement = (lambda p: Shard(1)) if edp_mesh.size() * parallel_dims.ep > experts.num_experts else None
+            fully_shard(experts, **{**config, "mesh": edp_mesh}, reshard_after_forward=reshard,
+                        shard_placement_fn=placement)
+        fully_shard(unit, **config, reshard_after_forward=reshard)
+
+    for layer in model.layers.values():
+        shard_block(layer)
+    for module in model.mtp:
+        fully_shard(module, **config, reshard_after_forward=reshard)
+    fully_shard(model, **config)  # root: tied embedding/head and the final norm
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # torchtitan divides by the global token count itself.
+            module.set_gradient_divide_factor(1.0)
+    if on_cpu:
+        cpu_shim.force_sum_reduction_for_cpu(model)
+
+
+def parallelize_fusion(model: nn.Module, parallel_dims, job_config) -> nn.Module:
+    refuse_unsupported(parallel_dims, job_config)
+    on_cpu = tt_utils.device_type == "cpu"
+    if on_cpu:
+        for m in model.modules():
+            if isinstance(m, GroupedExperts):
+                m.use_grouped_mm = False  # grouped GEMM is a CUDA kernel
+
+    if parallel_dims.ep_enabled:
+        apply_expert_parallel(model, parallel_dims.get_mesh("ep"))
+
+    compile_model = job_config.compile.enable and "model" in job_config.compile.components
+    if job_config.activation_checkpoint.mode != "none":
+        apply_ac(model, job_config.activation_checkpoint, model_compile_enabled=compile_model,
+                 op_sac_save_list=SAC_SAVE_LIST, base_folder=job_config.job.dump_folder)
+    if compile_model:
+        apply_compile(model, job_config.compile.backend)
+
+    if parallel_dims.fsdp_enabled or parallel_dims.ep_enabled:
+        apply_fsdp(model, parallel_dims, job_config, on_cpu)
+        logger.info(f"Applied FSDP2 over {parallel_dims.get_mesh('fsdp').size()} ranks")
+    elif parallel_dims.dp_replicate_enabled:
+        raise NotImplementedError(
+            "pure DDP (data_parallel_replicate_degree > 1 without sharding) is not supported: "
+            "use data_parallel_shard_degree (FSDP2) instead"
+        )
+    return model

@@ -1,0 +1,134 @@
+"""Model hyper-parameters of the fusion hybrid, and how the TOML overrides them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from torchtitan.protocols.model import BaseModelArgs
+
+SCHEDULES = ("5:1", "6:1", "8:1", "mha", "ssm")
+
+# `[model]` keys that override a flavor field of the same name when set in the TOML (None = keep).
+OVERRIDABLE_FIELDS = (
+    "layer_schedule", "n_layers", "n_routed_experts", "n_activated_experts", "mtp_depth",
+    "logit_softcap", "mup", "sliding_window", "attn_backend", "gdn_backend",
+    "moe_bias_update_rate", "use_grouped_mm",
+)
+
+
+def parse_schedule(schedule: str, n_layers: int) -> list[str]:
+    """Block kinds, one per layer: "attn" (MLA + FFN) or "gdn" (Gated DeltaNet + dense FFN).
+
+    "A:B" means A attention blocks followed by B GDN blocks, repeated ("5:1" = 5 MLA, 1 GDN).
+    """
+    if schedule == "mha":
+        return ["attn"] * n_layers
+    if schedule == "ssm":
+        return ["gdn"] * n_layers
+    try:
+        n_attn, n_gdn = (int(x) for x in schedule.split(":"))
+        assert n_attn >= 0 and n_gdn >= 0 and n_attn + n_gdn > 0
+    except (ValueError, AssertionError):
+        raise ValueError(
+            f"layer_schedule {schedule!r} is not understood: use one of {SCHEDULES} or any 'A:B' "
+            "with A attention blocks then B Gated DeltaNet blocks, repeated."
+        ) from None
+    period = n_attn + n_gdn
+    return ["attn" if i % period < n_attn else "gdn" for i in range(n_layers)]
+
+
+@dataclass
+class FusionModelArgs(BaseModelArgs):
+    # trunk
+    dim: int = 2048
+    n_layers: int = 30
+    vocab_size: int = 152064
+    layer_schedule: str = "5:1"
+    norm_eps: float = 1e-6
+    ffn_hidden_dim: int = 6144  # dense SwiGLU width (GDN blocks, and attention blocks without MoE)
+
+    # Multi-head Latent Attention (DeepSeek-V2/V3)
+    n_heads: int = 32
+    q_lora_rank: int = 512  # 0 = plain query projection
+    kv_lora_rank: int = 256
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    sliding_window: int = 0  # 0 = full causal attention
+    attn_backend: str = "sdpa"
+
+    # DeepSeekMoE
+    n_routed_experts: int = 64  # 0 = every attention block gets a dense FFN
+    n_activated_experts: int = 6
+    n_shared_experts: int = 4
+    n_expert_groups: int = 8
+    n_limited_groups: int = 3
+    moe_inter_dim: int = 1536
+    route_scale: float = 1.0
+    moe_bias_update_rate: float = 1e-3  # aux-loss-free balancing step; 0 = off
+    use_grouped_mm: bool = True  # used on CUDA only; CPU runs the per-expert loop
+
+    # Gated DeltaNet (Qwen3-Next style)
+    gdn_n_heads: int = 16
+    gdn_head_k_dim: int = 64
+    gdn_head_v_dim: int = 128  # "state 128": each head keeps a head_k x head_v = 64 x 128 state
+    gdn_conv_size: int = 4
+    gdn_backend: str = "auto"
+
+    # heads
+    mtp_depth: int = 3
+    logit_softcap: float = 15.0  # 0 = off
+
+    # initialization (muP: width-scaled init and multipliers relative to mup_base_dim)
+    mup: bool = True
+    mup_base_dim: int = 256
+    init_std: float = 0.02
+
+    def block_kinds(self) -> list[str]:
+        return parse_schedule(self.layer_schedule, self.n_layers)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def width_mult(self) -> float:
+        return self.dim / self.mup_base_dim if self.mup else 1.0
+
+    def validate(self) -> None:
+        self.block_kinds()  # raises on a bad schedule
+        if self.n_routed_experts:
+            if self.n_activated_experts > self.n_routed_experts:
+                raise ValueError("n_activated_experts cannot exceed n_routed_experts")
+            if self.n_expert_groups and self.n_routed_experts % self.n_expert_groups:
+                raise ValueError(
+                    f"n_routed_experts ({self.n_routed_experts}) must be divisible by "
+                    f"n_expert_groups ({self.n_expert_groups}); set n_expert_groups = 0 to "
+                    "route without groups."
+                )
+        if self.logit_softcap < 0:
+            raise ValueError("logit_softcap must be >= 0 (0 turns it off)")
+
+    def update_from_config(self, job_config, **kwargs) -> None:
+        model_cfg = job_config.model
+        for name in OVERRIDABLE_FIELDS:
+            value = getattr(model_cfg, name, None)
+            if value is not None:
+                setattr(self, name, value)
+        seq_len = job_config.training.seq_len
+        self.max_seq_len = max(self.max_seq_len, seq_len)
+        self.validate()
+
+    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
+        from .flops import count_params, flops_per_token
+
+        counts = count_params(model, self)
+        return counts.total, flops_per_token(self, seq_len, counts)
+
+    def replace(self, **changes) -> "FusionModelArgs":
+        return dataclasses.replace(self, **changes)

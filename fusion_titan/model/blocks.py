@@ -1,0 +1,81 @@
+"""One pre-norm residual block of the hybrid trunk: a token mixer then a feed-forward.
+
+kind "attn": Multi-head Latent Attention + DeepSeekMoE (dense SwiGLU when n_routed_experts = 0).
+kind "gdn":  Gated DeltaNet + dense SwiGLU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from torchtitan.models.moe.moe import FeedForward
+
+from .args import FusionModelArgs
+from .gated_deltanet import GatedDeltaNet
+from .mla import MultiHeadLatentAttention
+from .moe import DeepSeekMoE
+
+
+def init_stds(args: FusionModelArgs) -> tuple[float, float]:
+    """(std of input-side matrices, std of residual-output matrices).
+
+    muP (Tensor Programs V): hidden weights have variance ~ 1/fan_in, i.e. the base std shrinks by
+    sqrt(width_mult) as the model widens past mup_base_dim. Residual outputs are further scaled by
+    1/sqrt(2 * n_layers) (GPT-2) so the residual stream's scale does not grow with depth.
+    """
+    std = args.init_std / math.sqrt(args.width_mult)
+    return std, std / math.sqrt(2 * args.n_layers)
+
+
+class FusionBlock(nn.Module):
+    def __init__(self, kind: str, args: FusionModelArgs, use_moe: bool | None = None):
+        super().__init__()
+        self.kind = kind
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        if kind == "attn":
+            self.mixer = MultiHeadLatentAttention(args)
+        elif kind == "gdn":
+            self.mixer = GatedDeltaNet(
+                args.dim, args.gdn_n_heads, head_k_dim=args.gdn_head_k_dim,
+                head_v_dim=args.gdn_head_v_dim, conv_size=args.gdn_conv_size,
+                norm_eps=args.norm_eps, backend=args.gdn_backend,
+            )
+        else:
+            raise ValueError(f"unknown block kind {kind!r}")
+        if use_moe is None:
+            use_moe = kind == "attn" and args.n_routed_experts > 0
+        # `moe_enabled` / `moe` are the names torchtitan's MoE helpers look for.
+        self.moe_enabled = use_moe
+        if use_moe:
+            self.moe = DeepSeekMoE(
+                args.dim, args.n_routed_experts, args.n_activated_experts, args.n_shared_experts,
+                args.moe_inter_dim, args.n_expert_groups, args.n_limited_groups, args.route_scale,
+                args.moe_bias_update_rate, use_grouped_mm=args.use_grouped_mm and torch.cuda.is_available(),
+            )
+        else:
+            self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = self.attention_norm(x)
+        x = x + (self.mixer(h, rope) if self.kind == "attn" else self.mixer(h))
+        h = self.ffn_norm(x)
+        return x + (self.moe(h) if self.moe_enabled else self.feed_forward(h))
+
+    def init_weights(self, args: FusionModelArgs, buffer_device: torch.device | None = None) -> None:
+        std, out_std = init_stds(args)
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        if self.kind == "attn":
+            self.mixer.init_weights(std, out_std)
+        else:
+            self.mixer.init_weights(out_std)
+        if self.moe_enabled:
+            self.moe.init_weights(std, out_std, buffer_device)
+        else:
+            for lin, s in ((self.feed_forward.w1, std), (self.feed_forward.w3, std),
+                           (self.feed_forward.w2, out_std)):
+                nn.init.trunc_normal_(lin.weight, std=s, a=-3 * s, b=3 * s)

@@ -1,0 +1,66 @@
+"""Named model sizes (`[model] flavor`). Parameter counts are in the README (scripts/count_params.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .args import FusionModelArgs
+
+
+class Flavors(Mapping):
+    """A read-only name -> args table whose missing-key error lists the valid names.
+
+    torchtitan indexes `train_spec.model_args[flavor]` and then mutates the args from the TOML,
+    so each lookup hands out a fresh copy: two runs in one process never see each other's edits.
+    """
+
+    def __init__(self, table: dict[str, FusionModelArgs]):
+        self._table = table
+
+    def __getitem__(self, name: str) -> FusionModelArgs:
+        if name not in self._table:
+            raise KeyError(
+                f"unknown model flavor {name!r} for model 'fusion'; choose one of "
+                f"{sorted(self._table)} ([model] flavor in the TOML or --model.flavor)"
+            )
+        return self._table[name].replace()
+
+    def __iter__(self):
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+FLAVORS = Flavors({
+    # Trains in a few minutes on a 2-core CPU; the real Qwen2.5 vocabulary so it reads real text.
+    "debugmodel": FusionModelArgs(
+        dim=128, n_layers=6, vocab_size=152064, layer_schedule="5:1", ffn_hidden_dim=384,
+        n_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, max_seq_len=1024, sliding_window=0,
+        n_routed_experts=8, n_activated_experts=2, n_shared_experts=1, n_expert_groups=4,
+        n_limited_groups=2, moe_inter_dim=128,
+        gdn_n_heads=2, gdn_head_k_dim=32, gdn_head_v_dim=64, gdn_conv_size=4,
+        mtp_depth=1, logit_softcap=15.0, mup=True, mup_base_dim=128,
+    ),
+    # One 80 GB GPU, for benchmarks: the 7b's shapes at half width and ~half depth.
+    "fusion_1b": FusionModelArgs(
+        dim=1024, n_layers=16, vocab_size=152064, layer_schedule="5:1", ffn_hidden_dim=3072,
+        n_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, max_seq_len=4096, sliding_window=0,
+        n_routed_experts=32, n_activated_experts=6, n_shared_experts=2, n_expert_groups=8,
+        n_limited_groups=3, moe_inter_dim=768,
+        gdn_n_heads=8, gdn_head_k_dim=64, gdn_head_v_dim=128, gdn_conv_size=4,
+        mtp_depth=1, logit_softcap=15.0, mup=True, mup_base_dim=256,
+    ),
+    # The seed's reference dims, unchanged (see the README for what they really add up to).
+    "fusion_7b": FusionModelArgs(
+        dim=2048, n_layers=30, vocab_size=152064, layer_schedule="5:1", ffn_hidden_dim=6144,
+        n_heads=32, q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, max_seq_len=4096, sliding_window=2048,
+        n_routed_experts=64, n_activated_experts=6, n_shared_experts=4, n_expert_groups=8,
+        n_limited_groups=3, moe_inter_dim=1536,
+        gdn_n_heads=16, gdn_head_k_dim=64, gdn_head_v_dim=128, gdn_conv_size=4,
+        mtp_depth=3, logit_softcap=15.0, mup=True, mup_base_dim=256,
+    ),
+})

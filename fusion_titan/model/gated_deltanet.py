@@ -1,0 +1,186 @@
+"""Gated DeltaNet token mixer (Qwen3-Next style linear attention).
+
+x -> q/k/v projections -> short causal depthwise conv + SiLU -> l2-normalize q, k per head
+  -> gated delta rule (state [K, V] per head) -> per-head RMSNorm gated by silu(z) -> o_proj.
+
+The decay g = -exp(A_log) * softplus(a_proj(x) + dt_bias) is Mamba-2's discretized decay
+(A < 0, dt > 0) in log space, and beta = sigmoid(b_proj(x)) is the delta-rule write strength.
+
+Only the mixer lives here; the block (pre-norm, residual, FFN) is built elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fusion_titan.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
+
+
+@dataclass
+class GDNCache:
+    """Inference state of one GatedDeltaNet layer; updated in place by forward.
+
+    conv_states: (q, k, v) tensors [B, conv_size - 1, channels] holding the last conv inputs.
+    recurrent_state: [B, H, head_k_dim, head_v_dim] delta-rule state (float32 / float64).
+    Both start as None, meaning "empty sequence" (zeros).
+    """
+
+    conv_states: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    recurrent_state: torch.Tensor | None = None
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise conv over time, weight [channels, conv_size], no bias, then SiLU.
+
+    weight[:, -1] multiplies the current token, weight[:, 0] the oldest one
+    (same orientation as nn.Conv1d with left padding conv_size - 1).
+    """
+
+    def __init__(self, channels: int, conv_size: int):
+        super().__init__()
+        self.channels = channels
+        self.conv_size = conv_size
+        self.weight = nn.Parameter(torch.empty(channels, conv_size))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
+        """x [B, T, C]; state [B, conv_size - 1, C] or None (zeros). Returns (y, new_state)."""
+        W = self.conv_size
+        if state is None:
+            xp = F.pad(x, (0, 0, W - 1, 0))  # left-pad time with zeros: causal
+        else:
+            xp = torch.cat([state.to(x.dtype), x], dim=1)
+        y = F.conv1d(xp.transpose(1, 2), self.weight.unsqueeze(1), groups=self.channels)
+        new_state = xp[:, xp.shape[1] - (W - 1):]
+        return F.silu(y.transpose(1, 2)), new_state
+
+    def reset_parameters(self):
+        # nn.Conv1d's default: fan_in = conv_size for a depthwise conv.
+        bound = 1.0 / math.sqrt(self.conv_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over the last dim, times silu(gate); computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float() if dtype != torch.float64 else x
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = xf * self.weight.to(xf.dtype) * F.silu(gate.to(xf.dtype))
+        return out.to(dtype)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    # x / sqrt(sum x^2 + eps), the convention of fla and Qwen3-Next.
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        head_k_dim: int = 64,
+        head_v_dim: int = 128,
+        conv_size: int = 4,
+        norm_eps: float = 1e-6,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.dim = dim
+        self.n_heads = n_heads
+        self.head_k_dim = head_k_dim
+        self.head_v_dim = head_v_dim
+        self.conv_size = conv_size
+        self.backend = backend
+        key_dim = n_heads * head_k_dim
+        value_dim = n_heads * head_v_dim
+
+        self.q_proj = nn.Linear(dim, key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, value_dim, bias=False)
+        self.a_proj = nn.Linear(dim, n_heads, bias=False)  # decay input (Mamba-2 dt)
+        self.b_proj = nn.Linear(dim, n_heads, bias=False)  # beta (write strength)
+        self.g_proj = nn.Linear(dim, value_dim, bias=False)  # output gate z
+
+        self.q_conv = ShortConv(key_dim, conv_size)
+        self.k_conv = ShortConv(key_dim, conv_size)
+        self.v_conv = ShortConv(value_dim, conv_size)
+
+        # Per-head decay parameters; kept in float32-friendly form, usually no weight decay.
+        self.A_log = nn.Parameter(torch.empty(n_heads))
+        self.dt_bias = nn.Parameter(torch.empty(n_heads))
+
+        self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(value_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: GDNCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, V = self.n_heads, self.head_k_dim, self.head_v_dim
+
+        conv_q, conv_k, conv_v = (None, None, None)
+        if cache is not None and cache.conv_states is not None:
+            conv_q, conv_k, conv_v = cache.conv_states
+        q, conv_q = self.q_conv(self.q_proj(x), conv_q)
+        k, conv_k = self.k_conv(self.k_proj(x), conv_k)
+        v, conv_v = self.v_conv(self.v_proj(x), conv_v)
+
+        q = l2norm(q.view(B, T, H, K))
+        k = l2norm(k.view(B, T, H, K))
+        v = v.view(B, T, H, V)
+
+        beta = torch.sigmoid(self.b_proj(x))
+        # Log decay in float32: g = -exp(A_log) * softplus(a + dt_bias) <= 0.
+        gdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        g = -self.A_log.to(gdt).exp() * F.softplus(self.a_proj(x).to(gdt) + self.dt_bias.to(gdt))
+
+        if cache is None:
+            o, _ = gated_delta_rule(q, k, v, g, beta, backend=self.backend)
+        else:
+            state = cache.recurrent_state
+            if T == 1:
+                if state is None:
+                    state = x.new_zeros(B, H, K, V, dtype=gdt)
+                o, state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)
+                o = o.unsqueeze(1)
+            else:
+                o, state = gated_delta_rule(
+                    q, k, v, g, beta, initial_state=state, output_final_state=True, backend=self.backend
+                )
+            cache.conv_states = (conv_q, conv_k, conv_v)
+            cache.recurrent_state = state
+
+        z = self.g_proj(x).view(B, T, H, V)
+        o = self.o_norm(o, z).reshape(B, T, H * V)
+        return self.o_proj(o)
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float):
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj):
+            nn.init.normal_(lin.weight, mean=0.0, std=0.02)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=init_std)
+        for conv in (self.q_conv, self.k_conv, self.v_conv):
+            conv.reset_parameters()
+        self.o_norm.reset_parameters()
+
+        # A in [1, 16] (Mamba-2 / Qwen3-Next); stored as log so A = exp(A_log) stays > 0.
+        self.A_log.uniform_(1.0, 16.0).log_()
+        # dt log-uniform in [1e-3, 1e-1], stored as inverse softplus so softplus(dt_bias) = dt.
+        # Done with in-place ops on the parameter so it also works for meta->to_empty and DTensors.
+        dt_min, dt_max = 1e-3, 1e-1
+        dt = self.dt_bias.uniform_(0.0, 1.0)
+        dt.mul_(math.log(dt_max) - math.log(dt_min)).add_(math.log(dt_min)).exp_().clamp_(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))

@@ -1,0 +1,97 @@
+"""The fusion hybrid: tied embedding -> scheduled MLA/GDN blocks -> norm -> tied head (+ MTP).
+
+With `labels` the forward returns the loss *sums* it needs (the head is fused with softcap and
+cross entropy so full-vocabulary logits never exist); without labels it returns logits.
+torchtitan's trainer passes every non-"input" key of the batch dict as a keyword argument, which
+is how `labels` arrive here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from torchtitan.protocols.model import ModelProtocol
+
+from ..ops.softcap_cross_entropy import IGNORE_INDEX, linear_softcap_cross_entropy, softcap_logits
+from .args import FusionModelArgs
+from .blocks import FusionBlock
+from .mtp import MTPModule
+from .rope import rope_cache
+
+
+class FusionModel(ModelProtocol):
+    def __init__(self, args: FusionModelArgs):
+        super().__init__(args)
+        args.validate()
+        self.model_args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict(
+            {str(i): FusionBlock(kind, args) for i, kind in enumerate(args.block_kinds())}
+        )
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.mtp = nn.ModuleList(MTPModule(args) for _ in range(args.mtp_depth))
+        # muP: logits shrink as 1/width_mult so their scale stays width-independent in training.
+        self.logit_scale = 1.0 / args.width_mult
+        self.ce_chunk_size = 4096
+        self.register_buffer("rope", self._rope_table(), persistent=False)
+
+    def _rope_table(self, device=None) -> torch.Tensor:
+        a = self.model_args
+        return rope_cache(a.qk_rope_head_dim, a.max_seq_len, a.rope_theta, device=device)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight  # tied head
+
+    def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, self.rope)
+        return h
+
+    def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
+        return softcap_logits(normed_hidden, self.output_weight, self.model_args.logit_softcap,
+                              self.logit_scale)
+
+    def _ce_sum(self, normed_hidden: torch.Tensor, labels: torch.Tensor, return_hits: bool = False):
+        return linear_softcap_cross_entropy(
+            normed_hidden.flatten(0, 1), self.output_weight, labels.flatten(),
+            softcap=self.model_args.logit_softcap, scale=self.logit_scale,
+            chunk_size=self.ce_chunk_size, return_hits=return_hits,
+        )
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None):
+        h = self.trunk(tokens)
+        if labels is None:
+            return self.logits(self.norm(h))
+        out = {"ce_sum": self._ce_sum(self.norm(h), labels)}
+        if len(self.mtp):
+            out["mtp_sums"], out["mtp_correct"], out["mtp_tokens"] = self._mtp_losses(h, tokens, labels)
+        return out
+
+    def _mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor):
+        """Depth k: position t (t < T-k) sees token t+k and predicts labels[t+k] (= token t+k+1)."""
+        sums, correct, counts = [], [], []
+        seq_len = tokens.shape[1]
+        for k, module in enumerate(self.mtp, start=1):
+            if k >= seq_len:
+                break
+            h, normed = module(h[:, : seq_len - k], self.tok_embeddings(tokens[:, k:]), self.rope)
+            target = labels[:, k:]
+            loss_sum, hits = self._ce_sum(normed, target, return_hits=True)
+            sums.append(loss_sum)
+            correct.append(hits)
+            counts.append((target != IGNORE_INDEX).sum())
+        return torch.stack(sums), torch.stack(correct), torch.stack(counts)
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        args = self.model_args
+        nn.init.normal_(self.tok_embeddings.weight, std=args.init_std)
+        for layer in self.layers.values():
+            layer.init_weights(args, buffer_device)
+        self.norm.reset_parameters()
+        for module in self.mtp:
+            module.init_weights(args, buffer_device)
+        device = buffer_device or self.tok_embeddings.weight.device
+        self.rope = self._rope_table(device=device)

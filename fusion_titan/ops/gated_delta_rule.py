@@ -1,0 +1,308 @@
+"""Gated delta rule (Gated DeltaNet / Qwen3-Next linear attention), pure PyTorch.
+
+Per head the state S is a [K, V] matrix. For every token t:
+
+    S_t = exp(g_t) * S_{t-1}                           # gated decay (g_t <= 0 is a log decay)
+    S_t = S_t + k_t (beta_t * (v_t - S_t^T k_t))^T     # delta rule: write the prediction error
+    o_t = S_t^T (scale * q_t)
+
+Layout and argument order follow fla's `chunk_gated_delta_rule`:
+q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; state [B, H, K, V].
+q and k are NOT l2-normalized here (the layer does it), like fla's default.
+
+Three entry points:
+  - chunk_gated_delta_rule: the chunked (WY / UT-transform) form used for training.
+  - recurrent_gated_delta_rule: token-by-token reference, obviously correct.
+  - gated_delta_rule: dispatcher between ours and fla's Triton kernel.
+
+Reference: Yang, Kautz, Hatamizadeh, "Gated Delta Networks: Improving Mamba2 with
+Delta Rule" (ICLR 2025), Sec. 3 (chunkwise algorithm).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "chunk_gated_delta_rule",
+    "recurrent_gated_delta_rule",
+    "gated_delta_rule_step",
+    "gated_delta_rule",
+    "fla_is_safe",
+]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # float32 accumulation for the recurrence; keep float64 when the caller asks for it (tests).
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------
+# Reference: one token at a time
+# ---------------------------------------------------------------------------
+
+
+def gated_delta_rule_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step. q, k [B, H, K]; v [B, H, V]; g, beta [B, H]; state [B, H, K, V].
+
+    Returns (o [B, H, V] in q's dtype, new_state [B, H, K, V] in float32/float64).
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    out_dtype = q.dtype
+    dt = _compute_dtype(q)
+    q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
+    S = state.to(dt) * g.exp()[..., None, None]  # decay first
+    pred = torch.einsum("bhk,bhkv->bhv", k, S)  # what the memory currently returns for k
+    delta = beta[..., None] * (v - pred)  # scaled prediction error
+    S = S + k[..., :, None] * delta[..., None, :]  # rank-1 correction
+    o = torch.einsum("bhk,bhkv->bhv", q * scale, S)
+    return o.to(out_dtype), S
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Naive token-by-token recurrence (reference). Same I/O as chunk_gated_delta_rule."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    dt = _compute_dtype(q)
+    if initial_state is None:
+        state = q.new_zeros(B, H, K, V, dtype=dt)
+    else:
+        state = initial_state.to(dt)
+    outs = []
+    for t in range(T):
+        o_t, state = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, scale)
+        outs.append(o_t)
+    o = torch.stack(outs, dim=1).to(q.dtype)
+    return o, (state if output_final_state else None)
+
+
+# ---------------------------------------------------------------------------
+# Chunked parallel form
+# ---------------------------------------------------------------------------
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise-parallel gated delta rule (sequential over chunks, parallel inside).
+
+    Derivation, inside one chunk with state S0 at its start and G_i = sum_{s<=i} g_s
+    (cumulative log decay within the chunk):
+        S_i   = exp(G_i) S0 + sum_{j<=i} exp(G_i - G_j) k_j n_j^T
+        n_i   = beta_i (v_i - exp(G_i) S0^T k_i - sum_{j<i} exp(G_i - G_j) (k_i.k_j) n_j)
+    i.e. (I + A) n = beta v - beta exp(G) k S0 with A_ij = beta_i k_i.k_j exp(G_i - G_j), j < i.
+    With Tm = (I + A)^-1 (UT transform): n = u - w S0, u = Tm (beta v), w = Tm (beta exp(G) k).
+    Then  o_i = scale q_i^T S_i  and the state carried to the next chunk is S_C.
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    if scale is None:
+        scale = K**-0.5
+    out_dtype = q.dtype
+    dt = _compute_dtype(q)
+    C = chunk_size
+
+    # [B, T, H, *] -> [B, H, T, *] in the compute dtype.
+    q, k, v = (x.transpose(1, 2).to(dt) for x in (q, k, v))
+    g, beta = (x.transpose(1, 2).to(dt) for x in (g, beta))
+
+    # Pad T up to a multiple of C. Padded tokens have g=0 (no decay) and beta=0 (no write),
+    # so they leave the state untouched; their outputs are sliced away.
+    pad = (C - T % C) % C
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+    N = (T + pad) // C
+
+    # Split into chunks: [B, H, N, C, *].
+    q = q.reshape(B, H, N, C, K) * scale
+    k = k.reshape(B, H, N, C, K)
+    v = v.reshape(B, H, N, C, V)
+    beta = beta.reshape(B, H, N, C)
+    G = g.reshape(B, H, N, C).cumsum(-1)  # cumulative log decay inside each chunk
+
+    # Pairwise decays exp(G_i - G_j). Only j <= i is ever used; G_i - G_j > 0 for j > i
+    # could overflow, so mask those entries to -inf *before* exponentiating.
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    strict = causal.clone().fill_diagonal_(False)
+    diff = G[..., :, None] - G[..., None, :]
+    decay = diff.masked_fill(~causal, float("-inf")).exp()  # [B, H, N, C, C], 0 above diag
+
+    # UT transform: solve (I + A) X = [beta v | beta exp(G) k] in one triangular solve.
+    # A is strictly lower triangular; unitriangular=True treats the diagonal as 1 (the I).
+    kk = k @ k.transpose(-1, -2)
+    A = (beta[..., None] * kk * decay).masked_fill(~strict, 0.0)
+    rhs = torch.cat([beta[..., None] * v, (beta * G.exp())[..., None] * k], dim=-1)
+    X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    u, w = X[..., :V], X[..., V:]
+
+    # Intra-chunk "attention" scores (diagonal included) and decay factors for the state.
+    qk = (q @ k.transpose(-1, -2)) * decay  # zero above the diagonal via decay
+    q_dec = q * G.exp()[..., None]  # query reads the decayed chunk-start state
+    G_last = G[..., -1:]  # [B, H, N, 1]
+    k_dec = k * (G_last - G).exp()[..., None]  # key's decay until the chunk end (exponent <= 0)
+    chunk_decay = G_last.exp()[..., None]  # [B, H, N, 1, 1]
+
+    if initial_state is None:
+        S = q.new_zeros(B, H, K, V)
+    else:
+        S = initial_state.to(dt)
+
+    # Sequential over chunks only. N depends on shapes, not data, so this unrolls under compile.
+    outs = []
+    for n in range(N):
+        new_v = u[:, :, n] - w[:, :, n] @ S  # n_i = u_i - w_i S0
+        outs.append(q_dec[:, :, n] @ S + qk[:, :, n] @ new_v)
+        S = chunk_decay[:, :, n] * S + k_dec[:, :, n].transpose(-1, -2) @ new_v
+
+    o = torch.stack(outs, dim=2).reshape(B, H, N * C, V)[:, :, :T]
+    o = o.transpose(1, 2).to(out_dtype)
+    return o, (S if output_final_state else None)
+
+
+# ---------------------------------------------------------------------------
+# Backend selection
+# ---------------------------------------------------------------------------
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    # "3.7.1+git123" -> (3, 7, 1); tolerant of local/dev suffixes.
+    return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+_fla_safety: tuple[bool, str] | None = None  # cached result of fla_is_safe()
+
+
+def fla_is_safe() -> tuple[bool, str]:
+    """Whether fla's chunk_gated_delta_rule can be used here, and why (cached).
+
+    fla 0.6.0's gated backward raises on Hopper (sm_90) with triton < 3.7.1 because of a
+    triton miscompile (fla issue 640), so that combination is refused.
+    """
+    global _fla_safety
+    if _fla_safety is None:
+        _fla_safety = _check_fla()
+    return _fla_safety
+
+
+def _check_fla() -> tuple[bool, str]:
+    try:
+        import fla  # noqa: F401
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _  # noqa: F401
+    except Exception as e:  # ImportError, or a broken triton install
+        return False, f"fla (fla-core) is not importable: {type(e).__name__}: {e}"
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available"
+    major, minor = torch.cuda.get_device_capability()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as e:
+        return False, f"triton is not importable: {type(e).__name__}: {e}"
+    if major == 9 and _version_tuple(triton_version) < (3, 7, 1):
+        return False, (
+            f"Hopper GPU (sm_{major}{minor}) with triton {triton_version} < 3.7.1: fla's gated "
+            "delta rule backward hits a triton miscompile (fla issue 640)"
+        )
+    return True, f"fla usable (sm_{major}{minor}, triton {triton_version})"
+
+
+def _fla_chunk(q, k, v, g, beta, scale, initial_state, output_final_state):
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+    return fla_chunk(
+        q, k, v, g, beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+    )
+
+
+_fla_failed = False  # set after the first runtime failure in "auto" mode
+
+
+@torch.compiler.disable
+def _fla_or_fallback(q, k, v, g, beta, scale, initial_state, output_final_state):
+    # Kept out of the compiled graph: fla is itself compiler-disabled, and dynamo handles
+    # graph breaks inside try/except badly.
+    global _fla_failed
+    try:
+        return _fla_chunk(q, k, v, g, beta, scale, initial_state, output_final_state)
+    except Exception as e:
+        if not _fla_failed:
+            logger.warning(
+                "fla chunk_gated_delta_rule failed (%s: %s); falling back to the PyTorch "
+                "implementation for the rest of this process.", type(e).__name__, e,
+            )
+        _fla_failed = True
+        return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dispatch to fla's Triton kernel or our chunked PyTorch form.
+
+    backend: "torch" -> ours; "fla" -> fla (raises if unsafe/unavailable);
+    "auto" -> fla when safe, on CUDA and in bf16/fp16 (the dtypes fla's kernels target),
+    otherwise ours. A runtime failure of fla in "auto" mode warns once and falls back.
+    """
+    if backend == "torch":
+        return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+    if backend == "fla":
+        ok, reason = fla_is_safe()
+        if not ok:
+            raise RuntimeError(f"gated_delta_rule backend='fla' requested but unusable: {reason}")
+        return _fla_chunk(q, k, v, g, beta, scale, initial_state, output_final_state)
+    if backend != "auto":
+        raise ValueError(f"unknown gated_delta_rule backend {backend!r} (use 'auto', 'torch' or 'fla')")
+    use_fla = (
+        q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and not _fla_failed
+        and fla_is_safe()[0]
+    )
+    if use_fla:
+        return _fla_or_fallback(q, k, v, g, beta, scale, initial_state, output_final_state)
+    return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)

@@ -1,0 +1,54 @@
+"""Aux-loss-free MoE balancing (Wang et al. 2024; DeepSeek-V3 §2.1.2): the bias update.
+
+After each optimizer step, every MoE layer's selection bias moves by `rate * sign(mean load -
+load)`: overloaded experts become less likely to be picked, idle ones more. Loads are summed over
+the step's micro-batches and over all data-parallel ranks first, so every rank applies the same
+update. Gate weights never see the bias, and autograd never touches it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..model.moe import DeepSeekMoE
+
+
+def moe_layers(model_parts: list[nn.Module]) -> list[tuple[str, DeepSeekMoE]]:
+    return [(name, m) for part in model_parts for name, m in part.named_modules()
+            if isinstance(m, DeepSeekMoE)]
+
+
+@torch.no_grad()
+def expert_load_stats(load: torch.Tensor) -> dict[str, float]:
+    """load [layers, experts] -> max/mean imbalance and normalized routing entropy (1 = uniform)."""
+    frac = load / load.sum(-1, keepdim=True).clamp_min(1)
+    entropy = -(frac * frac.clamp_min(1e-12).log()).sum(-1) / math.log(load.shape[-1])
+    imbalance = load.max(-1).values / load.mean(-1).clamp_min(1e-9)
+    return {"moe/max_over_mean_load": imbalance.max().item(),
+            "moe/mean_max_over_mean_load": imbalance.mean().item(),
+            "moe/routing_entropy": entropy.mean().item()}
+
+
+class ExpertBiasUpdater:
+    """Optimizer post-step hook; also keeps the last step's load for the metrics."""
+
+    def __init__(self, model_parts: list[nn.Module], process_group=None):
+        self.layers = [m for _, m in moe_layers(model_parts)]
+        self.process_group = process_group
+        self.last_load: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs) -> None:
+        if not self.layers:
+            return
+        load = torch.stack([m.tokens_per_expert for m in self.layers])
+        if self.process_group is not None:
+            torch.distributed.all_reduce(load, group=self.process_group)
+        self.last_load = load
+        for m, layer_load in zip(self.layers, load):
+            if m.bias_update_rate > 0:
+                m.expert_bias.add_(m.bias_update_rate * torch.sign(layer_load.mean() - layer_load))
+            m.tokens_per_expert.zero_()
