@@ -84,6 +84,10 @@ class FusionModelArgs(BaseModelArgs):
     mtp_depth: int = 3
     logit_softcap: float = 15.0  # 0 = off
 
+    # loss-side knobs the fused head needs (set from [loss] by update_from_config)
+    ce_chunk_size: int = 4096
+    z_loss: bool = False
+
     # initialization (muP: width-scaled init and multipliers relative to mup_base_dim)
     mup: bool = True
     mup_base_dim: int = 256
@@ -120,6 +124,10 @@ class FusionModelArgs(BaseModelArgs):
             value = getattr(model_cfg, name, None)
             if value is not None:
                 setattr(self, name, value)
+        loss_cfg = getattr(job_config, "loss", None)
+        if loss_cfg is not None:
+            self.ce_chunk_size = loss_cfg.ce_chunk_size
+            self.z_loss = loss_cfg.z_loss_weight > 0
         seq_len = job_config.training.seq_len
         self.max_seq_len = max(self.max_seq_len, seq_len)
         self.validate()

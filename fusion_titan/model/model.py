@@ -33,7 +33,6 @@ class FusionModel(ModelProtocol):
         self.mtp = nn.ModuleList(MTPModule(args) for _ in range(args.mtp_depth))
         # muP: logits shrink as 1/width_mult so their scale stays width-independent in training.
         self.logit_scale = 1.0 / args.width_mult
-        self.ce_chunk_size = 4096
         self.register_buffer("rope", self._rope_table(), persistent=False)
 
     def _rope_table(self, device=None) -> torch.Tensor:
@@ -54,18 +53,24 @@ class FusionModel(ModelProtocol):
         return softcap_logits(normed_hidden, self.output_weight, self.model_args.logit_softcap,
                               self.logit_scale)
 
-    def _ce_sum(self, normed_hidden: torch.Tensor, labels: torch.Tensor, return_hits: bool = False):
+    def _ce_sum(self, normed_hidden: torch.Tensor, labels: torch.Tensor, return_hits: bool = False,
+                return_z_loss: bool = False):
         return linear_softcap_cross_entropy(
             normed_hidden.flatten(0, 1), self.output_weight, labels.flatten(),
             softcap=self.model_args.logit_softcap, scale=self.logit_scale,
-            chunk_size=self.ce_chunk_size, return_hits=return_hits,
+            chunk_size=self.model_args.ce_chunk_size, return_hits=return_hits,
+            return_z_loss=return_z_loss,
         )
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None):
         h = self.trunk(tokens)
         if labels is None:
             return self.logits(self.norm(h))
-        out = {"ce_sum": self._ce_sum(self.norm(h), labels)}
+        if self.model_args.z_loss:
+            ce_sum, z_sum = self._ce_sum(self.norm(h), labels, return_z_loss=True)
+            out = {"ce_sum": ce_sum, "z_sum": z_sum}
+        else:
+            out = {"ce_sum": self._ce_sum(self.norm(h), labels)}
         if len(self.mtp):
             out["mtp_sums"], out["mtp_correct"], out["mtp_tokens"] = self._mtp_losses(h, tokens, labels)
         return out

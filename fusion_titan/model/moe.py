@@ -1,87 +1,232 @@
-"""DeepSeekMoE feed-forward (DeepSeek-V3 §2.1.2): shared experts + group-limited sigmoid routing.
+"""DeepSeekMoE feed-forward (DeepSeek-V3 §2.1.2; DeepSeek-V2 §2.2): shared + routed experts.
 
-Routing: sigmoid affinities s; a per-expert bias b (aux-loss-free balancing, Wang et al. 2024)
-is added to s for *selection only*; of the n_expert_groups groups the n_limited_groups with the
-highest group score (sum of the group's top-2 biased affinities) are kept, then the top-k experts
-inside them. Gate weights are the unbiased affinities of the chosen experts, normalized to sum to
-one and times route_scale. The bias is moved outside autograd after each optimizer step, from the
-load counted here (`tokens_per_expert`); see `fusion_titan.training.moe_balance`.
+Routing (`GroupLimitedRouter`), per token t with input u_t:
+  s_{i,t} = sigmoid(u_t . e_i)                          affinities, computed in >= fp32
+  c_{i,t} = s_{i,t} + b_i                               b: selection bias (aux-loss-free balancing)
+  group score_g = sum of the two largest c_{i,t} in group g (the largest one if groups have one expert)
+  keep the n_limited_groups best groups, then the top_k experts by c among the kept groups
+  g_{i,t} = route_scale * s_{i,t} / sum_{j chosen} s_{j,t}   for chosen i (0 otherwise)
+The bias b only changes *which* experts are chosen; the gate weights use the unbiased s, and b is
+moved outside autograd after each optimizer step from the load counted here (`tokens_per_expert`),
+see `fusion_titan.training.moe_balance`.
 
-Expert compute reuses torchtitan's GroupedExperts (grouped GEMM on GPU, a per-expert loop on CPU),
-which is also what its expert-parallel plan shards.
+Extras (both off by default):
+  - `seq_aux_loss_weight` = alpha > 0: the complementary sequence-wise balance loss of DeepSeek-V3
+    (eq. 17-20), kept in `self.aux_loss` after each training forward for the model to add.
+  - `capacity_factor` > 0: each expert takes at most ceil(capacity_factor * N * top_k / n_experts)
+    of the N*top_k (token, expert) assignments of one call; the rest are dropped (weight 0, not
+    computed; the token keeps the shared experts and the residual). Within an expert the
+    assignments with the largest gate weight are kept; equal weights keep the earlier token.
+
+Expert compute reuses torchtitan's GroupedExperts (grouped GEMM `torch._grouped_mm` on CUDA, a
+per-expert loop otherwise), which is also what its expert-parallel plan shards.
+`reference_moe_forward` is a slow, obviously-correct token-by-token version for tests.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from torchtitan.models.moe.moe import FeedForward, GroupedExperts
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Routing math runs in fp32, or in the input dtype when that is wider (fp64 tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward, e.g. while activation checkpointing recomputes forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class GroupLimitedRouter(nn.Module):
+    """x [N, dim] -> (gate weights [N, k], expert indices [N, k], affinities [N, E]).
+
+    Weights and affinities are in `_compute_dtype(x.dtype)` (fp32 for bf16 inputs). Static shapes
+    only, so it compiles with fullgraph=True.
+    """
+
     def __init__(self, dim: int, n_experts: int, top_k: int, n_groups: int, n_limited_groups: int,
                  route_scale: float):
         super().__init__()
+        if top_k > n_experts:
+            raise ValueError(f"top_k ({top_k}) cannot exceed n_experts ({n_experts})")
         self.gate = nn.Linear(dim, n_experts, bias=False)
         self.n_experts = n_experts
         self.top_k = top_k
-        self.n_groups = n_groups if n_groups and n_groups > 1 else 0
-        self.n_limited_groups = n_limited_groups
+        # Group limiting is a no-op with one group or when every group is kept.
+        n_groups = n_groups if n_groups and n_groups > 1 else 0
+        if n_groups:
+            if n_experts % n_groups:
+                raise ValueError(f"n_experts ({n_experts}) must be divisible by n_groups ({n_groups})")
+            if not 1 <= n_limited_groups <= n_groups:
+                raise ValueError(f"n_limited_groups ({n_limited_groups}) must be in [1, {n_groups}]")
+            if top_k > n_limited_groups * (n_experts // n_groups):
+                raise ValueError(f"top_k ({top_k}) exceeds the experts of {n_limited_groups} kept groups")
+            if n_limited_groups == n_groups:
+                n_groups = 0
+        self.n_groups = n_groups
+        self.n_limited_groups = n_limited_groups if n_groups else 0
         self.route_scale = route_scale
 
-    def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None):
-        """x [N, dim] -> (gate weights [N, k] fp32, expert indices [N, k], affinities [N, E] fp32)."""
-        scores = torch.sigmoid(self.gate(x).float())
-        choice = scores if expert_bias is None else scores + expert_bias
+    def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None):
+        logits = self.gate(x)
+        scores = torch.sigmoid(logits.to(_compute_dtype(logits.dtype)))
+        choice = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
         if self.n_groups:
-            grouped = choice.view(-1, self.n_groups, self.n_experts // self.n_groups)
-            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            group_size = self.n_experts // self.n_groups
+            grouped = choice.view(-1, self.n_groups, group_size)
+            group_score = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)  # [N, G]
             keep = group_score.topk(self.n_limited_groups, dim=-1).indices
-            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
-            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view_as(choice)
+            masked = torch.ones_like(group_score, dtype=torch.bool).scatter(1, keep, False)
+            choice = grouped.masked_fill(masked.unsqueeze(-1), float("-inf")).view_as(scores)
         indices = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, indices)
+        weights = scores.gather(1, indices)  # unbiased affinities: the bias never reaches the weights
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20) * self.route_scale
         return weights, indices, scores
 
 
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Sequence-wise balance loss of DeepSeek-V3 (eq. 17-20), without the alpha factor.
+
+    scores [B, T, E] unbiased affinities, indices [B, T, k] chosen experts. Per sequence:
+    f_i = E / (k T) * #tokens choosing i, P_i = mean_t s_{i,t} / sum_j s_{j,t}, loss = sum_i f_i P_i;
+    the batch mean is returned. Only P carries gradient. A perfectly balanced sequence gives 1.
+    """
+    bsz, seqlen, k = indices.shape
+    probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
+    p = probs.mean(1)  # [B, E]
+    counts = torch.zeros(bsz, n_experts, dtype=scores.dtype, device=scores.device)
+    counts.scatter_add_(1, indices.reshape(bsz, -1), torch.ones_like(indices.reshape(bsz, -1), dtype=scores.dtype))
+    f = counts * (n_experts / (k * seqlen))
+    return (f * p).sum(-1).mean()
+
+
+def capacity_dispatch(indices: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
+                      capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which (token, slot) assignments fit into their expert's capacity.
+
+    indices / weights [N, k], counts [E] (assignments per expert). Within each expert the
+    assignments are ranked by gate weight (descending; ties keep the earlier token) and the first
+    `capacity` are kept. Returns (keep [N*k] bool in flat assignment order, kept counts [E]).
+    Static shapes; no host sync.
+    """
+    flat = indices.reshape(-1)
+    n = flat.numel()
+    by_weight = torch.argsort(-weights.detach().reshape(-1), stable=True)
+    priority = by_weight[torch.argsort(flat[by_weight], stable=True)]  # by expert, then by weight
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n, device=flat.device) - starts[flat[priority]]
+    keep = torch.zeros(n, dtype=torch.bool, device=flat.device).scatter(0, priority, rank < capacity)
+    return keep, counts.clamp(max=capacity)
+
+
 class DeepSeekMoE(nn.Module):
+    """[B, T, dim] -> [B, T, dim]: shared experts + group-limited top-k routed experts.
+
+    Buffers: `expert_bias` [E] (persistent selection bias), `tokens_per_expert` [E] float and
+    `dropped_tokens` [] float (non-persistent; assignments routed / dropped in training forwards
+    since the last reset, counted before capacity dropping, not recounted during activation
+    checkpointing recompute). `aux_loss`: the sequence balance loss of the last training forward
+    (times `seq_aux_loss_weight`), a 0-dim tensor, zero when off or in eval.
+    """
+
     def __init__(self, dim: int, n_experts: int, top_k: int, n_shared: int, inter_dim: int,
                  n_groups: int, n_limited_groups: int, route_scale: float, bias_update_rate: float,
-                 use_grouped_mm: bool):
+                 use_grouped_mm: bool, seq_aux_loss_weight: float = 0.0, capacity_factor: float = 0.0):
         super().__init__()
+        self.dim = dim
         self.n_experts = n_experts
         self.top_k = top_k
         self.bias_update_rate = bias_update_rate
+        self.seq_aux_loss_weight = seq_aux_loss_weight
+        self.capacity_factor = capacity_factor
         self.router = GroupLimitedRouter(dim, n_experts, top_k, n_groups, n_limited_groups, route_scale)
         self.experts = GroupedExperts(dim, inter_dim, n_experts, use_grouped_mm=use_grouped_mm)
         self.shared_experts = FeedForward(dim, inter_dim * n_shared) if n_shared > 0 else None
         # Selection bias: persistent (it is training state), never touched by autograd.
         self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
-        # Tokens routed to each expert since the last optimizer step (summed over micro-batches).
+        # Assignments routed to each expert since the last optimizer step (summed over micro-batches).
         self.register_buffer("tokens_per_expert", torch.zeros(n_experts), persistent=False)
+        # Assignments dropped by the capacity limit over the same period.
+        self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
+        self.aux_loss = torch.zeros(())
+
+    def capacity(self, n_tokens: int) -> int:
+        """Assignments one expert may take in a call with n_tokens tokens (0 = unlimited)."""
+        if self.capacity_factor <= 0:
+            return 0
+        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+
+    def reset_load_counters(self) -> None:
+        self.tokens_per_expert.zero_()
+        self.dropped_tokens.zero_()
+
+    def _experts_need_exact_rows(self) -> bool:
+        # Expert parallel all-to-alls exactly sum(counts) rows; the local paths accept trailing rows.
+        w = self.experts.w1
+        return isinstance(w, DTensor) and "ep" in (w.device_mesh.mesh_dim_names or ())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, dim = x.shape
         x = x.reshape(-1, dim)
-        bias = self.expert_bias if self.bias_update_rate > 0 else None
-        weights, indices, _ = self.router(x, bias)
-
+        n_tokens, k = x.shape[0], self.top_k
+        weights, indices, scores = self.router(x, self.expert_bias)
         flat = indices.reshape(-1)
         # scatter_add instead of histc: histc has no integer CPU kernel, and this compiles.
         counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
-        with torch.no_grad():
-            self.tokens_per_expert.add_(counts.to(self.tokens_per_expert.dtype))
 
-        order = torch.argsort(flat, stable=True)  # group the (token, slot) pairs by expert
-        routed = self.experts(x[order // self.top_k], counts)
-        unsorted = torch.empty_like(routed)
-        unsorted[order] = routed
-        out = torch.einsum("nk,nkd->nd", weights, unsorted.view(-1, self.top_k, dim).float()).type_as(x)
+        # Capacity dropping in training only; an expert can get at most n_tokens assignments.
+        capacity = self.capacity(n_tokens) if self.training else 0
+        keep = None
+        if 0 < capacity < n_tokens:
+            keep, expert_counts = capacity_dispatch(indices, weights, counts, capacity)
+            # Kept assignments grouped by expert, dropped ones at the end.
+            order = torch.argsort(flat.masked_fill(~keep, self.n_experts), stable=True)
+        else:
+            expert_counts = counts
+            order = torch.argsort(flat, stable=True)  # group the (token, slot) pairs by expert
+
+        record = self.training and not _in_backward()
+        if record:
+            with torch.no_grad():
+                self.tokens_per_expert.add_(counts.to(self.tokens_per_expert.dtype))
+                if keep is not None:
+                    self.dropped_tokens.add_((counts - expert_counts).sum().to(self.dropped_tokens.dtype))
+
+        routed_in = x[order // k]
+        if keep is not None and self._experts_need_exact_rows():
+            n_kept = int(expert_counts.sum())  # host sync; EP syncs for its splits anyway
+            routed = self.experts(routed_in[:n_kept], expert_counts)
+            routed = torch.cat([routed, routed.new_zeros(order.numel() - n_kept, dim)])
+        else:
+            # Rows past sum(expert_counts) are not computed (zeros on the loop path, unspecified on
+            # the grouped-GEMM path): masked below.
+            routed = self.experts(routed_in, expert_counts)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        per_slot = routed[inverse]  # back to (token, slot) order
+        cdt = weights.dtype
+        if keep is not None:
+            per_slot = torch.where(keep.unsqueeze(-1), per_slot, 0.0)
+            weights = weights * keep.view_as(weights)
+        out = torch.einsum("nk,nkd->nd", weights, per_slot.view(n_tokens, k, dim).to(cdt)).type_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
+
+        if self.training and self.seq_aux_loss_weight > 0:
+            aux = self.seq_aux_loss_weight * sequence_balance_loss(
+                scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, k), self.n_experts)
+            if not _in_backward():
+                self.aux_loss = aux
+        elif not _in_backward():
+            self.aux_loss = torch.zeros((), device=x.device)
         return out.view(bsz, seqlen, dim)
 
     def init_weights(self, std: float, out_std: float, buffer_device: torch.device | None = None) -> None:
@@ -95,3 +240,111 @@ class DeepSeekMoE(nn.Module):
         device = buffer_device or self.expert_bias.device
         self.expert_bias = torch.zeros(self.n_experts, device=device)
         self.tokens_per_expert = torch.zeros(self.n_experts, device=device)
+        self.dropped_tokens = torch.zeros((), device=device)
+        self.aux_loss = torch.zeros((), device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Load metrics
+
+
+def moe_load_counters(layers: list[DeepSeekMoE]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(load [layers, experts], dropped [layers]) read from the layers' buffers (not reset)."""
+    load = torch.stack([m.tokens_per_expert.float() for m in layers])
+    dropped = torch.stack([m.dropped_tokens.float().reshape(()) for m in layers])
+    return load, dropped
+
+
+@torch.no_grad()
+def load_metrics(load: torch.Tensor, dropped: torch.Tensor | None = None,
+                 routed: torch.Tensor | None = None) -> dict[str, float]:
+    """Expert-load statistics of one step, as Python floats under "moe/..." keys.
+
+    load [layers, experts] (or [experts]): assignments routed to each expert (before dropping).
+    dropped [layers] (or scalar): assignments dropped by the capacity limit.
+    routed [layers] (or scalar): assignments routed in all; defaults to load.sum(-1).
+    Keys: max_over_mean_load (worst layer), mean_max_over_mean_load, min_over_mean_load (worst
+    layer), routing_entropy (normalized, 1 = uniform, mean over layers), min_routing_entropy,
+    dead_expert_fraction (experts with no tokens, over all layers) and, with `dropped`,
+    dropped_fraction (over all layers) and max_layer_dropped_fraction. The first three keys
+    match `training.moe_balance.expert_load_stats`.
+    """
+    load = load.float().reshape(-1, load.shape[-1])
+    n_experts = load.shape[-1]
+    total = load.sum(-1)
+    mean = load.mean(-1).clamp_min(1e-9)
+    frac = load / total.clamp_min(1).unsqueeze(-1)
+    entropy = -(frac * frac.clamp_min(1e-12).log()).sum(-1) / math.log(max(n_experts, 2))
+    hi, lo = load.max(-1).values / mean, load.min(-1).values / mean
+    out = {"moe/max_over_mean_load": hi.max().item(),
+           "moe/mean_max_over_mean_load": hi.mean().item(),
+           "moe/min_over_mean_load": lo.min().item(),
+           "moe/routing_entropy": entropy.mean().item(),
+           "moe/min_routing_entropy": entropy.min().item(),
+           "moe/dead_expert_fraction": (load == 0).float().mean().item()}
+    if dropped is not None:
+        dropped = dropped.float().reshape(-1).to(load.device)
+        routed = total if routed is None else routed.float().reshape(-1).to(load.device)
+        out["moe/dropped_fraction"] = (dropped.sum() / routed.sum().clamp_min(1)).item()
+        out["moe/max_layer_dropped_fraction"] = (dropped / routed.clamp_min(1)).max().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+
+
+def _expert_ffn(moe: DeepSeekMoE, e: int, x: torch.Tensor) -> torch.Tensor:
+    w1, w2, w3 = moe.experts.w1[e], moe.experts.w2[e], moe.experts.w3[e]
+    return w2 @ (F.silu(w1 @ x) * (w3 @ x))
+
+
+def reference_moe_forward(moe: DeepSeekMoE, x: torch.Tensor) -> torch.Tensor:
+    """Token-by-token DeepSeekMoE forward with Python lists for every decision (slow; tests only).
+
+    Same semantics as `DeepSeekMoE.forward` (including capacity dropping in training mode), same
+    autograd graph leaves; no counters or aux loss are touched.
+    """
+    r = moe.router
+    bsz, seqlen, dim = x.shape
+    tokens = x.reshape(-1, dim)
+    n_tokens, n_experts, k = tokens.shape[0], moe.n_experts, moe.top_k
+    n_groups = r.n_groups or 1
+    n_keep_groups = r.n_limited_groups if r.n_groups else 1
+    group_size = n_experts // n_groups
+    bias = moe.expert_bias.tolist()
+
+    routes = []  # per token: list of (expert, weight tensor)
+    for t in range(n_tokens):
+        logits = r.gate(tokens[t])
+        s = torch.sigmoid(logits.to(_compute_dtype(logits.dtype)))
+        c = [v + b for v, b in zip(s.tolist(), bias)]
+        group_scores = []
+        for g in range(n_groups):
+            members = sorted(c[g * group_size:(g + 1) * group_size], reverse=True)
+            group_scores.append(sum(members[:2]))
+        kept_groups = sorted(range(n_groups), key=lambda g: -group_scores[g])[:n_keep_groups]
+        candidates = [e for e in range(n_experts) if e // group_size in kept_groups]
+        chosen = sorted(candidates, key=lambda e: -c[e])[:k]
+        total = sum(s[e] for e in chosen)
+        routes.append([(e, s[e] / total * r.route_scale) for e in chosen])
+
+    capacity = moe.capacity(n_tokens) if moe.training else 0
+    if capacity:
+        for e in range(n_experts):
+            takers = [(t, j) for t in range(n_tokens) for j, (ee, _) in enumerate(routes[t]) if ee == e]
+            takers.sort(key=lambda tj: (-routes[tj[0]][tj[1]][1].item(), tj[0]))
+            for t, j in takers[capacity:]:
+                routes[t][j] = (e, None)  # dropped
+
+    out = []
+    for t in range(n_tokens):
+        y = torch.zeros(dim, dtype=_compute_dtype(x.dtype), device=x.device)
+        for e, w in routes[t]:
+            if w is not None:
+                y = y + w * _expert_ffn(moe, e, tokens[t]).to(y.dtype)
+        y = y.to(x.dtype)
+        if moe.shared_experts is not None:
+            y = y + moe.shared_experts(tokens[t])
+        out.append(y)
+    return torch.stack(out).view(bsz, seqlen, dim)

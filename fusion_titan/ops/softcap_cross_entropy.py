@@ -15,26 +15,35 @@ IGNORE_INDEX = -100
 
 def softcap_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float, scale: float = 1.0):
     """Full logits (for evaluation and generation), in float32."""
-    z = (h @ weight.t()).float() * scale
+    z = (h @ weight.t()).to(_accum_dtype(h)) * scale
     return softcap * torch.tanh(z / softcap) if softcap > 0 else z
+
+
+def _accum_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (tests)
 
 
 def _capped_logits_(h: torch.Tensor, weight: torch.Tensor, softcap: float, scale: float):
     """One chunk of capped fp32 logits, computed in place (CPU page-faults every fresh buffer)."""
-    z = (h @ weight.t()).float()
+    z = (h @ weight.t()).to(_accum_dtype(h))
     if softcap > 0:
         return z.mul_(scale / softcap).tanh_().mul_(softcap)
     return z.mul_(scale) if scale != 1.0 else z
 
 
 class _LinearSoftcapCrossEntropy(torch.autograd.Function):
-    """Returns (summed CE, number of top-1 hits); the hit count is a free by-product for the logs."""
+    """Returns (summed CE, summed z-loss lse^2, number of top-1 hits).
+
+    The z-loss (PaLM) and the hit count are by-products of the log-sum-exp already computed.
+    """
 
     @staticmethod
     def forward(ctx, h, weight, labels, softcap, scale, chunk_size):
         n_tokens = h.shape[0]
-        lse = torch.empty(n_tokens, dtype=torch.float32, device=h.device)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        acc = _accum_dtype(h)
+        lse = torch.empty(n_tokens, dtype=acc, device=h.device)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        z_total = torch.zeros((), dtype=acc, device=h.device)
         hits = torch.zeros((), dtype=torch.int64, device=h.device)
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
@@ -48,38 +57,47 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
             chunk_lse = z.sub_(top.unsqueeze(1)).exp_().sum(-1).log_().add_(top)
             lse[start:end] = chunk_lse
             total += torch.where(valid, chunk_lse - target, 0.0).sum()
+            z_total += torch.where(valid, chunk_lse * chunk_lse, 0.0).sum()
         ctx.save_for_backward(h, weight, labels, lse)
         ctx.softcap, ctx.scale, ctx.chunk_size = softcap, scale, chunk_size
         ctx.mark_non_differentiable(hits)
-        return total, hits
+        return total, z_total, hits
 
     @staticmethod
-    def backward(ctx, grad_total, grad_hits):
+    def backward(ctx, grad_total, grad_z_total, grad_hits):
         h, weight, labels, lse = ctx.saved_tensors
         softcap, scale, chunk_size = ctx.softcap, ctx.scale, ctx.chunk_size
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        acc = _accum_dtype(h)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         for start in range(0, h.shape[0], chunk_size):
             end = min(start + chunk_size, h.shape[0])
             hc, y = h[start:end], labels[start:end]
             valid = y != IGNORE_INDEX
-            t = (hc @ weight.t()).float()
+            t = (hc @ weight.t()).to(acc)
             if softcap > 0:
                 t.mul_(scale / softcap).tanh_()
                 dz = torch.mul(t, softcap)
             else:
                 dz = t.mul_(scale)
-            # d(lse - z_y)/dz = softmax(z) - onehot(y); ignored tokens contribute nothing
-            dz.sub_(lse[start:end, None]).exp_()
-            dz.scatter_add_(1, y.clamp_min(0).unsqueeze(1), -valid.to(dz.dtype).unsqueeze(1))
+            # d(lse - z_y)/dz = softmax(z) - onehot(y); d(lse^2)/dz = 2 lse softmax(z);
+            # ignored tokens contribute nothing
+            chunk_lse = lse[start:end, None]
+            dz.sub_(chunk_lse).exp_()
+            if grad_z_total is not None:
+                dz.mul_(grad_total + 2.0 * grad_z_total * chunk_lse)
+            else:
+                dz.mul_(grad_total)
+            dz.scatter_add_(1, y.clamp_min(0).unsqueeze(1),
+                            -(valid.to(dz.dtype) * grad_total).unsqueeze(1))
             if not bool(valid.all()):
                 dz.mul_(valid.unsqueeze(1))
             if softcap > 0:
                 dz.mul_(t.mul_(t).neg_().add_(1.0))  # d(cap * tanh(r / cap))/dr = 1 - tanh^2
-            dz.mul_(scale * grad_total)
+            dz.mul_(scale)
             if grad_h is not None:
                 grad_h[start:end] = (dz.to(weight.dtype) @ weight).to(h.dtype)
-            grad_w.addmm_(dz.t(), hc.float())
+            grad_w.addmm_(dz.t(), hc.to(acc))
         grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None, None
 
@@ -87,15 +105,18 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
 def linear_softcap_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float = 0.0,
     scale: float = 1.0, chunk_size: int = 4096, return_hits: bool = False,
+    return_z_loss: bool = False,
 ):
     """Summed CE over tokens whose label is not IGNORE_INDEX. h [N, D], weight [V, D], labels [N].
 
-    With return_hits, also the number of valid tokens whose top-1 prediction is the label.
+    With return_z_loss, also the summed z-loss (lse^2, differentiable); with return_hits, also the
+    number of valid tokens whose top-1 prediction is the label. Order: (ce, [z], [hits]).
     """
-    total, hits = _LinearSoftcapCrossEntropy.apply(
+    total, z_total, hits = _LinearSoftcapCrossEntropy.apply(
         h, weight, labels, float(softcap), float(scale), int(chunk_size)
     )
-    return (total, hits) if return_hits else total
+    out = (total,) + ((z_total,) if return_z_loss else ()) + ((hits,) if return_hits else ())
+    return out if len(out) > 1 else total
 
 
 def reference_softcap_cross_entropy(h, weight, labels, softcap: float = 0.0, scale: float = 1.0):

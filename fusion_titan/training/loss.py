@@ -66,6 +66,9 @@ def build_loss_fn(job_config, **kwargs):
         total = pred["ce_sum"]
         STEP_LOSSES.add("ce", pred["ce_sum"])
         STEP_LOSSES.add("tokens", (labels != IGNORE_INDEX).sum())
+        if "z_sum" in pred:
+            total = total + cfg.z_loss_weight * pred["z_sum"]
+            STEP_LOSSES.add("z", pred["z_sum"])
         if "mtp_sums" in pred:
             mtp = pred["mtp_sums"]
             # Averaged over depths and normalized by the trunk's token count (depth k has k fewer

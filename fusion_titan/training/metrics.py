@@ -30,6 +30,8 @@ class FusionMetricsProcessor(MetricsProcessor):
         summed = dict(zip(names, flat.split(sizes)))
         tokens = summed["tokens"].item()
         out = {"loss_metrics/ce": summed["ce"].item() / tokens}
+        if "z" in summed:
+            out["loss_metrics/z_loss"] = summed["z"].item() / tokens
         if "mtp" in summed:
             for k, (loss_k, hit_k, n_k) in enumerate(zip(
                     summed["mtp"].tolist(), summed["mtp_correct"].tolist(),

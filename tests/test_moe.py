@@ -1,0 +1,469 @@
+"""DeepSeekMoE: routing, forward/backward vs a token-by-token reference, balancing, capacity."""
+
+import math
+
+import pytest
+import torch
+
+from fusion_titan.model.moe import (
+    DeepSeekMoE,
+    GroupLimitedRouter,
+    capacity_dispatch,
+    load_metrics,
+    moe_load_counters,
+    reference_moe_forward,
+    sequence_balance_loss,
+)
+from fusion_titan.training.moe_balance import ExpertBiasUpdater, expert_load_stats
+
+
+def make_moe(dim=12, n_experts=8, top_k=2, n_shared=1, inter_dim=6, n_groups=4, n_limited_groups=2,
+             route_scale=1.0, bias_update_rate=0.01, dtype=torch.float64, seed=0, std=0.3, **kwargs):
+    torch.manual_seed(seed)
+    moe = DeepSeekMoE(dim, n_experts, top_k, n_shared, inter_dim, n_groups, n_limited_groups,
+                      route_scale, bias_update_rate, use_grouped_mm=False, **kwargs)
+    moe.init_weights(std, std / 2)
+    return moe.to(dtype)
+
+
+def hand_route(scores, bias, n_groups, n_limited_groups, top_k, route_scale):
+    """One token: Python lists only. Returns {expert: weight}."""
+    n_experts = len(scores)
+    n_groups = n_groups if n_groups > 1 else 1
+    n_limited_groups = n_limited_groups if n_groups > 1 else 1
+    size = n_experts // n_groups
+    c = [s + b for s, b in zip(scores, bias)]
+    gscore = [sum(sorted(c[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(n_groups)]
+    groups = sorted(range(n_groups), key=lambda g: -gscore[g])[:n_limited_groups]
+    cand = [e for e in range(n_experts) if e // size in groups]
+    chosen = sorted(cand, key=lambda e: -c[e])[:top_k]
+    total = sum(scores[e] for e in chosen)
+    return {e: scores[e] / total * route_scale for e in chosen}
+
+
+def as_dict(weights, indices):
+    return {int(e): float(w) for e, w in zip(indices.tolist(), weights.tolist())}
+
+
+def router_with_scores(target, n_groups, n_limited_groups, top_k, route_scale=1.0):
+    """A router whose affinities for input `logit(target)` are exactly `target`."""
+    n = len(target)
+    r = GroupLimitedRouter(n, n, top_k, n_groups, n_limited_groups, route_scale).double()
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.eye(n, dtype=torch.float64))
+    t = torch.tensor(target, dtype=torch.float64)
+    return r, torch.log(t / (1 - t)).unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing
+
+
+def test_group_limit_picks_the_right_groups():
+    # groups of 2; group scores (top-2 sums) 1.0, 1.15, 0.85, 0.5 -> keep groups 1 and 0
+    target = [0.9, 0.1, 0.6, 0.55, 0.8, 0.05, 0.3, 0.2]
+    r, x = router_with_scores(target, n_groups=4, n_limited_groups=2, top_k=2, route_scale=2.5)
+    w, idx, s = r(x)
+    torch.testing.assert_close(s[0], torch.tensor(target, dtype=torch.float64))
+    got = as_dict(w[0], idx[0])
+    # expert 4 (0.8) is the second best overall but lives in a dropped group
+    assert set(got) == {0, 2}
+    assert got[0] == pytest.approx(0.9 / 1.5 * 2.5) and got[2] == pytest.approx(0.6 / 1.5 * 2.5)
+    # without group limiting expert 4 wins
+    r_flat, _ = router_with_scores(target, n_groups=0, n_limited_groups=0, top_k=2)
+    w_flat, idx_flat, _ = r_flat(x)
+    assert set(as_dict(w_flat[0], idx_flat[0])) == {0, 4}
+
+
+def test_bias_changes_selection_not_weights():
+    target = [0.9, 0.1, 0.6, 0.55, 0.8, 0.05, 0.3, 0.2]
+    r, x = router_with_scores(target, n_groups=4, n_limited_groups=2, top_k=2)
+    bias = torch.zeros(8, dtype=torch.float64)
+    bias[6] = 0.6  # group 3 -> 0.9 + 0.2 = 1.1 beats group 0 (1.0); expert 6 becomes the best
+    w, idx, _ = r(x, bias)
+    got = as_dict(w[0], idx[0])
+    assert set(got) == {6, 2}
+    # weights are the *unbiased* affinities 0.3 and 0.6, normalized
+    assert got[6] == pytest.approx(0.3 / 0.9) and got[2] == pytest.approx(0.6 / 0.9)
+    assert got == pytest.approx(hand_route(target, bias.tolist(), 4, 2, 2, 1.0))
+
+
+@pytest.mark.parametrize("n_experts,n_groups,n_limited,top_k", [
+    (8, 4, 2, 2), (16, 4, 1, 3), (12, 3, 2, 4), (8, 0, 0, 3), (6, 6, 3, 2), (8, 4, 4, 2)])
+def test_router_matches_hand_reference(n_experts, n_groups, n_limited, top_k):
+    torch.manual_seed(n_experts * 100 + top_k)
+    dim = 10
+    r = GroupLimitedRouter(dim, n_experts, top_k, n_groups, n_limited, route_scale=1.7).double()
+    x = torch.randn(64, dim, dtype=torch.float64)
+    bias = 0.2 * torch.randn(n_experts, dtype=torch.float64)
+    for b in (None, bias):
+        w, idx, s = r(x, b)
+        torch.testing.assert_close(s, torch.sigmoid(x @ r.gate.weight.T))
+        torch.testing.assert_close(w.sum(-1), torch.full((64,), 1.7, dtype=torch.float64))
+        # gate weights are always the normalized unbiased affinities of the chosen experts
+        torch.testing.assert_close(w, s.gather(1, idx) / s.gather(1, idx).sum(-1, keepdim=True) * 1.7)
+        blist = [0.0] * n_experts if b is None else b.tolist()
+        for t in range(64):
+            ref = hand_route(s[t].tolist(), blist, n_groups, n_limited, top_k, 1.7)
+            assert as_dict(w[t], idx[t]) == pytest.approx(ref)
+
+
+def test_bias_only_reorders_selection_randomized():
+    torch.manual_seed(1)
+    r = GroupLimitedRouter(16, 8, 2, 4, 2, route_scale=1.0).double()
+    x = torch.randn(256, 16, dtype=torch.float64)
+    w0, i0, s = r(x)
+    w1, i1, _ = r(x, 0.3 * torch.randn(8, dtype=torch.float64))
+    changed = (i0.sort(-1).values != i1.sort(-1).values).any(-1)
+    assert changed.any() and not changed.all()
+    same = ~changed
+    # same selection -> identical weights; different selection -> weights from unbiased scores
+    a = torch.zeros(256, 8, dtype=torch.float64).scatter(1, i0, w0)
+    b = torch.zeros(256, 8, dtype=torch.float64).scatter(1, i1, w1)
+    torch.testing.assert_close(a[same], b[same])
+    torch.testing.assert_close(w1, s.gather(1, i1) / s.gather(1, i1).sum(-1, keepdim=True))
+
+
+def test_router_bf16_weights_fp32_and_compiles_fullgraph():
+    torch.manual_seed(0)
+    r = GroupLimitedRouter(16, 8, 2, 4, 2, route_scale=1.0).to(torch.bfloat16)
+    x = torch.randn(32, 16, dtype=torch.bfloat16)
+    bias = torch.zeros(8)
+    w, idx, s = r(x, bias)
+    assert w.dtype == torch.float32 and s.dtype == torch.float32
+    cw, cidx, cs = torch.compile(r, backend="aot_eager", fullgraph=True)(x, bias)
+    torch.testing.assert_close(cw, w)
+    assert torch.equal(cidx, idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward / backward vs the token-by-token reference
+
+
+def _grads(module, x, out):
+    params = [p for p in module.parameters()]
+    g = torch.randn_like(out)
+    return torch.autograd.grad((out * g).sum(), [x] + params), g
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(),
+    dict(n_groups=0, n_limited_groups=0, top_k=3, n_shared=0),
+    dict(n_experts=16, n_groups=4, n_limited_groups=1, top_k=2, n_shared=2, route_scale=2.5),
+])
+def test_forward_and_grads_match_reference(cfg):
+    moe = make_moe(**cfg).train()
+    with torch.no_grad():
+        moe.expert_bias.copy_(0.1 * torch.randn(moe.n_experts))
+    x = torch.randn(2, 7, moe.dim, dtype=torch.float64, requires_grad=True)
+    out = moe(x)
+    ref = reference_moe_forward(moe, x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    params = [x] + list(moe.parameters())
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), params)
+    want = torch.autograd.grad((ref * g).sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    gate_pos = next(i for i, p in enumerate(params) if p is moe.router.gate.weight)
+    assert got[gate_pos].abs().sum() > 0  # the gate learns through the gate weights
+    assert moe.expert_bias.grad is None
+
+
+def test_tokens_per_expert_counts_training_forwards_once():
+    moe = make_moe().train()
+    x = torch.randn(3, 5, moe.dim, dtype=torch.float64, requires_grad=True)
+    _, idx, _ = moe.router(x.reshape(-1, moe.dim), moe.expert_bias)
+    want = torch.bincount(idx.reshape(-1), minlength=moe.n_experts).double()
+    moe(x)
+    torch.testing.assert_close(moe.tokens_per_expert, want)
+    assert moe.tokens_per_expert.sum() == 3 * 5 * moe.top_k
+    # activation checkpointing recomputes forward inside backward: not counted twice
+    moe.reset_load_counters()
+    out = torch.utils.checkpoint.checkpoint(moe, x, use_reentrant=False)
+    out.sum().backward()
+    torch.testing.assert_close(moe.tokens_per_expert, want)
+    # eval forwards (validation) do not feed the bias update
+    moe.eval()
+    with torch.no_grad():
+        moe(x)
+    torch.testing.assert_close(moe.tokens_per_expert, want)
+    assert moe.dropped_tokens.item() == 0
+    assert "tokens_per_expert" not in moe.state_dict() and "dropped_tokens" not in moe.state_dict()
+    assert "expert_bias" in moe.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Aux-loss-free balancing
+
+
+def test_bias_update_moves_against_load_and_reduces_imbalance():
+    dim, n_experts = 16, 8
+    moe = make_moe(dim=dim, n_experts=n_experts, top_k=2, n_groups=0, n_limited_groups=0,
+                   bias_update_rate=0.01, dtype=torch.float32).train()
+    moe.router.gate.weight.requires_grad_(False)  # frozen gate
+    torch.manual_seed(0)
+    skew = torch.zeros(dim)
+    skew[0] = 3.0
+    with torch.no_grad():
+        moe.router.gate.weight.normal_(0, 0.3)
+        moe.router.gate.weight[:2, 0] = 1.0  # experts 0 and 1 like the common direction
+    updater = ExpertBiasUpdater([moe])
+
+    def step():
+        x = 0.5 * torch.randn(4, 32, dim) + skew
+        with torch.no_grad():
+            moe(x)
+        load = moe.tokens_per_expert.clone()
+        bias_before = moe.expert_bias.clone()
+        updater()
+        return load, moe.expert_bias - bias_before
+
+    load, delta = step()
+    over, under = load > load.mean(), load < load.mean()
+    assert over.any() and under.any()
+    torch.testing.assert_close(delta[over], torch.full_like(delta[over], -0.01))
+    torch.testing.assert_close(delta[under], torch.full_like(delta[under], 0.01))
+    assert moe.tokens_per_expert.sum() == 0  # the updater resets the counts
+    first = load_metrics(load)["moe/max_over_mean_load"]
+    assert first > 2.5
+    recent = torch.zeros(n_experts)
+    for i in range(60):
+        load, _ = step()
+        if i >= 50:
+            recent += load
+    last = load_metrics(recent)["moe/max_over_mean_load"]  # averaged over the last 10 steps
+    assert last < 1.25 < first
+    # the bias of the favoured experts went down, the others' up
+    assert (moe.expert_bias[:2] < 0).all() and moe.expert_bias[2:].mean() > 0
+
+
+def test_load_metrics():
+    load = torch.tensor([[4.0, 4.0, 4.0, 4.0], [8.0, 8.0, 0.0, 0.0]])
+    m = load_metrics(load, dropped=torch.tensor([0.0, 4.0]))
+    assert m["moe/max_over_mean_load"] == pytest.approx(2.0)
+    assert m["moe/mean_max_over_mean_load"] == pytest.approx(1.5)
+    assert m["moe/min_over_mean_load"] == pytest.approx(0.0)
+    assert m["moe/routing_entropy"] == pytest.approx((1.0 + 0.5) / 2)
+    assert m["moe/min_routing_entropy"] == pytest.approx(0.5)
+    assert m["moe/dead_expert_fraction"] == pytest.approx(2 / 8)
+    assert m["moe/dropped_fraction"] == pytest.approx(4 / 32)
+    assert m["moe/max_layer_dropped_fraction"] == pytest.approx(4 / 16)
+    old = expert_load_stats(load)
+    for key, value in old.items():
+        assert m[key] == pytest.approx(value)
+    moes = [make_moe(seed=s, capacity_factor=0.5).train() for s in range(2)]
+    for mo in moes:
+        mo(torch.randn(2, 8, mo.dim, dtype=torch.float64))
+    lo, dr = moe_load_counters(moes)
+    assert lo.shape == (2, 8) and dr.shape == (2,)
+    assert load_metrics(lo, dr)["moe/dropped_fraction"] == pytest.approx(dr.sum().item() / (2 * 16 * 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence-wise balance loss
+
+
+def test_seq_aux_loss_equals_hand_computation():
+    alpha = 0.01
+    moe = make_moe(seq_aux_loss_weight=alpha, n_experts=8, top_k=3).train()
+    bsz, seqlen = 3, 5
+    x = torch.randn(bsz, seqlen, moe.dim, dtype=torch.float64)
+    moe(x)
+    loss = moe.aux_loss
+    E, K = moe.n_experts, moe.top_k
+    _, idx, s = moe.router(x.reshape(-1, moe.dim), moe.expert_bias)
+    idx, s = idx.view(bsz, seqlen, K).tolist(), s.view(bsz, seqlen, E).tolist()
+    want = 0.0
+    for b in range(bsz):
+        f = [E / (K * seqlen) * sum(e in idx[b][t] for t in range(seqlen)) for e in range(E)]
+        p = [sum(s[b][t][e] / sum(s[b][t]) for t in range(seqlen)) / seqlen for e in range(E)]
+        want += alpha * sum(fi * pi for fi, pi in zip(f, p)) / bsz
+    assert loss.dim() == 0 and loss.item() == pytest.approx(want, rel=1e-12)
+    # differentiable through the affinities, not the counts
+    (g,) = torch.autograd.grad(loss, moe.router.gate.weight)
+    assert g.abs().sum() > 0
+    # uniform affinities and a perfectly balanced choice give exactly alpha
+    uni_s = torch.full((1, 4, 4), 0.5, dtype=torch.float64)
+    uni_i = torch.tensor([[[0, 1], [2, 3], [0, 1], [2, 3]]])
+    assert sequence_balance_loss(uni_s, uni_i, 4).item() == pytest.approx(1.0)
+
+
+def test_seq_aux_loss_under_activation_checkpointing():
+    moe = make_moe(seq_aux_loss_weight=0.05).train()
+    x = torch.randn(2, 6, moe.dim, dtype=torch.float64)
+    params = list(moe.parameters())
+    out = moe(x)
+    want = torch.autograd.grad(out.sum() + moe.aux_loss, params)
+    want_loss = moe.aux_loss.detach()
+    out = torch.utils.checkpoint.checkpoint(moe, x, use_reentrant=False)
+    aux = moe.aux_loss
+    got = torch.autograd.grad(out.sum() + aux, params)
+    assert moe.aux_loss is aux  # the recompute in backward does not replace it
+    torch.testing.assert_close(aux.detach(), want_loss)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_seq_aux_loss_off_and_eval_is_zero():
+    x = torch.randn(2, 4, 12, dtype=torch.float64)
+    moe = make_moe().train()
+    moe(x)
+    assert moe.aux_loss.dim() == 0 and moe.aux_loss.item() == 0.0
+    moe = make_moe(seq_aux_loss_weight=0.1).eval()
+    with torch.no_grad():
+        moe(x)
+    assert moe.aux_loss.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Capacity factor
+
+
+def _skewed_moe(capacity_factor, **kw):
+    moe = make_moe(n_groups=0, n_limited_groups=0, capacity_factor=capacity_factor, **kw).train()
+    with torch.no_grad():
+        moe.router.gate.weight[:3] += 0.4  # experts 0-2 are popular
+    return moe
+
+
+def test_capacity_drops_exactly_the_over_capacity_assignments():
+    moe = _skewed_moe(0.5)
+    bsz, seqlen = 2, 8
+    n, k, E = bsz * seqlen, moe.top_k, moe.n_experts
+    cap = moe.capacity(n)
+    assert cap == math.ceil(0.5 * n * k / E) == 2
+    x = torch.ones(bsz, seqlen, moe.dim, dtype=torch.float64) * 0.5 + torch.randn(bsz, seqlen, moe.dim, dtype=torch.float64)
+    w, idx, _ = moe.router(x.reshape(n, -1), moe.expert_bias)
+    counts = torch.bincount(idx.reshape(-1), minlength=E)
+    want_dropped = (counts - cap).clamp_min(0).sum().item()
+    assert want_dropped > 0
+
+    # hand: per expert keep the `cap` largest gate weights
+    keep_hand = torch.zeros(n, k, dtype=torch.bool)
+    for e in range(E):
+        slots = [(w[t, j].item(), t, j) for t in range(n) for j in range(k) if idx[t, j] == e]
+        for _, t, j in sorted(slots, key=lambda v: (-v[0], v[1]))[:cap]:
+            keep_hand[t, j] = True
+    keep, kept_counts = capacity_dispatch(idx, w, counts, cap)
+    assert torch.equal(keep.view(n, k), keep_hand)
+    assert torch.equal(kept_counts, counts.clamp(max=cap))
+
+    seen = []
+    experts_forward = moe.experts.forward
+
+    def spy(rows, num_tokens_per_expert):
+        seen.append(num_tokens_per_expert.clone())
+        return experts_forward(rows, num_tokens_per_expert)
+
+    moe.experts.forward = spy
+    xg = x.clone().requires_grad_(True)
+    out = moe(xg)
+    assert torch.equal(seen[0], counts.clamp(max=cap))  # dropped assignments are not computed
+    assert seen[0].sum().item() == n * k - want_dropped
+    assert moe.dropped_tokens.item() == want_dropped
+    torch.testing.assert_close(moe.tokens_per_expert, counts.double())  # load counted before dropping
+    ref = reference_moe_forward(moe, xg)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    params = [xg] + list(moe.parameters())
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), params), torch.autograd.grad((ref * g).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # a dropped assignment is the same as a zero gate weight
+    moe.capacity_factor = 0.0
+    moe.experts.forward = experts_forward
+    with torch.no_grad():
+        full = moe(x)
+    assert not torch.allclose(full, out)
+
+
+def test_capacity_masks_uncomputed_rows_and_exact_row_path():
+    moe = _skewed_moe(0.75)
+    x = torch.randn(2, 8, moe.dim, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        want = reference_moe_forward(moe, x)
+    experts_forward = moe.experts.forward
+
+    def garbage_tail(rows, num_tokens_per_expert):  # like the grouped-GEMM path: tail unspecified
+        out = experts_forward(rows, num_tokens_per_expert)
+        out[int(num_tokens_per_expert.sum()):] = float("nan")
+        return out
+
+    moe.experts.forward = garbage_tail
+    with torch.no_grad():
+        got = moe(x)
+    assert moe.dropped_tokens.item() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+    def exact_only(rows, num_tokens_per_expert):  # like expert parallel: rows must match the counts
+        assert rows.shape[0] == int(num_tokens_per_expert.sum())
+        return experts_forward(rows, num_tokens_per_expert)
+
+    moe.experts.forward = exact_only
+    moe._experts_need_exact_rows = lambda: True
+    with torch.no_grad():
+        got = moe(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_capacity_large_factor_and_eval_drop_nothing():
+    x = torch.randn(2, 8, 12, dtype=torch.float64) + 0.5
+    plain = _skewed_moe(0.0)
+    with torch.no_grad():
+        want = plain(x)
+    for cf, mode in ((8.0, "train"), (0.5, "eval")):
+        moe = _skewed_moe(cf)
+        getattr(moe, mode)()
+        with torch.no_grad():
+            got = moe(x)
+        assert moe.dropped_tokens.item() == 0
+        torch.testing.assert_close(got, want)
+
+
+def test_capacity_dispatch_compiles_fullgraph():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 8, (64, 2))
+    w = torch.rand(64, 2)
+    counts = torch.zeros(8, dtype=torch.int64).scatter_add_(0, idx.reshape(-1), torch.ones(128, dtype=torch.int64))
+    fn = torch.compile(capacity_dispatch, backend="aot_eager", fullgraph=True)
+    a, b = fn(idx, w, counts, 12)
+    c, d = capacity_dispatch(idx, w, counts, 12)
+    assert torch.equal(a, c) and torch.equal(b, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped GEMM on CUDA
+
+
+def _grouped_vs_loop(dtype, capacity_factor):
+    torch.manual_seed(0)
+    kw = dict(dim=256, n_experts=16, top_k=4, n_shared=1, inter_dim=128, n_groups=4, n_limited_groups=2,
+              route_scale=2.5, bias_update_rate=0.001, capacity_factor=capacity_factor)
+    loop = DeepSeekMoE(use_grouped_mm=False, **kw)
+    loop.init_weights(0.02, 0.01)
+    loop = loop.to("cuda", dtype).train()
+    grouped = DeepSeekMoE(use_grouped_mm=True, **kw).to("cuda", dtype).train()
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(4, 128, 256, device="cuda", dtype=dtype)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1, y2 = loop(x1), grouped(x2)
+    g = torch.randn_like(y1)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    # the grouped path always computes in bf16 (torchtitan), so tolerances are bf16-sized
+    tol = dict(rtol=2e-2, atol=2e-2 * y1.abs().max().item())
+    torch.testing.assert_close(y2, y1, **tol)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=2e-2, atol=2e-2 * x1.grad.abs().max().item())
+    w1, w2 = loop.experts.w1.grad, grouped.experts.w1.grad
+    torch.testing.assert_close(w2, w1, rtol=2e-2, atol=2e-2 * w1.abs().max().item())
+    assert torch.equal(loop.tokens_per_expert, grouped.tokens_per_expert)
+    assert torch.equal(loop.dropped_tokens, grouped.dropped_tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_grouped_mm_matches_loop_cuda(dtype, capacity_factor):
+    _grouped_vs_loop(dtype, capacity_factor)
