@@ -137,7 +137,7 @@ def test_reference_matches_loops():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "flex"])  # "auto" is sdpa on CPU
 @pytest.mark.parametrize("window", [0, 5, 100])
 @pytest.mark.parametrize("docs", [False, True])
 @pytest.mark.parametrize("n_kv", [4, 2])
@@ -215,13 +215,30 @@ def test_mla_backends_agree_with_document_mask(backend):
     mod, _ = make_mla(args.replace(attn_backend=backend), n_kv_groups=2)
     x = torch.randn(2, 30, args.dim, dtype=torch.float64)
     ids = doc_ids(2, 30)
-    torch.testing.assert_close(mod(x, rope, document_ids=ids), ref_mod(x, rope, document_ids=ids))
-    # a token of another document changes nothing
-    y = x.clone()
-    first_doc_end = int((ids[0] == ids[0, 0]).sum())
-    y[0, :first_doc_end] += 1.0
-    same = ids[0] != ids[0, 0]
-    torch.testing.assert_close(mod(y, rope, document_ids=ids)[0, same], mod(x, rope, document_ids=ids)[0, same])
+    with torch.no_grad():  # no autograd: flex itself runs (it has no CPU backward)
+        out = mod(x, rope, document_ids=ids)
+        torch.testing.assert_close(out, ref_mod(x, rope, document_ids=ids))
+        # tokens of the first document do not reach the later ones
+        y = x.clone()
+        first = ids[0] == ids[0, 0]
+        y[0, first] += 1.0
+        torch.testing.assert_close(mod(y, rope, document_ids=ids)[0, ~first], out[0, ~first])
+        assert (mod(y, rope, document_ids=ids)[0, first] - out[0, first]).abs().amax(-1).min() > 1e-6
+
+
+def test_flex_cpu_backward_falls_back_to_masked_sdpa():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, d, dtype=torch.float64, requires_grad=True) for d in (8, 8, 4))
+    ids = doc_ids(1, 12)
+    with pytest.warns(UserWarning, match="no backward on CPU"):
+        attn_ops._warned.discard("flex_cpu_backward")
+        out = causal_attention(q, k, v, window=5, backend="flex", document_ids=ids)
+    ref = attn_ops.reference_attention(q, k, v, 8 ** -0.5, 5, ids)
+    torch.testing.assert_close(out, ref)
+    w = torch.randn_like(out)
+    torch.testing.assert_close(
+        torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))
+    )
 
 
 def test_mla_is_causal():
@@ -420,3 +437,21 @@ def test_gpu_mla_decode_bf16():
     cache = mod.new_cache(2)
     outs = [mod(x[:, :24], rope, cache=cache)] + [mod(x[:, t:t + 1], rope, cache=cache) for t in range(24, 40)]
     torch.testing.assert_close(torch.cat(outs, 1).float(), full.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_mla_flex_matches_eager():
+    """The training path: MLA compiled whole (mask built in-graph), flex vs the reference backend."""
+    args = small_args(dim=256, n_heads=8, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                      v_head_dim=64, sliding_window=48, attn_backend="flex", max_seq_len=256)
+    mod, rope = make_mla(args, n_kv_groups=4, dtype=torch.float32)
+    ref, _ = make_mla(args.replace(attn_backend="reference"), n_kv_groups=4, dtype=torch.float32)
+    mod, ref, rope = mod.cuda().bfloat16(), ref.cuda().bfloat16(), rope.cuda()
+    x = torch.randn(2, 256, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = doc_ids(2, 256).cuda()
+    out = torch.compile(mod, fullgraph=True)(x, rope, document_ids=ids)
+    expected = ref(x, rope, document_ids=ids)
+    torch.testing.assert_close(out.float(), expected.float(), atol=5e-2, rtol=5e-2)
+    (gx,) = torch.autograd.grad(out.float().square().sum(), x)
+    (gr,) = torch.autograd.grad(expected.float().square().sum(), x)
+    assert torch.nn.functional.cosine_similarity(gx.flatten().float(), gr.flatten().float(), dim=0) > 0.99

@@ -118,3 +118,27 @@ def test_meta_device_build_and_param_counts():
     assert counts.routed_experts == 25 * 64 * 3 * 2048 * 1536
     assert counts.active < counts.total
     assert flops_per_token(args, 4096, counts) > 6 * counts.trunk_active
+
+
+def test_mamba2_blocks_replace_gdn():
+    from fusion_titan.model.mamba2 import Mamba2
+
+    model = build(tiny_args(ssm_type="mamba2", mamba_d_state=16, mamba_head_dim=32))
+    mixers = [layer.mixer for layer in model.layers.values() if layer.kind == "gdn"]
+    assert mixers and all(isinstance(m, Mamba2) for m in mixers)
+    tokens = torch.randint(0, 256, (2, 16))
+    out = model(tokens, labels=tokens)
+    out["ce_sum"].backward()
+    assert all(p.grad is not None for m in mixers for p in m.parameters())
+
+
+def test_moe_balance_loss_reaches_the_training_output():
+    model = build(tiny_args(moe_seq_aux_weight=0.01, moe_capacity_factor=1.0))
+    tokens = torch.randint(0, 256, (2, 16))
+    out = model(tokens, labels=tokens)
+    assert out["moe_aux_sum"] > 0
+    out["moe_aux_sum"].backward()
+    gate = model.layers["0"].moe.router.gate.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    model.eval()
+    assert "moe_aux_sum" not in model(tokens, labels=tokens)

@@ -25,6 +25,9 @@ class Model:
     gdn_backend: str | None = None
     moe_bias_update_rate: float | None = None
     use_grouped_mm: bool | None = None
+    ssm_type: str | None = None
+    moe_seq_aux_weight: float | None = None
+    moe_capacity_factor: float | None = None
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Optimizer:
     muon_beta2: float = 0.95
     muon_weight_decay: float = 0.0
     ns_steps: int = 5
+    muon_update_scale: str = "muon"
 
 
 @dataclass

@@ -15,7 +15,8 @@ SCHEDULES = ("5:1", "6:1", "8:1", "mha", "ssm")
 OVERRIDABLE_FIELDS = (
     "layer_schedule", "n_layers", "n_routed_experts", "n_activated_experts", "mtp_depth",
     "logit_softcap", "mup", "sliding_window", "attn_backend", "gdn_backend",
-    "moe_bias_update_rate", "use_grouped_mm",
+    "moe_bias_update_rate", "use_grouped_mm", "ssm_type", "moe_seq_aux_weight",
+    "moe_capacity_factor",
 )
 
 
@@ -71,7 +72,14 @@ class FusionModelArgs(BaseModelArgs):
     moe_inter_dim: int = 1536
     route_scale: float = 1.0
     moe_bias_update_rate: float = 1e-3  # aux-loss-free balancing step; 0 = off
+    moe_seq_aux_weight: float = 0.0  # DeepSeek-V3's complementary sequence-wise balance loss
+    moe_capacity_factor: float = 0.0  # 0 = no token dropping
     use_grouped_mm: bool = True  # used on CUDA only; CPU runs the per-expert loop
+
+    # The recurrent ("gdn") blocks' mixer: "gdn" = Gated DeltaNet, "mamba2" = the seed's legacy SSD
+    ssm_type: str = "gdn"
+    mamba_head_dim: int = 64
+    mamba_d_state: int = 128
 
     # Gated DeltaNet (Qwen3-Next style)
     gdn_n_heads: int = 16
@@ -115,6 +123,8 @@ class FusionModelArgs(BaseModelArgs):
                     f"n_expert_groups ({self.n_expert_groups}); set n_expert_groups = 0 to "
                     "route without groups."
                 )
+        if self.ssm_type not in ("gdn", "mamba2"):
+            raise ValueError(f"ssm_type {self.ssm_type!r} must be 'gdn' or 'mamba2'")
         if self.logit_softcap < 0:
             raise ValueError("logit_softcap must be >= 0 (0 turns it off)")
 

@@ -1,7 +1,7 @@
 """One pre-norm residual block of the hybrid trunk: a token mixer then a feed-forward.
 
 kind "attn": Multi-head Latent Attention + DeepSeekMoE (dense SwiGLU when n_routed_experts = 0).
-kind "gdn":  Gated DeltaNet + dense SwiGLU.
+kind "gdn":  Gated DeltaNet (or Mamba-2 when ssm_type = "mamba2") + dense SwiGLU.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torchtitan.models.moe.moe import FeedForward
 
 from .args import FusionModelArgs
 from .gated_deltanet import GatedDeltaNet
+from .mamba2 import Mamba2
 from .mla import MultiHeadLatentAttention
 from .moe import DeepSeekMoE
 
@@ -38,6 +39,11 @@ class FusionBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         if kind == "attn":
             self.mixer = MultiHeadLatentAttention(args)
+        elif kind == "gdn" and args.ssm_type == "mamba2":
+            self.mixer = Mamba2(
+                args.dim, n_heads=2 * args.dim // args.mamba_head_dim, head_dim=args.mamba_head_dim,
+                d_state=args.mamba_d_state, conv_size=args.gdn_conv_size, norm_eps=args.norm_eps,
+            )
         elif kind == "gdn":
             self.mixer = GatedDeltaNet(
                 args.dim, args.gdn_n_heads, head_k_dim=args.gdn_head_k_dim,
@@ -55,6 +61,7 @@ class FusionBlock(nn.Module):
                 args.dim, args.n_routed_experts, args.n_activated_experts, args.n_shared_experts,
                 args.moe_inter_dim, args.n_expert_groups, args.n_limited_groups, args.route_scale,
                 args.moe_bias_update_rate, use_grouped_mm=args.use_grouped_mm and torch.cuda.is_available(),
+                seq_aux_loss_weight=args.moe_seq_aux_weight, capacity_factor=args.moe_capacity_factor,
             )
         else:
             self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)

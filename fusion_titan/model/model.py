@@ -16,6 +16,7 @@ from torchtitan.protocols.model import ModelProtocol
 from ..ops.softcap_cross_entropy import IGNORE_INDEX, linear_softcap_cross_entropy, softcap_logits
 from .args import FusionModelArgs
 from .blocks import FusionBlock
+from .moe import DeepSeekMoE
 from .mtp import MTPModule
 from .rope import rope_cache
 
@@ -71,6 +72,11 @@ class FusionModel(ModelProtocol):
             out = {"ce_sum": ce_sum, "z_sum": z_sum}
         else:
             out = {"ce_sum": self._ce_sum(self.norm(h), labels)}
+        if self.model_args.moe_seq_aux_weight > 0 and self.training:
+            # the MoE layers keep their (weighted, per-sequence mean) balance loss; the trainer
+            # divides sums by the global token count, so scale by this rank's tokens
+            aux = sum(m.aux_loss for m in self.modules() if isinstance(m, DeepSeekMoE))
+            out["moe_aux_sum"] = aux * (labels != IGNORE_INDEX).sum()
         if len(self.mtp):
             out["mtp_sums"], out["mtp_correct"], out["mtp_tokens"] = self._mtp_losses(h, tokens, labels)
         return out

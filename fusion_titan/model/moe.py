@@ -13,10 +13,15 @@ see `fusion_titan.training.moe_balance`.
 Extras (both off by default):
   - `seq_aux_loss_weight` = alpha > 0: the complementary sequence-wise balance loss of DeepSeek-V3
     (eq. 17-20), kept in `self.aux_loss` after each training forward for the model to add.
-  - `capacity_factor` > 0: each expert takes at most ceil(capacity_factor * N * top_k / n_experts)
-    of the N*top_k (token, expert) assignments of one call; the rest are dropped (weight 0, not
-    computed; the token keeps the shared experts and the residual). Within an expert the
-    assignments with the largest gate weight are kept; equal weights keep the earlier token.
+  - `capacity_factor` > 0 (training forwards only): each expert takes at most
+    ceil(capacity_factor * N * top_k / n_experts) of the N*top_k (token, expert) assignments of one
+    call; the rest are dropped (weight 0, not computed, not renormalized; the token keeps the shared
+    experts and the residual), counted in `dropped_tokens`. Within an expert the assignments with
+    the largest gate weight are kept; equal weights keep the earlier token.
+
+Load counters (`tokens_per_expert`, `dropped_tokens`) count training forwards only, before
+dropping, and skip the forward that activation checkpointing recomputes during backward.
+`load_metrics` / `moe_load_counters` turn them into per-step statistics.
 
 Expert compute reuses torchtitan's GroupedExperts (grouped GEMM `torch._grouped_mm` on CUDA, a
 per-expert loop otherwise), which is also what its expert-parallel plan shards.
@@ -42,7 +47,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _in_backward() -> bool:
     """True while autograd runs a backward, e.g. while activation checkpointing recomputes forward."""
-    return torch._C._current_graph_task_id() != -1
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 class GroupLimitedRouter(nn.Module):
@@ -266,8 +272,7 @@ def load_metrics(load: torch.Tensor, dropped: torch.Tensor | None = None,
     Keys: max_over_mean_load (worst layer), mean_max_over_mean_load, min_over_mean_load (worst
     layer), routing_entropy (normalized, 1 = uniform, mean over layers), min_routing_entropy,
     dead_expert_fraction (experts with no tokens, over all layers) and, with `dropped`,
-    dropped_fraction (over all layers) and max_layer_dropped_fraction. The first three keys
-    match `training.moe_balance.expert_load_stats`.
+    dropped_fraction (over all layers) and max_layer_dropped_fraction.
     """
     load = load.float().reshape(-1, load.shape[-1])
     n_experts = load.shape[-1]

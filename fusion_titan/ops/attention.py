@@ -16,7 +16,10 @@ Backends (`backend=`):
   "flex"      FlexAttention with a causal / sliding-window / document mask_mod. BlockMasks are built
               once per (shape, window, device) and cached; document masks are cached per
               document_ids tensor (one entry), so all layers of one step share one BlockMask.
-              Compiled on CUDA, eager (unfused, materializes scores) elsewhere.
+              Called eagerly: compiled on CUDA, unfused (materializes scores) elsewhere. Inside a
+              compiled model the mask is built in-graph and flex is compiled with the model.
+              Flex has no CPU backward: on CPU with autograd the same mask goes through SDPA
+              (warned once).
   "flash"     flash-attn's `flash_attn_func` (CUDA, fp16/bf16), window_size for the sliding window;
               v is zero-padded when its head dim differs. No document masks (needs varlen).
   "reference" plain softmax(QK^T)V in float32 (float64 stays float64): what the others are tested
@@ -192,6 +195,15 @@ def flex_block_mask(q_len: int, k_len: int, window: int, device, document_ids=No
     return _flex_shape_block_mask(q_len, k_len, max(window, 0), str(torch.device(device)))
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
 @functools.cache
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
@@ -207,8 +219,29 @@ def flex_attention_fn(
     q_len, k_len = q.shape[2], k.shape[2]
     if window >= k_len:
         window = 0
-    block_mask = flex_block_mask(q_len, k_len, window, q.device, document_ids)
     gqa = k.shape[1] != q.shape[1]
+    if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        # FlexAttention has no CPU backward: same mask through SDPA instead (CPU smoke runs only).
+        _warn_once("flex_cpu_backward", "FlexAttention has no backward on CPU; using SDPA with "
+                   "the same mask for this call")
+        return sdpa_attention(q, k, v, scale, window, document_ids)
+    if torch.compiler.is_compiling():
+        # Inside a compiled model: dynamo traces the mask construction into the graph (no Python
+        # cache, no graph break) and compiles flex_attention itself.
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if document_ids is not None:
+            _check_document_ids(document_ids, k_len)
+        if not q.is_cuda:
+            # torch 2.13's CPU inductor flex miscomputes strided (transposed) in-graph inputs.
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        block_mask = create_block_mask(
+            _flex_mask_mod(q_len, k_len, window, document_ids),
+            B=None if document_ids is None else document_ids.shape[0], H=None,
+            Q_LEN=q_len, KV_LEN=k_len, device=q.device,
+        )
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    block_mask = flex_block_mask(q_len, k_len, window, q.device, document_ids)
     if q.is_cuda:
         return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     with warnings.catch_warnings():  # eager (unfused) flex is fine off-GPU: tests and CPU runs

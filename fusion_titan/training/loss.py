@@ -69,6 +69,9 @@ def build_loss_fn(job_config, **kwargs):
         if "z_sum" in pred:
             total = total + cfg.z_loss_weight * pred["z_sum"]
             STEP_LOSSES.add("z", pred["z_sum"])
+        if "moe_aux_sum" in pred:
+            total = total + pred["moe_aux_sum"]
+            STEP_LOSSES.add("moe_aux", pred["moe_aux_sum"])
         if "mtp_sums" in pred:
             mtp = pred["mtp_sums"]
             # Averaged over depths and normalized by the trunk's token count (depth k has k fewer

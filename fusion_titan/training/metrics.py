@@ -13,7 +13,6 @@ from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.tools.logging import logger
 
 from .loss import STEP_LOSSES
-from .moe_balance import expert_load_stats
 
 
 class FusionMetricsProcessor(MetricsProcessor):
@@ -30,6 +29,8 @@ class FusionMetricsProcessor(MetricsProcessor):
         summed = dict(zip(names, flat.split(sizes)))
         tokens = summed["tokens"].item()
         out = {"loss_metrics/ce": summed["ce"].item() / tokens}
+        if "moe_aux" in summed:
+            out["loss_metrics/moe_balance"] = summed["moe_aux"].item() / tokens
         if "z" in summed:
             out["loss_metrics/z_loss"] = summed["z"].item() / tokens
         if "mtp" in summed:
@@ -55,8 +56,8 @@ class FusionMetricsProcessor(MetricsProcessor):
         extra.update(self._loss_parts())
         extra.update(self._learning_rates())
         updater = getattr(getattr(self, "optimizers", None), "expert_bias_updater", None)
-        if updater is not None and updater.last_load is not None:
-            extra.update(expert_load_stats(updater.last_load))
+        if updater is not None:
+            extra.update(updater.metrics())
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
         shown = {k.split("/")[-1]: v for k, v in extra.items()
                  if k.startswith(("loss_metrics/", "moe/"))}

@@ -8,28 +8,15 @@ update. Gate weights never see the bias, and autograd never touches it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
-from ..model.moe import DeepSeekMoE
+from ..model.moe import DeepSeekMoE, load_metrics
 
 
 def moe_layers(model_parts: list[nn.Module]) -> list[tuple[str, DeepSeekMoE]]:
     return [(name, m) for part in model_parts for name, m in part.named_modules()
             if isinstance(m, DeepSeekMoE)]
-
-
-@torch.no_grad()
-def expert_load_stats(load: torch.Tensor) -> dict[str, float]:
-    """load [layers, experts] -> max/mean imbalance and normalized routing entropy (1 = uniform)."""
-    frac = load / load.sum(-1, keepdim=True).clamp_min(1)
-    entropy = -(frac * frac.clamp_min(1e-12).log()).sum(-1) / math.log(load.shape[-1])
-    imbalance = load.max(-1).values / load.mean(-1).clamp_min(1e-9)
-    return {"moe/max_over_mean_load": imbalance.max().item(),
-            "moe/mean_max_over_mean_load": imbalance.mean().item(),
-            "moe/routing_entropy": entropy.mean().item()}
 
 
 class ExpertBiasUpdater:
@@ -39,16 +26,25 @@ class ExpertBiasUpdater:
         self.layers = [m for _, m in moe_layers(model_parts)]
         self.process_group = process_group
         self.last_load: torch.Tensor | None = None
+        self.last_dropped: torch.Tensor | None = None
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs) -> None:
         if not self.layers:
             return
-        load = torch.stack([m.tokens_per_expert for m in self.layers])
+        # one all-reduce for loads and dropped counts of every layer
+        counts = torch.stack([torch.cat([m.tokens_per_expert, m.dropped_tokens.reshape(1)])
+                              for m in self.layers])
         if self.process_group is not None:
-            torch.distributed.all_reduce(load, group=self.process_group)
+            torch.distributed.all_reduce(counts, group=self.process_group)
+        load, self.last_dropped = counts[:, :-1], counts[:, -1]
         self.last_load = load
         for m, layer_load in zip(self.layers, load):
             if m.bias_update_rate > 0:
                 m.expert_bias.add_(m.bias_update_rate * torch.sign(layer_load.mean() - layer_load))
-            m.tokens_per_expert.zero_()
+            m.reset_load_counters()
+
+    def metrics(self) -> dict[str, float]:
+        if self.last_load is None:
+            return {}
+        return load_metrics(self.last_load, self.last_dropped)

@@ -1,5 +1,11 @@
 """TrainSpec.build_optimizers_fn: the optimizer container plus our per-step hooks.
 
+`[optimizer] name`:
+- "NorMuon": NorMuon for hidden matrices + CautiousAdamW for the rest, one optimizer per model
+  part (fusion_titan.optim.hybrid), groups from fusion_titan.training.param_groups;
+- "AdamW" / "Adam": torch's optimizer over the same groups (muP lr multipliers, no decay on
+  vectors and the embedding) — the baseline.
+
 Hooks, in order around `optimizers.step()`:
 - pre-step: close the step's loss record and refuse to step on a non-finite loss part;
 - post-step: move the MoE selection biases from the step's expert loads (aux-loss-free balancing).
@@ -9,12 +15,73 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from torchtitan.components.optimizer import OptimizersContainer, build_optimizers as build_torchtitan_optimizers
+import torch
+
+from torchtitan.components.optimizer import OptimizersContainer
+
+from ..optim.hybrid import NorMuonCautiousAdamW
+from .param_groups import split_params
 
 from .loss import STEP_LOSSES, check_finite
 from .moe_balance import ExpertBiasUpdater
 
-TORCHTITAN_OPTIMIZERS = ("Adam", "AdamW")
+OPTIMIZERS = ("NorMuon", "AdamW", "Adam")
+
+
+class FusionOptimizersContainer(OptimizersContainer):
+    """torchtitan's container (DCP state, hooks, LR scheduling), with our param groups per part."""
+
+    def __init__(self, model_parts: list[nn.Module], make_optimizer, defaults: dict) -> None:
+        self.model_parts = model_parts
+        self.optimizers = [make_optimizer(part) for part in model_parts]
+        all_params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
+        self._validate_length(len(model_parts))
+        self._post_init(all_params, defaults)
+
+
+def _groups(model: nn.Module, cfg, muon_separate: bool) -> tuple[list[dict], list[dict]]:
+    args = getattr(model, "model_args", None)
+    width_mult = args.width_mult if args is not None else 1.0
+    parts = split_params(model)
+    hidden = parts["adam_matrix"] + ([] if muon_separate else parts["muon"])
+    adam = [
+        {"params": parts["embedding"], "lr": cfg.lr, "weight_decay": 0.0, "name": "embedding"},
+        {"params": hidden, "lr": cfg.lr / width_mult, "weight_decay": cfg.weight_decay,
+         "name": "adam_hidden"},
+        {"params": parts["no_decay"], "lr": cfg.lr, "weight_decay": 0.0, "name": "vectors"},
+    ]
+    muon = [{"params": parts["muon"], "lr": cfg.muon_lr, "weight_decay": cfg.muon_weight_decay,
+             "name": "normuon"}] if muon_separate else []
+    keep = lambda gs: [g for g in gs if g["params"]]  # noqa: E731
+    return keep(muon), keep(adam)
+
+
+def _optimizer_factory(cfg):
+    name = cfg.name
+    if name == "NorMuon":
+        def make(model):
+            muon, adam = _groups(model, cfg, muon_separate=True)
+            return NorMuonCautiousAdamW(
+                muon, adam,
+                muon_kwargs=dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, beta2=cfg.muon_beta2,
+                                 eps=cfg.eps, weight_decay=cfg.muon_weight_decay,
+                                 ns_steps=cfg.ns_steps, update_scale=cfg.muon_update_scale),
+                adam_kwargs=dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay),
+            )
+        return make
+    if name in ("AdamW", "Adam"):
+        cls = torch.optim.AdamW if name == "AdamW" else torch.optim.Adam
+        impl = {"fused": {"fused": True}, "foreach": {"foreach": True}}.get(cfg.implementation, {})
+
+        def make(model):
+            _, adam = _groups(model, cfg, muon_separate=False)
+            on_cpu = next(model.parameters()).device.type == "cpu"
+            kwargs = {} if on_cpu and impl.get("fused") else impl  # fused kernels are CUDA-only
+            return cls(adam, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                       weight_decay=cfg.weight_decay, **kwargs)
+        return make
+    raise ValueError(f"[optimizer] name = {name!r} is not supported; use one of {OPTIMIZERS}")
 
 
 def _last_step(optimizers: OptimizersContainer) -> int | None:
@@ -28,13 +95,11 @@ def _last_step(optimizers: OptimizersContainer) -> int | None:
 
 def build_optimizers(model_parts: list[nn.Module], optimizer_config, parallel_dims,
                      ft_manager=None) -> OptimizersContainer:
-    name = optimizer_config.name
-    if name in TORCHTITAN_OPTIMIZERS:
-        optimizers = build_torchtitan_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
-    else:
-        raise ValueError(
-            f"[optimizer] name = {name!r} is not supported; use one of {TORCHTITAN_OPTIMIZERS}"
-        )
+    if optimizer_config.early_step_in_backward:
+        raise NotImplementedError("[optimizer] early_step_in_backward is not supported by fusion_titan")
+    optimizers = FusionOptimizersContainer(
+        model_parts, _optimizer_factory(optimizer_config), {"lr": optimizer_config.lr}
+    )
 
     def finish_step(*args, **kwargs):
         last = _last_step(optimizers)
