@@ -61,7 +61,8 @@ class FusionModelArgs(BaseModelArgs):
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     sliding_window: int = 0  # 0 = full causal attention
-    attn_backend: str = "sdpa"
+    attn_backend: str = "auto"  # auto | sdpa | flex | flash | reference (fusion_titan/ops/attention.py)
+    mla_kv_groups: int = 0  # 0 = n_heads: every head decompresses its own K/V from the latent
 
     # DeepSeekMoE
     n_routed_experts: int = 64  # 0 = every attention block gets a dense FFN
