@@ -76,3 +76,27 @@ def test_z_loss_value_and_gradient():
     torch.testing.assert_close(z, ref_z)
     torch.testing.assert_close(gh, rh)
     torch.testing.assert_close(gw, rw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [True, False])
+def test_cuda_bf16_matches_fp32_reference(autocast):
+    torch.manual_seed(3)
+    n, d, v = 1000, 256, 152064
+    h = torch.randn(n, d, device="cuda", requires_grad=True)
+    w = (torch.randn(v, d, device="cuda") * 0.02).requires_grad_()
+    labels = torch.randint(0, v, (n,), device="cuda")
+    ref = reference_softcap_cross_entropy(h, w, labels, 15.0, 1.0)
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    if autocast:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = linear_softcap_cross_entropy(h, w, labels, 15.0, 1.0, 256)
+        gh, gw = torch.autograd.grad(out, (h, w))
+    else:
+        hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+        out = linear_softcap_cross_entropy(hb, wb, labels, 15.0, 1.0, 256)
+        gh, gw = torch.autograd.grad(out, (hb, wb))
+    assert gh.dtype == (torch.float32 if autocast else torch.bfloat16)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=1e-1)
+    torch.testing.assert_close(gh.float(), rh, rtol=5e-2, atol=5e-3)
+    torch.testing.assert_close(gw.float(), rw, rtol=5e-2, atol=5e-3)

@@ -25,7 +25,8 @@ def _accum_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _capped_logits_(h: torch.Tensor, weight: torch.Tensor, softcap: float, scale: float):
     """One chunk of capped fp32 logits, computed in place (CPU page-faults every fresh buffer)."""
-    z = (h @ weight.t()).to(_accum_dtype(h))
+    # matmul in the activations' dtype (bf16 under AMP/FSDP), accumulate the rest in fp32
+    z = (h @ weight.to(h.dtype).t()).to(_accum_dtype(h))
     if softcap > 0:
         return z.mul_(scale / softcap).tanh_().mul_(softcap)
     return z.mul_(scale) if scale != 1.0 else z
@@ -38,6 +39,7 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, h, weight, labels, softcap, scale, chunk_size):
         n_tokens = h.shape[0]
         acc = _accum_dtype(h)
@@ -64,17 +66,20 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
         return total, z_total, hits
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")  # backward runs under the forward's autocast state
     def backward(ctx, grad_total, grad_z_total, grad_hits):
         h, weight, labels, lse = ctx.saved_tensors
         softcap, scale, chunk_size = ctx.softcap, ctx.scale, ctx.chunk_size
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        # autocast is off in backward: cast explicitly to the dtype the forward multiplied in
+        w = weight.to(h.dtype)
         acc = _accum_dtype(h)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         for start in range(0, h.shape[0], chunk_size):
             end = min(start + chunk_size, h.shape[0])
             hc, y = h[start:end], labels[start:end]
             valid = y != IGNORE_INDEX
-            t = (hc @ weight.t()).to(acc)
+            t = (hc @ w.t()).to(acc)
             if softcap > 0:
                 t.mul_(scale / softcap).tanh_()
                 dz = torch.mul(t, softcap)
@@ -96,7 +101,7 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
                 dz.mul_(t.mul_(t).neg_().add_(1.0))  # d(cap * tanh(r / cap))/dr = 1 - tanh^2
             dz.mul_(scale)
             if grad_h is not None:
-                grad_h[start:end] = (dz.to(weight.dtype) @ weight).to(h.dtype)
+                grad_h[start:end] = dz.to(h.dtype) @ w
             grad_w.addmm_(dz.t(), hc.to(acc))
         grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None, None
