@@ -81,10 +81,12 @@ def test_z_loss_value_and_gradient():
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", [True, False])
 def test_cuda_bf16_matches_fp32_reference(autocast):
+    """bf16 matmuls (under autocast, or bf16 tensors) against the fp32 unfused loss computed on the
+    same bf16-rounded inputs, at the real vocabulary size."""
     torch.manual_seed(3)
     n, d, v = 1000, 256, 152064
-    h = torch.randn(n, d, device="cuda", requires_grad=True)
-    w = (torch.randn(v, d, device="cuda") * 0.02).requires_grad_()
+    h = torch.randn(n, d, device="cuda").bfloat16().float().requires_grad_()
+    w = (torch.randn(v, d, device="cuda") * 0.02).bfloat16().float().requires_grad_()
     labels = torch.randint(0, v, (n,), device="cuda")
     ref = reference_softcap_cross_entropy(h, w, labels, 15.0, 1.0)
     rh, rw = torch.autograd.grad(ref, (h, w))
@@ -97,6 +99,8 @@ def test_cuda_bf16_matches_fp32_reference(autocast):
         out = linear_softcap_cross_entropy(hb, wb, labels, 15.0, 1.0, 256)
         gh, gw = torch.autograd.grad(out, (hb, wb))
     assert gh.dtype == (torch.float32 if autocast else torch.bfloat16)
-    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=1e-1)
-    torch.testing.assert_close(gh.float(), rh, rtol=5e-2, atol=5e-3)
-    torch.testing.assert_close(gw.float(), rw, rtol=5e-2, atol=5e-3)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-3, atol=0.0)
+    # relative to the gradients' scale: bf16 products carry ~3 significant digits
+    for got, want in ((gh, rh), (gw, rw)):
+        err = (got.float() - want).norm() / want.norm()
+        assert err < 2e-2, err.item()
