@@ -11,13 +11,14 @@ Only the mixer lives here; the block (pre-norm, residual, FFN) is built elsewher
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fusion_titan.model.short_conv import ShortConv
+from fusion_titan.model.ssm_init import init_decay_
 from fusion_titan.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 
 
@@ -32,36 +33,6 @@ class GDNCache:
 
     conv_states: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     recurrent_state: torch.Tensor | None = None
-
-
-class ShortConv(nn.Module):
-    """Causal depthwise conv over time, weight [channels, conv_size], no bias, then SiLU.
-
-    weight[:, -1] multiplies the current token, weight[:, 0] the oldest one
-    (same orientation as nn.Conv1d with left padding conv_size - 1).
-    """
-
-    def __init__(self, channels: int, conv_size: int):
-        super().__init__()
-        self.channels = channels
-        self.conv_size = conv_size
-        self.weight = nn.Parameter(torch.empty(channels, conv_size))
-
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
-        """x [B, T, C]; state [B, conv_size - 1, C] or None (zeros). Returns (y, new_state)."""
-        W = self.conv_size
-        if state is None:
-            xp = F.pad(x, (0, 0, W - 1, 0))  # left-pad time with zeros: causal
-        else:
-            xp = torch.cat([state.to(x.dtype), x], dim=1)
-        y = F.conv1d(xp.transpose(1, 2), self.weight.unsqueeze(1), groups=self.channels)
-        new_state = xp[:, xp.shape[1] - (W - 1):]
-        return F.silu(y.transpose(1, 2)), new_state
-
-    def reset_parameters(self):
-        # nn.Conv1d's default: fan_in = conv_size for a depthwise conv.
-        bound = 1.0 / math.sqrt(self.conv_size)
-        nn.init.uniform_(self.weight, -bound, bound)
 
 
 class GatedRMSNorm(nn.Module):
@@ -176,11 +147,4 @@ class GatedDeltaNet(nn.Module):
             conv.reset_parameters()
         self.o_norm.reset_parameters()
 
-        # A in [1, 16] (Mamba-2 / Qwen3-Next); stored as log so A = exp(A_log) stays > 0.
-        self.A_log.uniform_(1.0, 16.0).log_()
-        # dt log-uniform in [1e-3, 1e-1], stored as inverse softplus so softplus(dt_bias) = dt.
-        # Done with in-place ops on the parameter so it also works for meta->to_empty and DTensors.
-        dt_min, dt_max = 1e-3, 1e-1
-        dt = self.dt_bias.uniform_(0.0, 1.0)
-        dt.mul_(math.log(dt_max) - math.log(dt_min)).add_(math.log(dt_min)).exp_().clamp_(min=1e-4)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        init_decay_(self.A_log, self.dt_bias)  # Mamba-2 / Qwen3-Next ranges

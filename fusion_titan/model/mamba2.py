@@ -16,13 +16,14 @@ Only the mixer lives here; the block (pre-norm, residual, FFN) is built elsewher
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fusion_titan.model.short_conv import ShortConv
+from fusion_titan.model.ssm_init import init_decay_
 from fusion_titan.ops.ssd import ssd_chunked, ssd_step
 
 
@@ -37,38 +38,6 @@ class Mamba2Cache:
 
     conv_state: torch.Tensor | None = None
     ssm_state: torch.Tensor | None = None
-
-
-class CausalConv1d(nn.Module):
-    """Causal depthwise conv over time with bias, then SiLU; weight [channels, conv_size].
-
-    Same orientation and state layout as gated_deltanet.ShortConv (weight[:, -1] multiplies the
-    current token; state [B, conv_size - 1, C]), plus the bias Mamba-2 uses (conv_bias=True).
-    """
-
-    def __init__(self, channels: int, conv_size: int):
-        super().__init__()
-        self.channels = channels
-        self.conv_size = conv_size
-        self.weight = nn.Parameter(torch.empty(channels, conv_size))
-        self.bias = nn.Parameter(torch.empty(channels))
-
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
-        """x [B, T, C]; state [B, conv_size - 1, C] or None (zeros). Returns (y, new_state)."""
-        W = self.conv_size
-        if state is None:
-            xp = F.pad(x, (0, 0, W - 1, 0))  # left-pad time with zeros: causal
-        else:
-            xp = torch.cat([state.to(x.dtype), x], dim=1)
-        y = F.conv1d(xp.transpose(1, 2), self.weight.unsqueeze(1), self.bias, groups=self.channels)
-        new_state = xp[:, xp.shape[1] - (W - 1):]
-        return F.silu(y.transpose(1, 2)), new_state
-
-    def reset_parameters(self):
-        # nn.Conv1d's default: fan_in = conv_size for a depthwise conv, for weight and bias.
-        bound = 1.0 / math.sqrt(self.conv_size)
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
 
 
 class GroupedGatedRMSNorm(nn.Module):
@@ -134,7 +103,7 @@ class Mamba2(nn.Module):
 
         # One projection for everything, in the order [z, x, B, C, dt].
         self.in_proj = nn.Linear(dim, 2 * self.inner + 2 * n_groups * d_state + n_heads, bias=False)
-        self.conv = CausalConv1d(self.conv_dim, conv_size)
+        self.conv = ShortConv(self.conv_dim, conv_size, bias=True)
 
         # Per-head SSM parameters; usually excluded from weight decay.
         self.A_log = nn.Parameter(torch.empty(n_heads))
@@ -188,12 +157,4 @@ class Mamba2(nn.Module):
         self.norm.reset_parameters()
         nn.init.ones_(self.D)
 
-        # A in [1, 16] (Mamba-2's A_init_range); stored as log so A = -exp(A_log) stays < 0.
-        self.A_log.uniform_(1.0, 16.0).log_()
-        # dt log-uniform in [1e-3, 1e-1] (floor 1e-4), stored as inverse softplus so that
-        # softplus(dt_bias) = dt at init. In-place ops on the parameter so it also works after
-        # meta-device construction + to_empty and for DTensors.
-        dt_min, dt_max = 1e-3, 1e-1
-        dt = self.dt_bias.uniform_(0.0, 1.0)
-        dt.mul_(math.log(dt_max) - math.log(dt_min)).add_(math.log(dt_min)).exp_().clamp_(min=1e-4)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        init_decay_(self.A_log, self.dt_bias)  # Mamba-2 / Qwen3-Next ranges

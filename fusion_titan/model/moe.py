@@ -39,10 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from torchtitan.models.moe.moe import FeedForward, GroupedExperts
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Routing math runs in fp32, or in the input dtype when that is wider (fp64 tests)."""
-    return torch.promote_types(dtype, torch.float32)
+from ..ops.precision import compute_dtype
 
 
 def _in_backward() -> bool:
@@ -54,7 +51,7 @@ def _in_backward() -> bool:
 class GroupLimitedRouter(nn.Module):
     """x [N, dim] -> (gate weights [N, k], expert indices [N, k], affinities [N, E]).
 
-    Weights and affinities are in `_compute_dtype(x.dtype)` (fp32 for bf16 inputs). Static shapes
+    Weights and affinities are in `compute_dtype(x.dtype)` (fp32 for bf16 inputs). Static shapes
     only, so it compiles with fullgraph=True.
     """
 
@@ -83,7 +80,7 @@ class GroupLimitedRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None):
         logits = self.gate(x)
-        scores = torch.sigmoid(logits.to(_compute_dtype(logits.dtype)))
+        scores = torch.sigmoid(logits.to(compute_dtype(logits.dtype)))
         choice = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
         if self.n_groups:
             group_size = self.n_experts // self.n_groups
@@ -322,7 +319,7 @@ def reference_moe_forward(moe: DeepSeekMoE, x: torch.Tensor) -> torch.Tensor:
     routes = []  # per token: list of (expert, weight tensor)
     for t in range(n_tokens):
         logits = r.gate(tokens[t])
-        s = torch.sigmoid(logits.to(_compute_dtype(logits.dtype)))
+        s = torch.sigmoid(logits.to(compute_dtype(logits.dtype)))
         c = [v + b for v, b in zip(s.tolist(), bias)]
         group_scores = []
         for g in range(n_groups):
@@ -344,7 +341,7 @@ def reference_moe_forward(moe: DeepSeekMoE, x: torch.Tensor) -> torch.Tensor:
 
     out = []
     for t in range(n_tokens):
-        y = torch.zeros(dim, dtype=_compute_dtype(x.dtype), device=x.device)
+        y = torch.zeros(dim, dtype=compute_dtype(x.dtype), device=x.device)
         for e, w in routes[t]:
             if w is not None:
                 y = y + w * _expert_ffn(moe, e, tokens[t]).to(y.dtype)

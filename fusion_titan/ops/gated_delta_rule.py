@@ -27,6 +27,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from .precision import compute_dtype
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -36,11 +38,6 @@ __all__ = [
     "gated_delta_rule",
     "fla_is_safe",
 ]
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # float32 accumulation for the recurrence; keep float64 when the caller asks for it (tests).
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------
@@ -64,7 +61,7 @@ def gated_delta_rule_step(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     out_dtype = q.dtype
-    dt = _compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
     S = state.to(dt) * g.exp()[..., None, None]  # decay first
     pred = torch.einsum("bhk,bhkv->bhv", k, S)  # what the memory currently returns for k
@@ -87,7 +84,7 @@ def recurrent_gated_delta_rule(
     """Naive token-by-token recurrence (reference). Same I/O as chunk_gated_delta_rule."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    dt = _compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     if initial_state is None:
         state = q.new_zeros(B, H, K, V, dtype=dt)
     else:
@@ -131,7 +128,7 @@ def chunk_gated_delta_rule(
     if scale is None:
         scale = K**-0.5
     out_dtype = q.dtype
-    dt = _compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     C = chunk_size
 
     # [B, T, H, *] -> [B, H, T, *] in the compute dtype.

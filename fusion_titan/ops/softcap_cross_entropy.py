@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import torch
 
+from .precision import compute_dtype
+
 IGNORE_INDEX = -100
 
 
 def softcap_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float, scale: float = 1.0):
     """Full logits (for evaluation and generation), in float32."""
-    z = (h @ weight.t()).to(_accum_dtype(h)) * scale
+    z = (h @ weight.t()).to(compute_dtype(h.dtype)) * scale
     return softcap * torch.tanh(z / softcap) if softcap > 0 else z
-
-
-def _accum_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (tests)
 
 
 def _capped_logits_(h: torch.Tensor, weight: torch.Tensor, softcap: float, scale: float):
     """One chunk of capped fp32 logits, computed in place (CPU page-faults every fresh buffer)."""
     # matmul in the activations' dtype (bf16 under AMP/FSDP), accumulate the rest in fp32
-    z = (h @ weight.to(h.dtype).t()).to(_accum_dtype(h))
+    z = (h @ weight.to(h.dtype).t()).to(compute_dtype(h.dtype))
     if softcap > 0:
         return z.mul_(scale / softcap).tanh_().mul_(softcap)
     return z.mul_(scale) if scale != 1.0 else z
@@ -42,7 +40,7 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, h, weight, labels, softcap, scale, chunk_size):
         n_tokens = h.shape[0]
-        acc = _accum_dtype(h)
+        acc = compute_dtype(h.dtype)
         lse = torch.empty(n_tokens, dtype=acc, device=h.device)
         total = torch.zeros((), dtype=acc, device=h.device)
         z_total = torch.zeros((), dtype=acc, device=h.device)
@@ -73,7 +71,7 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         # autocast is off in backward: cast explicitly to the dtype the forward multiplied in
         w = weight.to(h.dtype)
-        acc = _accum_dtype(h)
+        acc = compute_dtype(h.dtype)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         for start in range(0, h.shape[0], chunk_size):
             end = min(start + chunk_size, h.shape[0])

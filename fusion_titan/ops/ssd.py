@@ -23,12 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import compute_dtype
+
 __all__ = ["ssd_chunked", "ssd_recurrent", "ssd_step", "segsum"]
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # float32 accumulation for the recurrence; keep float64 when the caller asks for it (tests).
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _heads_per_group(x: torch.Tensor, B: torch.Tensor) -> int:
@@ -57,7 +54,7 @@ def ssd_step(
     The state is not modified in place.
     """
     out_dtype = x.dtype
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x.dtype)
     r = _heads_per_group(x, B)
     x, dt, A, B, C = (t.to(cdt) for t in (x, dt, A, B, C))
     # Every head of a group sees the same B and C.
@@ -82,7 +79,7 @@ def ssd_recurrent(
     """Naive token-by-token recurrence (reference). Same I/O as ssd_chunked; chunk_size is unused."""
     b, T, H, P = x.shape
     N = B.shape[-1]
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x.dtype)
     if initial_state is None:
         state = x.new_zeros(b, H, P, N, dtype=cdt)
     else:
@@ -138,7 +135,7 @@ def ssd_chunked(
     G, N = B.shape[-2:]
     r = _heads_per_group(x, B)
     out_dtype = x.dtype
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x.dtype)
     x, dt, A, B, C = (t.to(cdt) for t in (x, dt, A, B, C))
 
     # Short inputs (prefill of a few tokens) need no padding to a full chunk.
