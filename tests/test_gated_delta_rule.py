@@ -11,6 +11,7 @@ from fusion_titan.ops.gated_delta_rule import (
     gated_delta_rule,
     recurrent_gated_delta_rule,
 )
+from mixer_checks import assert_causal, assert_prefill_in_pieces, rel_err
 
 
 def make_inputs(B, T, H, K, V, dtype=torch.float64, device="cpu", with_h0=False, seed=0):
@@ -28,10 +29,6 @@ def make_inputs(B, T, H, K, V, dtype=torch.float64, device="cpu", with_h0=False,
     out = [x.to(dtype=dtype, device=device) for x in (q, k, v, g, beta)]
     out.append(None if h0 is None else h0.to(dtype=dtype, device=device))
     return out
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 SHAPES = [
@@ -172,23 +169,12 @@ def test_layer_prefill_then_decode_matches_full(prefill):
 def test_layer_chunked_prefill_in_pieces():
     # Two multi-token calls with a cache (the chunked path with an initial state).
     layer = make_layer(seed=1)
-    x = torch.randn(1, 90, layer.dim, dtype=torch.float64)
-    full = layer(x)
-    cache = GDNCache()
-    inc = torch.cat([layer(x[:, :70], cache), layer(x[:, 70:], cache)], dim=1)
-    assert rel_err(inc, full) < 1e-10
+    assert_prefill_in_pieces(layer, GDNCache(), layer.dim, seq_len=90, split=70)
 
 
 def test_layer_causality():
     layer = make_layer(seed=2)
-    x = torch.randn(2, 30, layer.dim, dtype=torch.float64)
-    y = layer(x)
-    for t in (0, 9, 28):
-        x2 = x.clone()
-        x2[:, t + 1 :] += torch.randn_like(x2[:, t + 1 :])
-        y2 = layer(x2)
-        assert torch.equal(y[:, : t + 1], y2[:, : t + 1])
-        assert not torch.allclose(y[:, t + 1 :], y2[:, t + 1 :])
+    assert_causal(layer, layer.dim)
 
 
 def test_layer_shapes_backward_and_meta_init():

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 
 from fusion_titan.model.mamba2 import Mamba2, Mamba2Cache
 from fusion_titan.ops.ssd import segsum, ssd_chunked, ssd_recurrent, ssd_step
+from mixer_checks import assert_causal, assert_prefill_in_pieces, rel_err
+
 
 
 def make_inputs(b, T, H, P, G, N, dtype=torch.float64, device="cpu", with_h0=False, seed=0):
@@ -23,10 +25,6 @@ def make_inputs(b, T, H, P, G, N, dtype=torch.float64, device="cpu", with_h0=Fal
     out = [t.to(dtype=dtype, device=device) for t in (x, dt, A, B, C)]
     out.append(None if h0 is None else h0.to(dtype=dtype, device=device))
     return out
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 SHAPES = [
@@ -171,23 +169,12 @@ def test_layer_prefill_then_decode_matches_full(prefill, norm_before_gate):
 def test_layer_chunked_prefill_in_pieces():
     # Two multi-token calls with a cache (the chunked path with an initial state).
     layer = make_layer(seed=1)
-    x = torch.randn(1, 45, layer.dim, dtype=torch.float64)
-    full = layer(x)
-    cache = Mamba2Cache()
-    inc = torch.cat([layer(x[:, :30], cache), layer(x[:, 30:], cache)], dim=1)
-    assert rel_err(inc, full) < 1e-10
+    assert_prefill_in_pieces(layer, Mamba2Cache(), layer.dim, seq_len=45, split=30)
 
 
 def test_layer_causality():
     layer = make_layer(seed=2)
-    x = torch.randn(2, 30, layer.dim, dtype=torch.float64)
-    y = layer(x)
-    for t in (0, 9, 28):
-        x2 = x.clone()
-        x2[:, t + 1 :] += torch.randn_like(x2[:, t + 1 :])
-        y2 = layer(x2)
-        assert torch.equal(y[:, : t + 1], y2[:, : t + 1])
-        assert not torch.allclose(y[:, t + 1 :], y2[:, t + 1 :])
+    assert_causal(layer, layer.dim)
 
 
 def test_layer_shapes_backward_and_meta_init():

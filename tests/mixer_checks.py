@@ -1,0 +1,27 @@
+"""Checks every recurrent token mixer (Gated DeltaNet, Mamba-2) must pass, shared by their tests."""
+
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_causal(layer, dim: int, seq_len: int = 30) -> None:
+    """Perturbing inputs after position t never changes outputs at <= t (and does change later ones)."""
+    x = torch.randn(2, seq_len, dim, dtype=torch.float64)
+    y = layer(x)
+    for t in (0, seq_len // 3, seq_len - 2):
+        x2 = x.clone()
+        x2[:, t + 1 :] += torch.randn_like(x2[:, t + 1 :])
+        y2 = layer(x2)
+        assert torch.equal(y[:, : t + 1], y2[:, : t + 1])
+        assert not torch.allclose(y[:, t + 1 :], y2[:, t + 1 :])
+
+
+def assert_prefill_in_pieces(layer, cache, dim: int, seq_len: int, split: int) -> None:
+    """Two multi-token calls continuing through a cache equal one full-sequence call."""
+    x = torch.randn(1, seq_len, dim, dtype=torch.float64)
+    full = layer(x)
+    inc = torch.cat([layer(x[:, :split], cache), layer(x[:, split:], cache)], dim=1)
+    assert rel_err(inc, full) < 1e-10
