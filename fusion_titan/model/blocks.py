@@ -66,9 +66,22 @@ class FusionBlock(nn.Module):
         else:
             self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim].
+
+        `cache` (decoding only) is this block's mixer cache: an MLACache for kind "attn" (x is then
+        the next chunk after cache.length; MLA takes its rope positions from the cache), a
+        GDNCache / Mamba2Cache for kind "gdn". It is updated in place. The FFN / MoE is per-token
+        and needs none. See fusion_titan.model.decoding.
+        """
         h = self.attention_norm(x)
-        x = x + (self.mixer(h, rope) if self.kind == "attn" else self.mixer(h))
+        if cache is None:
+            mixed = self.mixer(h, rope) if self.kind == "attn" else self.mixer(h)
+        elif self.kind == "attn":
+            mixed = self.mixer(h, rope, cache=cache)
+        else:
+            mixed = self.mixer(h, cache)
+        x = x + mixed
         h = self.ffn_norm(x)
         return x + (self.moe(h) if self.moe_enabled else self.feed_forward(h))
 

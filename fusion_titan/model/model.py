@@ -16,6 +16,7 @@ from torchtitan.protocols.model import ModelProtocol
 from ..ops.softcap_cross_entropy import IGNORE_INDEX, linear_softcap_cross_entropy, softcap_logits
 from .args import FusionModelArgs
 from .blocks import FusionBlock
+from .decoding import ModelCache
 from .moe import DeepSeekMoE
 from .mtp import MTPModule
 from .rope import rope_cache
@@ -44,11 +45,39 @@ class FusionModel(ModelProtocol):
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight  # tied head
 
-    def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+    def trunk(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """Embedding + blocks -> hidden [B, T, dim] (before the final norm).
+
+        With a cache (fusion_titan.model.decoding), tokens are the next T tokens after
+        cache.position: every block runs incrementally on its own layer cache, and the position
+        advances by T.
+        """
         h = self.tok_embeddings(tokens)
-        for layer in self.layers.values():
-            h = layer(h, self.rope)
+        if cache is None:
+            for layer in self.layers.values():
+                h = layer(h, self.rope)
+            return h
+        self._check_cache(tokens, cache)
+        for layer, layer_cache in zip(self.layers.values(), cache.layers):
+            h = layer(h, self.rope, cache=layer_cache)
+        cache.position += tokens.shape[1]
         return h
+
+    def _check_cache(self, tokens: torch.Tensor, cache: ModelCache) -> None:
+        if tokens.dim() != 2:
+            raise ValueError(f"decoding takes tokens [B, T], got shape {tuple(tokens.shape)}")
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(
+                f"cache has {len(cache.layers)} layer caches, the model {len(self.layers)} layers"
+            )
+        if tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"batch {tokens.shape[0]} does not match the cache's {cache.batch_size}")
+        for layer_cache in cache.layers:
+            length = getattr(layer_cache, "length", None)  # MLACache tracks its own position
+            if length is not None and length != cache.position:
+                raise ValueError(
+                    f"MLA cache length {length} disagrees with cache.position {cache.position}"
+                )
 
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
         return softcap_logits(normed_hidden, self.output_weight, self.model_args.logit_softcap,
@@ -63,7 +92,18 @@ class FusionModel(ModelProtocol):
             return_z_loss=return_z_loss,
         )
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None):
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: ModelCache | None = None):
+        """tokens [B, T] -> logits [B, T, V] (no labels), or the loss sums dict (labels [B, T]).
+
+        cache (decoding, labels must be None): tokens are the next T tokens after cache.position;
+        returns the logits of those T tokens and updates the cache in place (the MTP modules are
+        not used). Build one with fusion_titan.model.decoding.new_model_cache.
+        """
+        if cache is not None:
+            if labels is not None:
+                raise ValueError("labels cannot be combined with a decoding cache")
+            return self.logits(self.norm(self.trunk(tokens, cache)))
         h = self.trunk(tokens)
         if labels is None:
             return self.logits(self.norm(h))
