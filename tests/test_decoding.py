@@ -17,7 +17,7 @@ WINDOW = 4  # < SEQ, so the MLA caches get trimmed
 
 CONFIGS = {
     "5:1": dict(layer_schedule="5:1"),  # MLA + MoE blocks and one Gated DeltaNet block
-    "ssm-mamba2": dict(layer_schedule="ssm", ssm_type="mamba2"),
+    "ssm-mamba2": dict(layer_schedule="ssm", ssm_type="mamba2", mamba_head_dim=32, mamba_d_state=32),
     "mha-window": dict(layer_schedule="mha", sliding_window=WINDOW),
 }
 

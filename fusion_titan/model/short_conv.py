@@ -31,7 +31,7 @@ class ShortConv(nn.Module):
         else:
             xp = torch.cat([state.to(x.dtype), x], dim=1)
         y = F.conv1d(xp.transpose(1, 2), self.weight.unsqueeze(1), self.bias, groups=self.channels)
-        new_state = xp[:, xp.shape[1] - (width - 1):]
+        new_state = xp[:, xp.shape[1] - (width - 1):].clone()  # do not pin the whole prefill buffer
         return F.silu(y.transpose(1, 2)), new_state
 
     def reset_parameters(self) -> None:
