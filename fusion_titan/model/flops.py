@@ -72,7 +72,13 @@ def flops_per_token(args, seq_len: int, counts: ParamCounts) -> int:
     n_gdn = kinds.count("gdn")
     keys = average_keys_per_query(seq_len, args.sliding_window)
     flops += 3 * n_attn * 2 * args.n_heads * (args.qk_head_dim + args.v_head_dim) * keys
-    dk, dv = args.gdn_head_k_dim, args.gdn_head_v_dim
-    per_head = GDN_CHUNK * (3 * dk + 2 * dv) + 6 * dk * dv
-    flops += 3 * n_gdn * args.gdn_n_heads * per_head
+    if args.ssm_type == "mamba2":
+        # SSD, chunk C: intra-chunk C*B^T and its product with x (causal half), plus the state
+        # write and read (2 * p * n each); heads = 2 * dim / head_dim
+        p, n = args.mamba_head_dim, args.mamba_d_state
+        heads, per_head = 2 * args.dim // p, GDN_CHUNK * (n + p) + 4 * p * n
+    else:
+        dk, dv = args.gdn_head_k_dim, args.gdn_head_v_dim
+        heads, per_head = args.gdn_n_heads, GDN_CHUNK * (3 * dk + 2 * dv) + 6 * dk * dv
+    flops += 3 * n_gdn * heads * per_head
     return int(flops)

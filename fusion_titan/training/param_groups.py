@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-ADAM_MATRIX_NAMES = ("tok_embeddings", "router.gate", "_conv.", "q_conv", "k_conv", "v_conv", "conv")
+# name fragments of matrices kept out of NorMuon: the tied embedding/head, router gates, and the
+# short depthwise conv kernels (q_conv/k_conv/v_conv of GDN, conv of Mamba-2)
+ADAM_MATRIX_NAMES = ("tok_embeddings", "router.gate", "conv")
 
 
 def is_muon_param(name: str, p) -> bool:
