@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
 from .data.dataloader import build_dataloader
@@ -11,6 +10,7 @@ from .infra.parallelize import parallelize_fusion
 from .model.flavors import FLAVORS
 from .model.model import FusionModel
 from .training.loss import build_loss_fn
+from .training.lr_schedule import build_lr_schedulers
 from .training.metrics import build_metrics_processor
 from .training.optimizer import build_optimizers
 

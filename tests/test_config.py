@@ -74,3 +74,26 @@ def test_every_key_of_ours_is_documented():
     for section in (ours.Model, ours.Optimizer, ours.Loss, ours.Data):
         for f in dataclasses.fields(section):
             assert f"`{f.name}`" in doc, f"{section.__name__}.{f.name} is not in docs/config.md"
+
+
+def test_wsd_schedule_boundaries():
+    """1% warmup / 84% stable / 15% decay to min_lr_factor, from the TOML keys."""
+    from fusion_titan.training.lr_schedule import build_lr_schedulers
+
+    cfg = parse("--job.config_file", str(ROOT / "train_configs/debug_model.toml"),
+                "--lr_scheduler.warmup_fraction", "0.02", "--lr_scheduler.decay_ratio", "0.15",
+                "--lr_scheduler.min_lr_factor", "0.1", "--lr_scheduler.decay_type", "linear")
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = build_lr_schedulers([opt], cfg.lr_scheduler, 200).schedulers[0]
+    lrs = []
+    for _ in range(200):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # warmup: 4 steps (2% of 200) rising linearly to 1
+    assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    # stable until the last 30 steps (15%), then linear decay towards 0.1
+    assert all(lr == 1.0 for lr in lrs[3:171])
+    assert lrs[171] < 1.0 and lrs[199] == pytest.approx(0.1 + 0.9 * (1 / 30), abs=1e-6)
+    assert all(a >= b for a, b in zip(lrs[170:], lrs[171:]))

@@ -43,6 +43,13 @@ class Optimizer:
 
 
 @dataclass
+class LRScheduler:
+    """torchtitan's warmup-stable-decay, with the warmup optionally a fraction of the run."""
+
+    warmup_fraction: float | None = None
+
+
+@dataclass
 class Loss:
     mtp_weight: float = 0.3
     z_loss_weight: float = 0.0
@@ -61,5 +68,6 @@ class Data:
 class JobConfig:
     model: Model = field(default_factory=Model)
     optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     loss: Loss = field(default_factory=Loss)
     data: Data = field(default_factory=Data)
