@@ -84,3 +84,40 @@ def test_seed_changes_order(tokenizer):
     a = next(iter(make(tokenizer, seed=0)))[1]
     b = next(iter(make(tokenizer, seed=1)))[1]
     assert not torch.equal(a, b)
+
+
+def test_ramps_follow_the_optimizer_step_and_resume_exactly(tokenizer):
+    from fusion_titan.training.ramp import Ramp
+
+    def ramped():
+        return PackedDocumentLoader(
+            [f"document {i}: " + "word " * 40 for i in range(20)], str, tokenizer, seq_len=32,
+            batch_size=4, dp_rank=0, dp_world_size=1, seq_len_ramp=Ramp((0, 2), (8, 32)),
+            batch_ramp=Ramp((0, 3), (1, 4)), microbatches_per_step=2)
+
+    shapes = [tuple(b[1].shape) for b in itertools.islice(iter(ramped()), 10)]
+    # 2 micro-batches per step: steps 0-1 at (1, 8), step 2 at (1, 32), steps 3+ at (4, 32)
+    assert shapes == [(1, 8)] * 4 + [(1, 32)] * 2 + [(4, 32)] * 4
+
+    straight = list(itertools.islice(iter(ramped()), 9))
+    first = ramped()
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    resumed = ramped()
+    resumed.load_state_dict(first.state_dict())
+    for (a, la), (b, lb) in zip(straight[3:], itertools.islice(iter(resumed), 6)):
+        assert torch.equal(a["input"], b["input"]) and torch.equal(la, lb)
+
+
+def test_ramp_config_errors_name_the_fix():
+    from fusion_titan.training.ramp import Ramp
+
+    with pytest.raises(ValueError, match="seq_len_ramp_steps"):
+        Ramp.from_config("seq_len_ramp", [128, 256], [5, 10], default=256)
+    with pytest.raises(ValueError, match="2 values but 1 steps"):
+        Ramp.from_config("seq_len_ramp", [128, 256], [0], default=256)
+    with pytest.raises(ValueError, match="above 256"):
+        Ramp.from_config("seq_len_ramp", [128, 512], [0, 10], default=256, maximum=256)
+    assert Ramp.from_config("batch_ramp", [], [], default=8)(1000) == 8
+    assert Ramp.from_config("seq_len_ramp", [128, 256], [0, 10], default=256)(10) == 256

@@ -43,6 +43,16 @@ class Optimizer:
 
 
 @dataclass
+class Training:
+    """Ramps (fusion_titan/training/ramp.py); unset = constant seq_len / local_batch_size."""
+
+    seq_len_ramp: list[int] = field(default_factory=list)
+    seq_len_ramp_steps: list[int] = field(default_factory=list)
+    batch_ramp: list[int] = field(default_factory=list)
+    batch_ramp_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
 class LRScheduler:
     """torchtitan's warmup-stable-decay, with the warmup optionally a fraction of the run."""
 
@@ -69,5 +79,6 @@ class JobConfig:
     model: Model = field(default_factory=Model)
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
     loss: Loss = field(default_factory=Loss)
     data: Data = field(default_factory=Data)

@@ -3,8 +3,11 @@
 Documents are tokenized in a seeded order, joined with EOS, and cut into rows of seq_len + 1
 tokens (input = row[:-1], labels = row[1:]). Each data-parallel rank owns the documents whose
 index is congruent to its rank. The state saved in the DCP checkpoint (epoch, next document,
-the tokens left over in the packing buffer) is all a resumed run needs to produce exactly the
-batches the uninterrupted run would have produced.
+the tokens left over in the packing buffer, the number of batches served) is all a resumed run
+needs to produce exactly the batches the uninterrupted run would have produced.
+
+Batch-size and sequence-length ramps (fusion_titan/training/ramp.py) are applied here: the shape
+of each batch follows the optimizer step it belongs to (batches served // micro-batches per step).
 """
 
 from __future__ import annotations
@@ -18,22 +21,27 @@ import torch
 from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.tools.logging import logger
 
+from ..training.ramp import Ramp
+
 
 class PackedDocumentLoader(BaseDataLoader):
     def __init__(self, documents: list, read: Callable[[Any], str], tokenizer, seq_len: int,
                  batch_size: int, dp_rank: int, dp_world_size: int, seed: int = 0,
-                 infinite: bool = True):
+                 infinite: bool = True, seq_len_ramp: Ramp | None = None,
+                 batch_ramp: Ramp | None = None, microbatches_per_step: int = 1):
         if not documents:
             raise ValueError("the data source has no documents")
         self.documents = documents
         self.read = read
         self.tokenizer = tokenizer
-        self.seq_len = seq_len
-        self.batch_size = batch_size
         self.dp_rank = dp_rank
         self.dp_world_size = dp_world_size
         self.seed = seed
         self.infinite = infinite
+        self.seq_len_ramp = seq_len_ramp or Ramp.constant(seq_len)
+        self.batch_ramp = batch_ramp or Ramp.constant(batch_size)
+        self.microbatches_per_step = microbatches_per_step
+        self.batches = 0  # batches served so far
         self._state_key = f"dp_rank_{dp_rank}"
         self.epoch = 0
         self.cursor = 0  # index into this rank's document order
@@ -57,8 +65,8 @@ class PackedDocumentLoader(BaseDataLoader):
         self.cursor += 1
         return self.tokenizer.encode(self.read(doc), add_eos=True)
 
-    def _next_row(self) -> list[int] | None:
-        need = self.seq_len + 1
+    def _next_row(self, seq_len: int) -> list[int] | None:
+        need = seq_len + 1
         while len(self.buffer) < need:
             tokens = self._next_document_tokens()
             if tokens is None:
@@ -71,12 +79,15 @@ class PackedDocumentLoader(BaseDataLoader):
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         while True:
+            steps_taken = self.batches // self.microbatches_per_step
+            seq_len, n_rows = self.seq_len_ramp(steps_taken), self.batch_ramp(steps_taken)
             rows = []
-            for _ in range(self.batch_size):
-                row = self._next_row()
+            for _ in range(n_rows):
+                row = self._next_row(seq_len)
                 if row is None:
                     return
                 rows.append(row)
+            self.batches += 1
             batch = torch.tensor(rows, dtype=torch.long)
             inputs, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
             # labels also ride in the input dict: the model fuses head + loss (see model.py).
@@ -84,7 +95,7 @@ class PackedDocumentLoader(BaseDataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         state = {"epoch": self.epoch, "cursor": self.cursor, "buffer": list(self.buffer),
-                 "seed": self.seed, "n_documents": len(self.documents)}
+                 "batches": self.batches, "seed": self.seed, "n_documents": len(self.documents)}
         return {self._state_key: pickle.dumps(state), "world_size": self.dp_world_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -107,6 +118,7 @@ class PackedDocumentLoader(BaseDataLoader):
                 f"{len(self.documents)} documents, seed {self.seed})"
             )
         self.epoch, self.cursor, self.buffer = state["epoch"], state["cursor"], list(state["buffer"])
+        self.batches = state["batches"]
 
 
 def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, infinite: bool = True):
@@ -123,8 +135,20 @@ def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, in
         raise ValueError(
             f"[data] source = {data.source!r} is not supported yet; use 'stdlib'"
         )
+    training = job_config.training
+    global_batch = training.global_batch_size
+    if global_batch < 0:
+        global_batch = training.local_batch_size * dp_world_size
+    microbatches = max(1, global_batch // (training.local_batch_size * dp_world_size))
+    seq_len_ramp = Ramp.from_config("seq_len_ramp", getattr(training, "seq_len_ramp", None),
+                                    getattr(training, "seq_len_ramp_steps", None),
+                                    default=training.seq_len, maximum=training.seq_len)
+    batch_ramp = Ramp.from_config("batch_ramp", getattr(training, "batch_ramp", None),
+                                  getattr(training, "batch_ramp_steps", None),
+                                  default=training.local_batch_size)
     return PackedDocumentLoader(
-        documents, read, tokenizer, seq_len=job_config.training.seq_len,
-        batch_size=job_config.training.local_batch_size, dp_rank=dp_rank,
-        dp_world_size=dp_world_size, seed=data.seed, infinite=infinite,
+        documents, read, tokenizer, seq_len=training.seq_len,
+        batch_size=training.local_batch_size, dp_rank=dp_rank, dp_world_size=dp_world_size,
+        seed=data.seed, infinite=infinite, seq_len_ramp=seq_len_ramp, batch_ramp=batch_ramp,
+        microbatches_per_step=microbatches,
     )

@@ -28,7 +28,7 @@ class FusionMetricsProcessor(MetricsProcessor):
         sizes = [parts[n].numel() for n in names]
         summed = dict(zip(names, flat.split(sizes)))
         tokens = summed["tokens"].item()
-        out = {"loss_metrics/ce": summed["ce"].item() / tokens}
+        out = {"loss_metrics/ce": summed["ce"].item() / tokens, "data/tokens_per_step": tokens}
         if "moe_aux" in summed:
             out["loss_metrics/moe_balance"] = summed["moe_aux"].item() / tokens
         if "z" in summed:
@@ -60,7 +60,7 @@ class FusionMetricsProcessor(MetricsProcessor):
             extra.update(updater.metrics())
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
         shown = {k.split("/")[-1]: v for k, v in extra.items()
-                 if k.startswith(("loss_metrics/", "moe/"))}
+                 if k.startswith(("loss_metrics/", "moe/", "data/"))}
         if shown:
             logger.info(f"step: {step:2}  " + "  ".join(f"{k}: {v:.4f}" for k, v in shown.items()))
 
