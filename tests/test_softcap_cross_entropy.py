@@ -104,3 +104,39 @@ def test_cuda_bf16_matches_fp32_reference(autocast):
     for got, want in ((gh, rh), (gw, rw)):
         err = (got.float() - want).norm() / want.norm()
         assert err < 2e-2, err.item()
+
+
+def test_impl_resolution():
+    from fusion_titan.ops.softcap_cross_entropy import resolve_ce_impl
+
+    assert resolve_ce_impl("auto", on_cuda=False, need_extras=False) == "chunked"
+    assert resolve_ce_impl("auto", on_cuda=True, need_extras=True) == "chunked"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_ce_impl("cce", on_cuda=False, need_extras=False)
+    with pytest.raises(ValueError, match="z-loss"):
+        resolve_ce_impl("liger", on_cuda=True, need_extras=True)
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_ce_impl("triton", on_cuda=True, need_extras=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["cce", "liger"])
+def test_cuda_library_kernels_match_reference(impl):
+    from fusion_titan.ops.softcap_cross_entropy import _library_available, library_linear_cross_entropy
+
+    if not _library_available(impl):
+        pytest.skip(f"{impl} not installed")
+    torch.manual_seed(4)
+    n, d, v = 2048, 256, 152064
+    h = torch.randn(n, d, device="cuda").bfloat16().float().requires_grad_()
+    w = (torch.randn(v, d, device="cuda") * 0.02).bfloat16().float().requires_grad_()
+    labels = torch.randint(0, v, (n,), device="cuda")
+    labels[::7] = IGNORE_INDEX
+    ref = reference_softcap_cross_entropy(h, w, labels, 15.0, 0.5)
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    out = library_linear_cross_entropy(impl, hb, wb, labels, 15.0, 0.5)
+    gh, gw = torch.autograd.grad(out, (hb, wb))
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=0.0)
+    for got, want in ((gh, rh), (gw, rw)):
+        assert ((got.float() - want).norm() / want.norm()).item() < 2e-2

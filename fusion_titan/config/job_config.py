@@ -64,6 +64,7 @@ class Loss:
     mtp_weight: float = 0.3
     z_loss_weight: float = 0.0
     ce_chunk_size: int = 4096
+    ce_impl: str = "auto"
 
 
 @dataclass

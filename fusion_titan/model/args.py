@@ -95,6 +95,7 @@ class FusionModelArgs(BaseModelArgs):
 
     # loss-side knobs the fused head needs (set from [loss] by update_from_config)
     ce_chunk_size: int = 4096
+    ce_impl: str = "auto"
     z_loss: bool = False
 
     # initialization (muP: width-scaled init and multipliers relative to mup_base_dim)
@@ -138,6 +139,7 @@ class FusionModelArgs(BaseModelArgs):
         loss_cfg = getattr(job_config, "loss", None)
         if loss_cfg is not None:
             self.ce_chunk_size = loss_cfg.ce_chunk_size
+            self.ce_impl = loss_cfg.ce_impl
             self.z_loss = loss_cfg.z_loss_weight > 0
         seq_len = job_config.training.seq_len
         self.max_seq_len = max(self.max_seq_len, seq_len)

@@ -13,7 +13,13 @@ import torch.nn as nn
 
 from torchtitan.protocols.model import ModelProtocol
 
-from ..ops.softcap_cross_entropy import IGNORE_INDEX, linear_softcap_cross_entropy, softcap_logits
+from ..ops.softcap_cross_entropy import (
+    IGNORE_INDEX,
+    library_linear_cross_entropy,
+    linear_softcap_cross_entropy,
+    resolve_ce_impl,
+    softcap_logits,
+)
 from .args import FusionModelArgs
 from .blocks import FusionBlock
 from .decoding import ModelCache
@@ -83,14 +89,27 @@ class FusionModel(ModelProtocol):
         return softcap_logits(normed_hidden, self.output_weight, self.model_args.logit_softcap,
                               self.logit_scale)
 
-    def _ce_sum(self, normed_hidden: torch.Tensor, labels: torch.Tensor, return_hits: bool = False,
-                return_z_loss: bool = False):
-        return linear_softcap_cross_entropy(
-            normed_hidden.flatten(0, 1), self.output_weight, labels.flatten(),
-            softcap=self.model_args.logit_softcap, scale=self.logit_scale,
-            chunk_size=self.model_args.ce_chunk_size, return_hits=return_hits,
-            return_z_loss=return_z_loss,
+    def _ce(self, normed_hidden: torch.Tensor, labels: torch.Tensor, want_hits: bool = False):
+        """(CE sum, z-loss sum or None, top-1 hits or None) through the configured head kernel.
+
+        Library kernels (ce_impl cce / liger on CUDA) give no hit count, so accuracy is then
+        simply not reported; the z-loss needs the chunked op (resolve_ce_impl enforces it).
+        """
+        h, y = normed_hidden.flatten(0, 1), labels.flatten()
+        args = self.model_args
+        impl = resolve_ce_impl(args.ce_impl, h.is_cuda, need_extras=args.z_loss)
+        if impl != "chunked":
+            return library_linear_cross_entropy(impl, h, self.output_weight, y, args.logit_softcap,
+                                                self.logit_scale), None, None
+        out = linear_softcap_cross_entropy(
+            h, self.output_weight, y, softcap=args.logit_softcap, scale=self.logit_scale,
+            chunk_size=args.ce_chunk_size, return_hits=want_hits, return_z_loss=args.z_loss,
         )
+        out = out if isinstance(out, tuple) else (out,)
+        ce = out[0]
+        z = out[1] if args.z_loss else None
+        hits = out[-1] if want_hits else None
+        return ce, z, hits
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: ModelCache | None = None):
@@ -107,18 +126,17 @@ class FusionModel(ModelProtocol):
         h = self.trunk(tokens)
         if labels is None:
             return self.logits(self.norm(h))
-        if self.model_args.z_loss:
-            ce_sum, z_sum = self._ce_sum(self.norm(h), labels, return_z_loss=True)
-            out = {"ce_sum": ce_sum, "z_sum": z_sum}
-        else:
-            out = {"ce_sum": self._ce_sum(self.norm(h), labels)}
+        ce_sum, z_sum, _ = self._ce(self.norm(h), labels)
+        out = {"ce_sum": ce_sum}
+        if z_sum is not None:
+            out["z_sum"] = z_sum
         if self.model_args.moe_seq_aux_weight > 0 and self.training:
             # the MoE layers keep their (weighted, per-sequence mean) balance loss; the trainer
             # divides sums by the global token count, so scale by this rank's tokens
             aux = sum(m.aux_loss for m in self.modules() if isinstance(m, DeepSeekMoE))
             out["moe_aux_sum"] = aux * (labels != IGNORE_INDEX).sum()
         if len(self.mtp):
-            out["mtp_sums"], out["mtp_correct"], out["mtp_tokens"] = self._mtp_losses(h, tokens, labels)
+            out.update(self._mtp_losses(h, tokens, labels))
         return out
 
     def _mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor):
@@ -130,11 +148,14 @@ class FusionModel(ModelProtocol):
                 break
             h, normed = module(h[:, : seq_len - k], self.tok_embeddings(tokens[:, k:]), self.rope)
             target = labels[:, k:]
-            loss_sum, hits = self._ce_sum(normed, target, return_hits=True)
+            loss_sum, _, hits = self._ce(normed, target, want_hits=True)
             sums.append(loss_sum)
             correct.append(hits)
             counts.append((target != IGNORE_INDEX).sum())
-        return torch.stack(sums), torch.stack(correct), torch.stack(counts)
+        out = {"mtp_sums": torch.stack(sums), "mtp_tokens": torch.stack(counts)}
+        if all(c is not None for c in correct):
+            out["mtp_correct"] = torch.stack(correct)
+        return out
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         args = self.model_args

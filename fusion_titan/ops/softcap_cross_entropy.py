@@ -126,3 +126,66 @@ def reference_softcap_cross_entropy(h, weight, labels, softcap: float = 0.0, sca
     """The unfused path: full fp32 logits, then torch's cross entropy (sum)."""
     z = softcap_logits(h, weight, softcap, scale)
     return torch.nn.functional.cross_entropy(z, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused GPU kernels from libraries (optional extra "kernels"); see scripts/bench_loss.py for why.
+
+CE_IMPLS = ("auto", "chunked", "cce", "liger")
+
+
+def _library_available(name: str) -> bool:
+    try:
+        if name == "cce":
+            import cut_cross_entropy  # noqa: F401
+        else:
+            import liger_kernel.transformers  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_ce_impl(impl: str, on_cuda: bool, need_extras: bool) -> str:
+    """auto: cut-cross-entropy, else Liger-Kernel, on CUDA when installed; our chunked op otherwise.
+
+    The library kernels give neither the z-loss nor the top-1 hit count, so runs that need them
+    (z-loss on, or MTP accuracy) with impl = auto fall back to the chunked op for those calls.
+    """
+    if impl not in CE_IMPLS:
+        raise ValueError(f"[loss] ce_impl = {impl!r}: choose one of {CE_IMPLS}")
+    if impl == "auto":
+        if on_cuda and not need_extras:
+            for name in ("cce", "liger"):
+                if _library_available(name):
+                    return name
+        return "chunked"
+    if impl != "chunked":
+        if not on_cuda:
+            raise ValueError(f"[loss] ce_impl = {impl!r} needs CUDA tensors; use 'chunked' or 'auto'")
+        if need_extras:
+            raise ValueError(f"[loss] ce_impl = {impl!r} gives no z-loss / hit count; use 'chunked' or 'auto'")
+        if not _library_available(impl):
+            package = "cut-cross-entropy" if impl == "cce" else "liger-kernel"
+            raise ImportError(f"[loss] ce_impl = {impl!r} needs `pip install {package}` (or use 'auto')")
+    return impl
+
+
+def library_linear_cross_entropy(impl: str, h, weight, labels, softcap: float, scale: float):
+    """Summed CE through a library kernel; the muP logit scale is folded into h (h*s) W^T."""
+    if scale != 1.0:
+        h = h * scale
+    if torch.is_autocast_enabled("cuda"):  # the kernels want both operands in one low precision
+        dtype = torch.get_autocast_dtype("cuda")
+        h, weight = h.to(dtype), weight.to(dtype)
+    else:
+        weight = weight.to(h.dtype)
+    cap = softcap if softcap > 0 else None
+    if impl == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return linear_cross_entropy(h, weight, labels, ignore_index=IGNORE_INDEX, softcap=cap,
+                                    reduction="sum").float()
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(h, weight, labels, ignore_index=IGNORE_INDEX,
+                                            reduction="sum", softcap=cap).float()

@@ -34,11 +34,12 @@ class FusionMetricsProcessor(MetricsProcessor):
         if "z" in summed:
             out["loss_metrics/z_loss"] = summed["z"].item() / tokens
         if "mtp" in summed:
-            for k, (loss_k, hit_k, n_k) in enumerate(zip(
-                    summed["mtp"].tolist(), summed["mtp_correct"].tolist(),
-                    summed["mtp_tokens"].tolist()), start=1):
-                out[f"loss_metrics/mtp_{k}"] = loss_k / max(n_k, 1)
-                out[f"loss_metrics/mtp_{k}_acc"] = hit_k / max(n_k, 1)
+            n_k = summed["mtp_tokens"].clamp_min(1)
+            for k, loss_k in enumerate((summed["mtp"] / n_k).tolist(), start=1):
+                out[f"loss_metrics/mtp_{k}"] = loss_k
+            if "mtp_correct" in summed:
+                for k, acc_k in enumerate((summed["mtp_correct"] / n_k).tolist(), start=1):
+                    out[f"loss_metrics/mtp_{k}_acc"] = acc_k
         return out
 
     def _learning_rates(self) -> dict[str, float]:
