@@ -10,5 +10,9 @@ if [[ "${1:-}" != "--gpu" ]] && ! python -c "import torch" 2>/dev/null; then
     # wheel on CPU-only machines set up like ours (or use --index-url .../whl/cpu elsewhere).
     python -m pip install "torch==2.13.0"
 fi
-python -m pip install -e ".[dev]"
+if [[ "${1:-}" == "--gpu" ]]; then
+    python -m pip install -e ".[dev,kernels]"  # fused loss kernels (CUDA only)
+else
+    python -m pip install -e ".[dev]"
+fi
 python -c "import torch, torchtitan, triton, tiktoken; print('torch', torch.__version__, '| torchtitan', torchtitan.__version__, '| cuda', torch.cuda.is_available())"
