@@ -13,19 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from fusion_titan.training.tb_scalars import read_scalars
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def logged_losses(dump: Path) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    losses = {}
-    for events in sorted((dump / "tb").rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events.parent))
-        acc.Reload()
-        if "loss_metrics/ce" in acc.Tags()["scalars"]:
-            losses.update({e.step: e.value for e in acc.Scalars("loss_metrics/ce")})
-    return losses
 
 
 def train(name: str, steps: int, out: Path, extra: list[str]) -> tuple[dict[int, float], float]:
@@ -35,7 +25,7 @@ def train(name: str, steps: int, out: Path, extra: list[str]) -> tuple[dict[int,
     start = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True, env=dict(os.environ, NGPU="1"),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return logged_losses(dump), (time.time() - start) / steps
+    return read_scalars(dump, "loss_metrics/ce"), (time.time() - start) / steps
 
 
 def main() -> None:

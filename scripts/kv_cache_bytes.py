@@ -43,8 +43,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--flavor", action="append", choices=list(FLAVORS))
     opts = parser.parse_args()
-    print(f"| flavor | MLA bytes/token/layer | MHA bytes/token/layer | MHA / MLA | attention layers | "
-          f"MLA KiB/token (all layers) | MHA KiB/token (all layers) |")
+    print("| flavor | MLA bytes/token/layer | MHA bytes/token/layer | MHA / MLA | attention layers | "
+          "MLA KiB/token (all layers) | MHA KiB/token (all layers) |")
     print("|---|---|---|---|---|---|---|")
     for name in opts.flavor or ["fusion_1b", "fusion_7b"]:
         r = measure(name, opts.tokens)

@@ -25,3 +25,12 @@ def assert_prefill_in_pieces(layer, cache, dim: int, seq_len: int, split: int) -
     full = layer(x)
     inc = torch.cat([layer(x[:, :split], cache), layer(x[:, split:], cache)], dim=1)
     assert rel_err(inc, full) < 1e-10
+
+
+def assert_prefill_then_decode(layer, cache, dim: int, prefill: int, batch: int = 2, seq_len: int = 24):
+    """Prefill `prefill` tokens (0 = none), then decode one token at a time: equals the full forward."""
+    x = torch.randn(batch, seq_len, dim, dtype=torch.float64)
+    full = layer(x)
+    outs = [layer(x[:, :prefill], cache)] if prefill else []
+    outs += [layer(x[:, t : t + 1], cache) for t in range(prefill, seq_len)]
+    assert rel_err(torch.cat(outs, dim=1), full) < 1e-10

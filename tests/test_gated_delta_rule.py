@@ -11,7 +11,7 @@ from fusion_titan.ops.gated_delta_rule import (
     gated_delta_rule,
     recurrent_gated_delta_rule,
 )
-from mixer_checks import assert_causal, assert_prefill_in_pieces, rel_err
+from mixer_checks import assert_causal, assert_prefill_in_pieces, assert_prefill_then_decode, rel_err
 
 
 def make_inputs(B, T, H, K, V, dtype=torch.float64, device="cpu", with_h0=False, seed=0):
@@ -151,19 +151,11 @@ def make_layer(dtype=torch.float64, seed=0, **kw):
 @pytest.mark.parametrize("prefill", [0, 1, 7, 20])
 def test_layer_prefill_then_decode_matches_full(prefill):
     layer = make_layer()
-    B, T = 2, 24
-    x = torch.randn(B, T, layer.dim, dtype=torch.float64)
-    full = layer(x)
+    B = 2
     cache = GDNCache()
-    outs = []
-    if prefill:
-        outs.append(layer(x[:, :prefill], cache))
-    for t in range(prefill, T):
-        outs.append(layer(x[:, t : t + 1], cache))
-    inc = torch.cat(outs, dim=1)
+    assert_prefill_then_decode(layer, cache, layer.dim, prefill, batch=B)
     assert cache.recurrent_state.shape == (B, layer.n_heads, layer.head_k_dim, layer.head_v_dim)
     assert all(s.shape == (B, layer.conv_size - 1, c) for s, c in zip(cache.conv_states, (16, 16, 32)))
-    assert rel_err(inc, full) < 1e-10
 
 
 def test_layer_chunked_prefill_in_pieces():

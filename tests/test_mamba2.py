@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from fusion_titan.model.mamba2 import Mamba2, Mamba2Cache
 from fusion_titan.ops.ssd import segsum, ssd_chunked, ssd_recurrent, ssd_step
-from mixer_checks import assert_causal, assert_prefill_in_pieces, rel_err
+from mixer_checks import assert_causal, assert_prefill_in_pieces, assert_prefill_then_decode, rel_err
 
 
 
@@ -151,19 +151,11 @@ def make_layer(dtype=torch.float64, seed=0, **kw):
 @pytest.mark.parametrize("prefill", [0, 1, 2, 7, 20])
 def test_layer_prefill_then_decode_matches_full(prefill, norm_before_gate):
     layer = make_layer(norm_before_gate=norm_before_gate)
-    B, T = 2, 24
-    x = torch.randn(B, T, layer.dim, dtype=torch.float64)
-    full = layer(x)
+    B = 2
     cache = Mamba2Cache()
-    outs = []
-    if prefill:
-        outs.append(layer(x[:, :prefill], cache))
-    for t in range(prefill, T):
-        outs.append(layer(x[:, t : t + 1], cache))
-    inc = torch.cat(outs, dim=1)
+    assert_prefill_then_decode(layer, cache, layer.dim, prefill, batch=B)
     assert cache.ssm_state.shape == (B, layer.n_heads, layer.head_dim, layer.d_state)
     assert cache.conv_state.shape == (B, layer.conv_size - 1, 32 + 2 * 2 * 6)
-    assert rel_err(inc, full) < 1e-10
 
 
 def test_layer_chunked_prefill_in_pieces():

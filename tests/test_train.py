@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fusion_titan.training.tb_scalars import read_scalars
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -29,16 +31,7 @@ def run_train(dump: Path, *overrides: str, nproc: int = 1, timeout: int = 1200) 
 
 def tb_losses(dump: Path) -> dict[int, float]:
     """Exact (float32) logged losses by step, read back from the TensorBoard event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    losses = {}
-    for events in sorted((dump / "tb").rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events.parent))
-        acc.Reload()
-        if "loss_metrics/global_avg_loss" in acc.Tags()["scalars"]:
-            for e in acc.Scalars("loss_metrics/global_avg_loss"):
-                losses[e.step] = e.value
-    return losses
+    return read_scalars(dump, "loss_metrics/global_avg_loss")
 
 
 @pytest.fixture(scope="module")
