@@ -62,16 +62,13 @@ def average_keys_per_query(seq_len: int, window: int) -> float:
     return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
 
 
-def flops_per_token(args, seq_len: int, counts: ParamCounts) -> int:
-    matmul_params = counts.active - counts.embedding  # the embedding lookup is free...
-    head_uses = 1 + args.mtp_depth  # ...but the tied head is a V x D matmul per use
-    flops = 6 * (matmul_params + head_uses * args.vocab_size * args.dim)
-
+def flops_breakdown(args, seq_len: int, counts: ParamCounts) -> dict[str, float]:
+    """Training FLOPs per token (forward + backward) by kind of work; they sum to flops_per_token."""
+    head_uses = 1 + args.mtp_depth  # the tied head is a V x D matmul per use...
     kinds = args.block_kinds()
     n_attn = kinds.count("attn") + args.mtp_depth
     n_gdn = kinds.count("gdn")
     keys = average_keys_per_query(seq_len, args.sliding_window)
-    flops += 3 * n_attn * 2 * args.n_heads * (args.qk_head_dim + args.v_head_dim) * keys
     if args.ssm_type == "mamba2":
         # SSD, chunk C: intra-chunk C*B^T and its product with x (causal half), plus the state
         # write and read (2 * p * n each); heads = 2 * dim / head_dim
@@ -80,5 +77,14 @@ def flops_per_token(args, seq_len: int, counts: ParamCounts) -> int:
     else:
         dk, dv = args.gdn_head_k_dim, args.gdn_head_v_dim
         heads, per_head = args.gdn_n_heads, GDN_CHUNK * (3 * dk + 2 * dv) + 6 * dk * dv
-    flops += 3 * n_gdn * heads * per_head
-    return int(flops)
+    return {
+        # ...while the embedding lookup is free
+        "matmuls (active params, no embedding)": 6 * (counts.active - counts.embedding),
+        "output head (trunk + MTP)": 6 * head_uses * args.vocab_size * args.dim,
+        "attention (causal, windowed)": 3 * n_attn * 2 * args.n_heads * (args.qk_head_dim + args.v_head_dim) * keys,
+        "recurrent mixer (GDN / SSD)": 3 * n_gdn * heads * per_head,
+    }
+
+
+def flops_per_token(args, seq_len: int, counts: ParamCounts) -> int:
+    return int(sum(flops_breakdown(args, seq_len, counts).values()))
