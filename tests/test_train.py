@@ -72,3 +72,13 @@ def test_two_process_fsdp(tmp_path):
     assert sorted(losses) == list(range(1, 9))
     assert losses[8] < losses[1]
     assert (tmp_path / "checkpoint" / "step-8" / ".metadata").is_file()
+
+
+def test_two_process_expert_parallel(tmp_path):
+    """FSDP2 x expert parallel 2 on gloo: torchtitan's all-to-all dispatch with our MoE and
+    NorMuon on expert DTensors; checkpoint written."""
+    run_train(tmp_path, "--training.steps", "4", "--checkpoint.interval", "4",
+              "--parallelism.expert_parallel_degree", "2", nproc=2)
+    losses = tb_losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
+    assert (tmp_path / "checkpoint" / "step-4" / ".metadata").is_file()
