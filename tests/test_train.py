@@ -50,7 +50,8 @@ def test_loss_falls_and_checkpoints_are_written(first_run):
     assert late < early - 1.5, (early, late)
     for step in (10, 20, 30):
         assert (dump / "checkpoint" / f"step-{step}" / ".metadata").is_file()
-    assert re.search(r"ce: [\d.]+\s+mtp_1: [\d.]+", log)  # loss parts are logged
+    for part in ("ce", "mtp_1", "mtp_1_acc", "tokens_per_step", "max_over_mean_load"):
+        assert re.search(rf"\b{part}: [\d.]+", log), part  # loss parts and stats are logged
 
 
 def test_resume_reproduces_the_uninterrupted_run(first_run, tmp_path):
