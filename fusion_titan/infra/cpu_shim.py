@@ -95,10 +95,6 @@ def install() -> bool:
     return True
 
 
-def is_installed() -> bool:
-    return _installed
-
-
 def force_sum_reduction_for_cpu(model: torch.nn.Module) -> None:
     """gloo lacks PREMUL_SUM: make FSDP2 reduce with SUM and scale separately (same result)."""
     from torch.distributed.fsdp import FSDPModule

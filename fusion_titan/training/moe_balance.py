@@ -11,19 +11,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..model.moe import DeepSeekMoE, load_metrics
+from ..model.moe import DeepSeekMoE, load_metrics, moe_load_counters
 
 
-def moe_layers(model_parts: list[nn.Module]) -> list[tuple[str, DeepSeekMoE]]:
-    return [(name, m) for part in model_parts for name, m in part.named_modules()
-            if isinstance(m, DeepSeekMoE)]
+def moe_layers(model_parts: list[nn.Module]) -> list[DeepSeekMoE]:
+    return [m for part in model_parts for m in part.modules() if isinstance(m, DeepSeekMoE)]
 
 
 class ExpertBiasUpdater:
     """Optimizer post-step hook; also keeps the last step's load for the metrics."""
 
     def __init__(self, model_parts: list[nn.Module], process_group=None):
-        self.layers = [m for _, m in moe_layers(model_parts)]
+        self.layers = moe_layers(model_parts)
         self.process_group = process_group
         self.last_load: torch.Tensor | None = None
         self.last_dropped: torch.Tensor | None = None
@@ -33,8 +32,8 @@ class ExpertBiasUpdater:
         if not self.layers:
             return
         # one all-reduce for loads and dropped counts of every layer
-        counts = torch.stack([torch.cat([m.tokens_per_expert, m.dropped_tokens.reshape(1)])
-                              for m in self.layers])
+        load, dropped = moe_load_counters(self.layers)
+        counts = torch.cat([load, dropped.unsqueeze(1)], dim=1)
         if self.process_group is not None:
             torch.distributed.all_reduce(counts, group=self.process_group)
         load, self.last_dropped = counts[:, :-1], counts[:, -1]
