@@ -1,0 +1,1 @@
+"""Benchmark-only pieces (the peer model of scripts/benchmark.py); nothing here is used in training."""

@@ -1,0 +1,297 @@
+"""Throughput and MFU of the real training path on a GPU, against torchtitan's own DeepSeek-V3.
+
+    python scripts/benchmark.py [--config train_configs/fusion_1b.toml] [--steps 20] [--warmup 8]
+        [--suites peer,ablations,micro] [--only NAME,...] [--profile NAME] [--out DIR]
+
+Suites (every figure a ratio against a reference measured in the same invocation):
+  peer       ours (the TOML as is), ours matched (AdamW, no MTP), and torchtitan's deepseek_v3 at
+             matched size (fusion_titan/bench/deepseek_peer.py) -> tokens/s ratio ours / theirs.
+  ablations  one change each against "ours": attention backend, compile off, activation
+             checkpointing modes, float8 (torchao), NorMuon vs AdamW, CE implementation.
+  micro      in-process: optimizer step time NorMuon vs AdamW on the flavor's parameters, and the
+             Gated DeltaNet op (ours chunked vs fla where its kernels run correctly).
+
+Each trainer run is `./run_train.sh <config> --training.steps S ...` in a subprocess (the exact
+path users run: torchtitan Trainer, our spec, FSDP2, compile, AC, loss, optimizer); tokens/s,
+MFU (torchtitan's: the model's FLOPs/token count over the device's dense BF16 peak, 989 TFLOP/s
+for an H100 SXM) and peak reserved memory are read from its log, averaged over the steps after
+--warmup. `--profile NAME` takes a torch.profiler trace of one step of that run and prints the
+top GPU kernels and the GPU-busy fraction of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER = ["--experimental.custom_import", "fusion_titan.bench.deepseek_peer",
+        "--model.name", "deepseek_v3_peer"]
+MATCHED = ["--optimizer.name", "AdamW", "--model.mtp_depth", "0"]
+
+PEER_RUNS = {
+    "ours": [],
+    "ours_matched": MATCHED,
+    "deepseek_v3": PEER + ["--optimizer.name", "AdamW"],
+}
+ABLATION_RUNS = {
+    "attn_flex": ["--model.attn_backend", "flex"],
+    "no_compile": ["--compile.no-enable"],
+    "ac_none": ["--activation_checkpoint.mode", "none"],
+    "ac_full": ["--activation_checkpoint.mode", "full"],
+    "ac_every_2": ["--activation_checkpoint.mode", "selective",
+                   "--activation_checkpoint.selective_ac_option", "2"],
+    "float8": ["--model.converters", "quantize.linear.float8",
+               "--quantize.linear.float8.recipe_name", "tensorwise"],
+    "normuon": ["--optimizer.name", "NorMuon"],
+    "ce_liger": ["--loss.ce_impl", "liger"],
+    "ce_chunked": ["--loss.ce_impl", "chunked"],
+}
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:.*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+)"
+                       r"(?:.*?tflops:\s*([\d.]+))?(?:.*?mfu:\s*([\d.]+)%)?")
+
+
+def parse_steps(log: str) -> dict[int, dict]:
+    steps = {}
+    for line in ANSI.sub("", log).splitlines():
+        m = STEP_LINE.search(line)
+        if m:
+            steps[int(m[1])] = {"mem_gib": float(m[2]), "tps": float(m[3].replace(",", "")),
+                                "mfu": float(m[5]) if m[5] else None}
+    return steps
+
+
+def train_run(name: str, config: str, overrides: list[str], steps: int, warmup: int,
+              out: Path, profile: bool, timeout: int) -> dict:
+    dump = out / name
+    cmd = ["./run_train.sh", "--job.dump_folder", str(dump), "--training.steps", str(steps),
+           "--metrics.log_freq", "1", "--checkpoint.no-enable", *overrides]
+    if profile:
+        cmd += ["--profiling.enable_profiling", "--profiling.profile_freq", str(steps - 1),
+                "--profiling.save_traces_folder", "prof"]
+    env = dict(os.environ, CONFIG_FILE=config, NGPU=os.environ.get("NGPU", "1"))
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        log, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        log, rc = (e.stdout or b"").decode() + (e.stderr or b"").decode(), "timeout"
+    dump.mkdir(parents=True, exist_ok=True)
+    (dump / "bench.log").write_text(log)
+    result = {"name": name, "overrides": " ".join(overrides), "rc": rc,
+              "wall_s": round(time.time() - t0, 1)}
+    measured = [v for s, v in parse_steps(log).items() if s > warmup]
+    if rc != 0 or not measured:
+        tail = [ln for ln in ANSI.sub("", log).splitlines() if ln.strip()][-6:]
+        result["error"] = " | ".join(tail)[-800:]
+        return result
+    result["tps"] = statistics.mean(v["tps"] for v in measured)
+    mfus = [v["mfu"] for v in measured if v["mfu"] is not None]
+    result["mfu"] = statistics.mean(mfus) if mfus else None
+    result["mem_gib"] = max(v["mem_gib"] for v in measured)
+    result["steps_measured"] = len(measured)
+    if profile:
+        result["profile"] = summarize_trace(dump / "prof")
+    return result
+
+
+def summarize_trace(folder: Path, top: int = 15) -> dict:
+    """Top GPU kernels of the profiled step and how busy the GPU was during it."""
+    traces = sorted(folder.rglob("rank0_trace.json"))
+    if not traces:
+        return {"error": f"no trace under {folder}"}
+    events = json.loads(traces[-1].read_text())["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    steps = [e for e in events if str(e.get("name", "")).startswith("ProfilerStep#")]
+    if not kernels:
+        return {"error": "no kernel events"}
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e["name"][:90]] = by_name.get(e["name"][:90], 0.0) + e["dur"]
+    busy = sum(e["dur"] for e in kernels)
+    span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels))
+    step_us = max((e["dur"] for e in steps), default=span)
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    return {"step_ms": step_us / 1e3, "gpu_busy_ms": busy / 1e3,
+            "gpu_busy_fraction": busy / step_us if step_us else None,
+            "n_kernels": len(kernels),
+            "top": [(name, round(us / 1e3, 2), round(us / busy, 3)) for name, us in ranked]}
+
+
+# ---------------------------------------------------------------------------
+# in-process micro benchmarks
+# ---------------------------------------------------------------------------
+
+
+def _cuda_time(fn, reps: int = 5) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def optimizer_micro(flavor: str) -> dict:
+    """One optimizer step on the flavor's parameters (fp32 master weights, random gradients)."""
+    import torch
+    from types import SimpleNamespace
+
+    from fusion_titan.model.flavors import FLAVORS
+    from fusion_titan.model.model import FusionModel
+    from fusion_titan.training.optimizer import _optimizer_factory
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = FusionModel(FLAVORS[flavor])
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    out = {}
+    for name in ("AdamW", "NorMuon"):
+        cfg = SimpleNamespace(name=name, lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8,
+                              weight_decay=0.1, implementation="foreach", muon_lr=0.02,
+                              muon_momentum=0.95, muon_beta2=0.95, muon_weight_decay=0.0,
+                              ns_steps=5, muon_update_scale="muon")
+        opt = _optimizer_factory(cfg)(model)
+        out[f"{name}_step_ms"] = _cuda_time(opt.step) * 1e3
+        del opt
+        torch.cuda.empty_cache()
+    out["normuon_over_adamw"] = out["NorMuon_step_ms"] / out["AdamW_step_ms"]
+    return out
+
+
+def gdn_micro(flavor: str, batch: int, seq: int) -> dict:
+    """Gated delta rule op at the flavor's shapes: ours chunked vs fla (forward; backward too
+    where fla_is_safe())."""
+    import torch
+    import torch.nn.functional as F
+
+    from fusion_titan.model.flavors import FLAVORS
+    from fusion_titan.ops.gated_delta_rule import chunk_gated_delta_rule, fla_is_safe
+
+    a = FLAVORS[flavor]
+    H, K, V = a.gdn_n_heads, a.gdn_head_k_dim, a.gdn_head_v_dim
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mk = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
+    q, k = F.normalize(mk(batch, seq, H, K), dim=-1), F.normalize(mk(batch, seq, H, K), dim=-1)
+    v = mk(batch, seq, H, V)
+    gate = -F.softplus(mk(batch, seq, H).float())
+    beta = torch.sigmoid(mk(batch, seq, H).float()).to(torch.bfloat16)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, gate, beta)]
+
+    def fwd(fn):
+        return lambda: fn(*leaves)[0]
+
+    def fwd_bwd(fn):
+        return lambda: fn(*leaves)[0].float().square().mean().backward()
+
+    ours = lambda q, k, v, g_, b: chunk_gated_delta_rule(q, k, v, g_, b)  # noqa: E731
+    out = {"shape": f"B{batch} T{seq} H{H} K{K} V{V} bf16",
+           "ours_fwd_ms": _cuda_time(fwd(ours)) * 1e3,
+           "ours_fwd_bwd_ms": _cuda_time(fwd_bwd(ours)) * 1e3}
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+    except Exception as e:  # fla not installed
+        out["fla"] = f"unavailable: {e}"
+        return out
+    fla = lambda q, k, v, g_, b: fla_chunk(q, k, v, g_, b)  # noqa: E731
+    out["fla_fwd_ms"] = _cuda_time(fwd(fla)) * 1e3
+    out["ours_over_fla_fwd"] = out["ours_fwd_ms"] / out["fla_fwd_ms"]
+    safe, why = fla_is_safe()
+    if safe:
+        out["fla_fwd_bwd_ms"] = _cuda_time(fwd_bwd(fla)) * 1e3
+        out["ours_over_fla_fwd_bwd"] = out["ours_fwd_bwd_ms"] / out["fla_fwd_bwd_ms"]
+    else:
+        out["fla_backward"] = f"not run: {why}"
+    return out
+
+
+# ---------------------------------------------------------------------------
+
+
+def table(results: list[dict], reference: str) -> str:
+    ref = next((r for r in results if r["name"] == reference and "tps" in r), None)
+    lines = [f"| run | overrides | tokens/s | x {reference} | MFU % | peak GiB | x {reference} mem |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "tps" not in r:
+            lines.append(f"| {r['name']} | `{r['overrides']}` | failed (rc {r['rc']}): "
+                         f"{r.get('error', '')[:300]} | | | | |")
+            continue
+        x = f"{r['tps'] / ref['tps']:.2f}" if ref else "-"
+        xm = f"{r['mem_gib'] / ref['mem_gib']:.2f}" if ref else "-"
+        mfu = f"{r['mfu']:.1f}" if r.get("mfu") is not None else "-"
+        lines.append(f"| {r['name']} | `{r['overrides']}` | {r['tps']:,.0f} | {x} | {mfu} | "
+                     f"{r['mem_gib']:.1f} | {xm} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="train_configs/fusion_1b.toml")
+    ap.add_argument("--flavor", default="fusion_1b", help="for the micro suite")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=8, help="steps excluded from the averages")
+    ap.add_argument("--suites", default="peer,ablations,micro")
+    ap.add_argument("--only", default="", help="comma list of run names to keep")
+    ap.add_argument("--profile", default="", help="comma list of run names to profile")
+    ap.add_argument("--timeout", type=int, default=420, help="seconds per trainer run")
+    ap.add_argument("--out", default="outputs/benchmark")
+    ap.add_argument("--extra", default="", help="overrides added to every trainer run")
+    args = ap.parse_args()
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    suites = set(args.suites.split(","))
+    runs = {}
+    if "peer" in suites:
+        runs.update(PEER_RUNS)
+    if "ablations" in suites:
+        runs.setdefault("ours", [])
+        runs.update(ABLATION_RUNS)
+    only = set(filter(None, args.only.split(",")))
+    profiled = set(filter(None, args.profile.split(",")))
+    extra = args.extra.split()
+    results = []
+    for name, overrides in runs.items():
+        if only and name not in only:
+            continue
+        r = train_run(name, args.config, overrides + extra, args.steps, args.warmup, out,
+                      name in profiled, args.timeout)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    report = {"config": args.config, "steps": args.steps, "warmup": args.warmup, "runs": results}
+    if results:
+        print("\n" + table(results, "ours"))
+        theirs = next((r for r in results if r["name"] == "deepseek_v3" and "tps" in r), None)
+        for mine in ("ours", "ours_matched"):
+            r = next((r for r in results if r["name"] == mine and "tps" in r), None)
+            if r and theirs:
+                print(f"{mine} / torchtitan deepseek_v3 tokens/s: {r['tps'] / theirs['tps']:.2f}")
+    if "micro" in suites:
+        import torch
+
+        report["optimizer"] = optimizer_micro(args.flavor)
+        print("optimizer step:", json.dumps(report["optimizer"]), flush=True)
+        torch.cuda.empty_cache()
+        report["gdn"] = gdn_micro(args.flavor, batch=4, seq=4096)
+        print("gated delta rule:", json.dumps(report["gdn"]), flush=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(f"report: {out / 'report.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The benchmark harness's pieces that run without a GPU: the matched peer and the log parser."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from fusion_titan.bench.deepseek_peer import matched_args
+from fusion_titan.model.flavors import FLAVORS
+from fusion_titan.model.flops import count_params
+from fusion_titan.model.model import FusionModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_matches_our_flavor_shape():
+    from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
+
+    ours = FLAVORS["fusion_1b"]
+    peer = matched_args("fusion_1b")
+    peer.moe_impl = "standard"  # set by update_from_config in a real run
+    for a, b in [("dim", "dim"), ("n_layers", "n_layers"), ("vocab_size", "vocab_size"),
+                 ("n_heads", "n_heads"), ("kv_lora_rank", "kv_lora_rank"),
+                 ("q_lora_rank", "q_lora_rank"), ("moe_inter_dim", "moe_inter_dim")]:
+        assert getattr(ours, a) == getattr(peer, b), a
+    assert peer.moe_args.num_experts == ours.n_routed_experts
+    assert peer.moe_args.top_k == ours.n_activated_experts
+    with torch.device("meta"):
+        theirs = DeepSeekV3Model(peer)
+        mine = FusionModel(ours)
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    trunk = count_params(mine, ours).trunk_total  # ours without its MTP module
+    # Same trunk up to the mixer of the dense-FFN layers (MLA there, Gated DeltaNet in ours);
+    # theirs adds an untied output head (vocab x dim).
+    untied_head = ours.vocab_size * ours.dim
+    assert abs(n_theirs - untied_head - trunk) / trunk < 0.03, (n_theirs, trunk)
+
+
+def test_log_parser_reads_torchtitan_step_lines():
+    bench = _load_benchmark()
+    log = ("\x1b[31mstep: 12  \x1b[32mloss:  6.1234  \x1b[38;2;180;60;0mgrad_norm:  0.51  "
+           "\x1b[38;2;54;234;195mmemory: 25.80GiB(32.61%)  \x1b[34mtps: 28,123  "
+           "\x1b[36mtflops: 143.21  \x1b[35mmfu: 14.48%\x1b[39m\n"
+           "step: 13  loss:  6.0  grad_norm:  0.5  memory: 26.00GiB(33%)  tps: 28,000  "
+           "tflops: 142.0  mfu: 14.40%\n")
+    steps = bench.parse_steps(log)
+    assert steps[12] == {"mem_gib": 25.8, "tps": 28123.0, "mfu": 14.48}
+    assert steps[13]["tps"] == 28000.0
