@@ -169,6 +169,33 @@ def _ref_cautious_adamw(W, grads, lr, wd, beta1, beta2, eps):
     return W, fractions
 
 
+def test_normuon_batches_same_shape_matrices_like_separate_calls(monkeypatch):
+    """Same-shape updates are stacked into one Newton-Schulz call (in buckets); the result
+    must equal orthogonalizing each matrix on its own."""
+    import fusion_titan.optim.normuon as normuon_module
+
+    torch.manual_seed(0)
+    updates = [torch.randn(6, 4, dtype=torch.float64), torch.randn(3, 6, 4, dtype=torch.float64),
+               torch.randn(4, 6, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64),
+               torch.randn(2, 6, 4, dtype=torch.float64)]
+    monkeypatch.setattr(normuon_module, "NS_BATCH_ELEMENTS", 60)  # force several buckets
+    calls = []
+    real = normuon_module.zeropower_via_newtonschulz5
+
+    def counting(G, **kw):
+        calls.append(G.shape)
+        return real(G, **kw)
+
+    monkeypatch.setattr(normuon_module, "zeropower_via_newtonschulz5", counting)
+    opt = NorMuon([nn.Parameter(torch.zeros(1, 1))], ns_dtype=torch.float64)
+    batched = opt._orthogonalize_batched(updates, steps=5)
+    for u, O in zip(updates, batched):
+        assert O.shape == u.shape
+        torch.testing.assert_close(O, real(u, steps=5, dtype=torch.float64))
+    assert len(calls) < len(updates)  # something was actually stacked
+    assert all(shape[0] > 0 for shape in calls)
+
+
 def test_cautious_adamw_matches_reference():
     torch.manual_seed(5)
     shape = (7, 9)

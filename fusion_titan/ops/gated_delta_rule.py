@@ -113,7 +113,7 @@ def chunk_gated_delta_rule(
     output_final_state: bool = False,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunkwise-parallel gated delta rule (sequential over chunks, parallel inside).
+    """Chunkwise-parallel gated delta rule (parallel inside chunks, a prefix scan across them).
 
     Derivation, inside one chunk with state S0 at its start and G_i = sum_{s<=i} g_s
     (cumulative log decay within the chunk):
@@ -172,21 +172,42 @@ def chunk_gated_delta_rule(
     k_dec = k * (G_last - G).exp()[..., None]  # key's decay until the chunk end (exponent <= 0)
     chunk_decay = G_last.exp()[..., None]  # [B, H, N, 1, 1]
 
-    if initial_state is None:
-        S = q.new_zeros(B, H, K, V)
-    else:
-        S = initial_state.to(dt)
+    # Across chunks the state follows a linear recurrence, S_{n+1} = M_n S_n + b_n with
+    #   M_n = exp(G_last) I - k_dec^T w   and   b_n = k_dec^T u   (substitute n_i = u_i - w_i S_n).
+    # A parallel prefix scan solves it in log2(N) batched steps instead of N sequential ones
+    # (each M_n is a product of contractions, so the combined transitions stay well scaled).
+    eye = torch.eye(K, dtype=dt, device=q.device)
+    M = chunk_decay * eye - k_dec.transpose(-1, -2) @ w  # [B, H, N, K, K]
+    b = k_dec.transpose(-1, -2) @ u  # [B, H, N, K, V]
+    S0 = None if initial_state is None else initial_state.to(dt)
+    S_start, S_final = _scan_chunk_states(M, b, S0)  # [B, H, N, K, V], [B, H, K, V]
 
-    # Sequential over chunks only. N depends on shapes, not data, so this unrolls under compile.
-    outs = []
-    for n in range(N):
-        new_v = u[:, :, n] - w[:, :, n] @ S  # n_i = u_i - w_i S0
-        outs.append(q_dec[:, :, n] @ S + qk[:, :, n] @ new_v)
-        S = chunk_decay[:, :, n] * S + k_dec[:, :, n].transpose(-1, -2) @ new_v
-
-    o = torch.stack(outs, dim=2).reshape(B, H, N * C, V)[:, :, :T]
+    # Every chunk's output at once, given the state at its start.
+    new_v = u - w @ S_start
+    o = q_dec @ S_start + qk @ new_v  # [B, H, N, C, V]
+    o = o.reshape(B, H, N * C, V)[:, :, :T]
     o = o.transpose(1, 2).to(out_dtype)
-    return o, (S if output_final_state else None)
+    return o, (S_final if output_final_state else None)
+
+
+def _scan_chunk_states(M: torch.Tensor, b: torch.Tensor, S0: torch.Tensor | None):
+    """States at the start of every chunk, and after the last, for S_{n+1} = M_n S_n + b_n.
+
+    Hillis-Steele inclusive scan over the chunk axis (dim 2) with the associative combine
+    (M2, b2) o (M1, b1) = (M2 M1, M2 b1 + b2); afterwards (P_n, c_n) maps S_0 to S_{n+1}.
+    """
+    N = M.shape[2]
+    P, c = M, b
+    step = 1
+    while step < N:
+        later_P, later_c = P[:, :, step:], c[:, :, step:]
+        c = torch.cat([c[:, :, :step], later_P @ c[:, :, :-step] + later_c], dim=2)
+        if S0 is not None or step * 2 < N:  # the last level's products are only needed for S0
+            P = torch.cat([P[:, :, :step], later_P @ P[:, :, :-step]], dim=2)
+        step *= 2
+    after = c if S0 is None else P @ S0[:, :, None] + c  # S_1 .. S_N
+    first = torch.zeros_like(after[:, :, :1]) if S0 is None else S0[:, :, None].to(after.dtype)
+    return torch.cat([first, after[:, :, :-1]], dim=2), after[:, :, -1]
 
 
 # ---------------------------------------------------------------------------

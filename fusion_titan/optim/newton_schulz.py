@@ -34,7 +34,7 @@ def zeropower_via_newtonschulz5(
         dtype = torch.bfloat16 if G.is_cuda else torch.float32
     a, b, c = _NS_COEFFS
 
-    X = G.float()
+    X = G.float().reshape(-1, G.size(-2), G.size(-1))  # a batch of matrices
     # Iterate on the wide orientation so X @ X^T is the smaller Gram matrix.
     transposed = X.size(-2) > X.size(-1)
     if transposed:
@@ -45,8 +45,8 @@ def zeropower_via_newtonschulz5(
     X = X.to(dtype)
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2, fused into the matmul
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
     if transposed:
         X = X.mT
-    return X.to(G.dtype)
+    return X.reshape(G.shape).to(G.dtype)

@@ -46,6 +46,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from .newton_schulz import zeropower_via_newtonschulz5
 
 _UPDATE_SCALES = ("adamw", "muon")
+# Largest stack of same-shape updates orthogonalized in one call (elements; 1 GiB in fp32).
+NS_BATCH_ELEMENTS = 1 << 28
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -150,6 +152,7 @@ class NorMuon(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2, eps = group["momentum"], group["beta2"], group["eps"]
+            pending = []  # (param, full momentum-blended update, second moment)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -172,9 +175,11 @@ class NorMuon(torch.optim.Optimizer):
                     ).full_tensor()
                 else:
                     u = u_local
-                v = _local(state["second_moment"])  # full: plain tensor or replicated DTensor
-                update = self._normuon_direction(u, v, beta2, eps, group)
+                pending.append((p, u, _local(state["second_moment"])))
 
+            orthogonal = self._orthogonalize_batched([u for _, u, _ in pending], group["ns_steps"])
+            for (p, u, v), O in zip(pending, orthogonal):
+                update = self._normuon_direction(O, v, beta2, eps, group)
                 p_local = _local(p)
                 if wd != 0.0:
                     p_local.mul_(1.0 - lr * wd)
@@ -182,12 +187,38 @@ class NorMuon(torch.optim.Optimizer):
 
         return loss
 
+    def _orthogonalize_batched(self, updates: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+        """Newton-Schulz of every update, same-shape matrices stacked into one batched call.
+
+        Per-matrix results equal separate calls (the iteration is independent per matrix);
+        batching turns hundreds of small matmul launches into a few large ones. Buckets are
+        capped at NS_BATCH_ELEMENTS so the stacked copies stay a bounded amount of memory.
+        """
+        out: list[torch.Tensor | None] = [None] * len(updates)
+        buckets: dict[tuple, list[int]] = {}
+        for i, u in enumerate(updates):
+            buckets.setdefault((u.shape[-2], u.shape[-1], u.device, u.dtype), []).append(i)
+        for (m, n, _, _), members in buckets.items():
+            batch: list[int] = []
+            size = 0
+            for j, i in enumerate(members):
+                batch.append(i)
+                size += updates[i].numel()
+                if size >= NS_BATCH_ELEMENTS or j == len(members) - 1:
+                    stacked = torch.cat([updates[k].reshape(-1, m, n) for k in batch])
+                    O = zeropower_via_newtonschulz5(stacked, steps=steps, dtype=self.ns_dtype)
+                    for k, part in zip(batch, O.split([updates[k].numel() // (m * n) for k in batch])):
+                        out[k] = part.reshape(updates[k].shape)
+                    batch, size = [], 0
+        return out
+
     def _normuon_direction(
-        self, u: torch.Tensor, v: torch.Tensor, beta2: float, eps: float, group: dict
+        self, O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float, group: dict
     ) -> torch.Tensor:
-        """Full-matrix update direction (before -lr); updates ``v`` in place."""
-        m, n = u.shape[-2], u.shape[-1]
-        O = zeropower_via_newtonschulz5(u, steps=group["ns_steps"], dtype=self.ns_dtype).float()
+        """Full-matrix update direction (before -lr) from the orthogonalized update ``O``;
+        updates ``v`` in place."""
+        m, n = O.shape[-2], O.shape[-1]
+        O = O.float()
 
         # Per-row (per output neuron) EMA of the mean squared update.
         v.lerp_(O.square().mean(dim=-1, keepdim=True), 1.0 - beta2)
