@@ -1,4 +1,8 @@
-"""Packed next-token batches from a document stream, with exact, checkpointable position.
+"""TrainSpec.build_dataloader_fn and the validation loader; the stdlib on-the-fly loader.
+
+`[data] source = "shards"` reads a prepared directory (shard_loader.py, docs/data.md);
+`source = "stdlib"` (the default) is PackedDocumentLoader below:
+packed next-token batches from a document stream, with exact, checkpointable position.
 
 Documents are tokenized in a seeded order, joined with EOS, and cut into rows of seq_len + 1
 tokens (input = row[:-1], labels = row[1:]). Each data-parallel rank owns the documents whose
@@ -16,12 +20,16 @@ import pickle
 import random
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.tools.logging import logger
 
 from ..training.ramp import Ramp
+from .mixture import build_curriculum
+from .shard_loader import HeldOutLoader, ShardLoader, SourceStream
+from .shards import Manifest, check_tokenizer, read_manifest, verify_shards
 
 
 class PackedDocumentLoader(BaseDataLoader):
@@ -121,20 +129,7 @@ class PackedDocumentLoader(BaseDataLoader):
         self.batches = state["batches"]
 
 
-def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, infinite: bool = True):
-    """TrainSpec.build_dataloader_fn."""
-    data = job_config.data
-    if data.source == "stdlib":
-        from .stdlib_corpus import read_document, stdlib_files
-
-        documents = stdlib_files()
-        if data.max_documents > 0:
-            documents = documents[: data.max_documents]
-        read = read_document
-    else:
-        raise ValueError(
-            f"[data] source = {data.source!r} is not supported yet; use 'stdlib'"
-        )
+def _ramps(job_config, dp_world_size: int) -> tuple[Ramp, Ramp, int]:
     training = job_config.training
     global_batch = training.global_batch_size
     if global_batch < 0:
@@ -146,9 +141,110 @@ def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, in
     batch_ramp = Ramp.from_config("batch_ramp", getattr(training, "batch_ramp", None),
                                   getattr(training, "batch_ramp_steps", None),
                                   default=training.local_batch_size)
+    return seq_len_ramp, batch_ramp, microbatches
+
+
+def open_prepared(path: str, tokenizer, checksums: bool, split: str, job_config=None) -> Manifest:
+    """Read and verify a prepared directory before training starts (errors name the file)."""
+    if not path:
+        raise ValueError("[data] source = 'shards' needs [data] path: a directory made by "
+                         "scripts/prepare_data.py")
+    manifest = read_manifest(path)
+    if job_config is not None:
+        from ..model.flavors import FLAVORS
+
+        model_vocab = FLAVORS[job_config.model.flavor].vocab_size
+        if manifest.header["vocab_size"] > model_vocab:
+            raise ValueError(f"{manifest.path}: tokens go up to vocab {manifest.header['vocab_size']}, "
+                             f"the model's vocab_size is {model_vocab} ([model] flavor "
+                             f"{job_config.model.flavor!r}); use the model's tokenizer")
+    check_tokenizer(manifest, tokenizer)
+    records = [r for r in manifest.shards if r["split"] == split]
+    if not records:
+        raise ValueError(f"{manifest.path}: no {split!r} shards"
+                         + (" (prepare with --val-fraction > 0)" if split == "val" else ""))
+    verify_shards(manifest, records, checksums=checksums)
+    return manifest
+
+
+def _check_model_takes_document_ids() -> None:
+    import inspect
+
+    from ..model.model import FusionModel
+
+    if "document_ids" not in inspect.signature(FusionModel.forward).parameters:
+        raise ValueError("[data] document_ids = true, but FusionModel.forward takes no document_ids "
+                         "argument yet (every key of the batch dict becomes a forward kwarg); "
+                         "set it to false")
+
+
+def build_shard_loader(dp_world_size: int, dp_rank: int, tokenizer, job_config, infinite: bool = True):
+    data = job_config.data
+    manifest = open_prepared(data.path, tokenizer, data.verify_checksums, "train", job_config)
+    names = manifest.sources("train")
+    streams = [SourceStream(n, manifest, manifest.shards_of(n, "train"), data.seed) for n in names]
+    curriculum = build_curriculum(list(data.stage_weights), list(data.stage_steps), names,
+                                  {s.name: s.total for s in streams})
+    if data.document_ids:
+        _check_model_takes_document_ids()
+    seq_len_ramp, batch_ramp, microbatches = _ramps(job_config, dp_world_size)
+    logger.info(f"data: {manifest.directory}: sources {names}, stages at steps "
+                f"{list(curriculum.steps)} with weights {[list(w) for w in curriculum.weights]}")
+    return ShardLoader(streams, curriculum, dp_rank, dp_world_size, seq_len_ramp, batch_ramp,
+                       microbatches_per_step=microbatches, seed=data.seed, prefetch=data.prefetch,
+                       infinite=infinite, eos_id=tokenizer.eos_id, document_ids=data.document_ids)
+
+
+def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config, infinite: bool = True):
+    """TrainSpec.build_dataloader_fn."""
+    data = job_config.data
+    if data.source == "shards":
+        return build_shard_loader(dp_world_size, dp_rank, tokenizer, job_config, infinite)
+    if data.source == "stdlib":
+        from .stdlib_corpus import read_document, stdlib_files
+
+        documents = stdlib_files()
+        if data.max_documents > 0:
+            documents = documents[: data.max_documents]
+        read = read_document
+    else:
+        raise ValueError(
+            f"[data] source = {data.source!r}: use 'stdlib' or 'shards' (with [data] path)"
+        )
+    training = job_config.training
+    seq_len_ramp, batch_ramp, microbatches = _ramps(job_config, dp_world_size)
     return PackedDocumentLoader(
         documents, read, tokenizer, seq_len=training.seq_len,
         batch_size=training.local_batch_size, dp_rank=dp_rank, dp_world_size=dp_world_size,
         seed=data.seed, infinite=infinite, seq_len_ramp=seq_len_ramp, batch_ramp=batch_ramp,
         microbatches_per_step=microbatches,
     )
+
+
+STDLIB_VAL_DOCUMENTS = 32
+
+
+def build_validation_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config,
+                                infinite: bool = False) -> HeldOutLoader:
+    """Held-out batches for validation: finite (unless infinite) and the same on every call.
+
+    source = "shards": the "val" shards of [data] val_path (default: [data] path).
+    source = "stdlib": the stdlib's own test files, which training never sees.
+    Shapes come from [validation] local_batch_size and seq_len."""
+    data, val = job_config.data, job_config.validation
+    if data.source == "shards" or data.val_path:
+        path = data.val_path or data.path
+        manifest = open_prepared(path, tokenizer, data.verify_checksums, "val", job_config)
+        streams = [np.memmap(manifest.directory / r["file"], dtype=r["dtype"], mode="r")
+                   for n in manifest.sources("val") for r in manifest.shards_of(n, "val")]
+        name = str(manifest.path)
+    elif data.source == "stdlib":
+        from .stdlib_corpus import read_document, stdlib_test_files
+
+        docs = stdlib_test_files()[:STDLIB_VAL_DOCUMENTS]
+        ids = [t for d in docs for t in tokenizer.encode(read_document(d), add_eos=True)]
+        streams, name = [np.array(ids, dtype=np.int64)], "the stdlib test files"
+    else:
+        raise ValueError(f"[data] source = {data.source!r}: no held-out data for it")
+    return HeldOutLoader(streams, val.seq_len, val.local_batch_size, dp_rank, dp_world_size,
+                         infinite=infinite, source_name=name)

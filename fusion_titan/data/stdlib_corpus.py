@@ -42,5 +42,16 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     return files
 
 
+def stdlib_test_files(root: Path | None = None) -> list[Path]:
+    """Sorted test modules of the stdlib (Lib/test/test_*.py): excluded from stdlib_files, so
+    held-out text for validation."""
+    root = (root or stdlib_root()) / "test"
+    files = [p for p in sorted(root.glob("test_*.py")) if _MIN_BYTES <= p.stat().st_size <= _MAX_BYTES]
+    if not files:
+        raise FileNotFoundError(f"no stdlib test modules under {root}: this Python install ships "
+                                "none; validate on prepared shards ([data] val_path)")
+    return files
+
+
 def read_document(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
