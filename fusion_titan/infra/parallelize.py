@@ -14,6 +14,7 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
 from torchtitan.config import TORCH_DTYPE_MAP
+import torchtitan.distributed.activation_checkpoint as tt_ac
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.expert_parallel import ExpertParallel
 from torchtitan.models.moe.moe import GroupedExperts
@@ -64,6 +65,31 @@ def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
             parallelize_module(block.moe.experts, ep_mesh, ExpertParallel())
 
 
+def apply_activation_checkpointing(model: nn.Module, ac_config, compile_enabled: bool,
+                                   base_folder: str = "") -> None:
+    """torchtitan's AC modes on every block: the trunk's MLA+MoE and GDN blocks and the MTP blocks.
+
+    torchtitan's apply_ac only walks `model.layers`; the MTP modules' blocks are just as costly.
+    selective_ac_option = "N" checkpoints every N-th block counting trunk then MTP blocks.
+    """
+    if ac_config.mode == "memory_budget":  # a compiler setting, not a per-block wrapper
+        apply_ac(model, ac_config, model_compile_enabled=compile_enabled,
+                 op_sac_save_list=SAC_SAVE_LIST, base_folder=base_folder)
+        return
+    # torchtitan counts blocks for "every N-th" in a module-level global: restart it per model,
+    # or a second model built in the same process would get a shifted pattern.
+    tt_ac._layer_sac_count = 0
+    owners = [(model.layers, name, f"layers.{name}") for name in list(model.layers.keys())]
+    owners += [(module, "block", f"mtp.{k}.block") for k, module in enumerate(model.mtp)]
+    for owner, name, fqn in owners:
+        wrapped = tt_ac._apply_ac_to_transformer_block(
+            getattr(owner, name), ac_config, base_fqn=fqn, model_compile_enabled=compile_enabled,
+            op_sac_save_list=SAC_SAVE_LIST,
+        )
+        owner.register_module(name, wrapped)
+    logger.info(f"Applied {ac_config.mode} activation checkpointing to {len(owners)} blocks")
+
+
 def apply_compile(model: nn.Module, backend: str) -> None:
     """Compile per block; MoE expert dispatch (data-dependent shapes, EP hooks) stays eager."""
     torch._dynamo.config.capture_scalar_outputs = True
@@ -89,7 +115,8 @@ def apply_fsdp(model: nn.Module, parallel_dims, job_config, on_cpu: bool) -> Non
         ),
     }
     if training.enable_cpu_offload:
-        config["offload_policy"] = CPUOffloadPolicy()
+        # parameters, gradients and optimizer state live on the host; pinning needs an accelerator
+        config["offload_policy"] = CPUOffloadPolicy(pin_memory=not on_cpu and torch.cuda.is_available())
     reshard = job_config.parallelism.fsdp_reshard_after_forward != "never"
     edp_mesh = parallel_dims.get_optional_mesh("efsdp") if parallel_dims.ep_enabled else None
 
@@ -130,8 +157,8 @@ def parallelize_fusion(model: nn.Module, parallel_dims, job_config) -> nn.Module
 
     compile_model = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.activation_checkpoint.mode != "none":
-        apply_ac(model, job_config.activation_checkpoint, model_compile_enabled=compile_model,
-                 op_sac_save_list=SAC_SAVE_LIST, base_folder=job_config.job.dump_folder)
+        apply_activation_checkpointing(model, job_config.activation_checkpoint, compile_model,
+                                       base_folder=job_config.job.dump_folder)
     if compile_model:
         apply_compile(model, job_config.compile.backend)
 

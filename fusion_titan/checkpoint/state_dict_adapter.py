@@ -1,0 +1,229 @@
+"""Our model's state dict <-> Hugging Face style names (TrainSpec.state_dict_adapter).
+
+Names follow DeepSeek-V3 for the parts it has (MLA, DeepSeekMoE, MTP) and Qwen3-Next's
+`linear_attn` for Gated DeltaNet blocks:
+
+  tok_embeddings.weight                 model.embed_tokens.weight   (tied: no lm_head.weight)
+  norm.weight                           model.norm.weight
+  layers.{i}.attention_norm / ffn_norm  model.layers.{i}.input_layernorm / post_attention_layernorm
+  layers.{i}.mixer.wq_a, q_norm, wq_b   model.layers.{i}.self_attn.q_a_proj, q_a_layernorm, q_b_proj
+  layers.{i}.mixer.wkv_a, kv_norm,      ...self_attn.kv_a_proj_with_mqa, kv_a_layernorm,
+                   wkv_b, wo                          kv_b_proj, o_proj   (wq: q_proj)
+  layers.{i}.mixer.* (GDN)              model.layers.{i}.linear_attn.*  (o_norm: norm,
+                                        o_proj: out_proj, {q,k,v}_conv: {q,k,v}_conv1d)
+  layers.{i}.mixer.* (Mamba-2)          model.layers.{i}.mamba.*
+  layers.{i}.moe.router.gate.weight     model.layers.{i}.mlp.gate.weight
+  layers.{i}.moe.expert_bias            model.layers.{i}.mlp.gate.e_score_correction_bias
+  layers.{i}.moe.experts.w1 [E, h, d]   model.layers.{i}.mlp.experts.{e}.gate_proj.weight [h, d]
+                     w2 / w3            ...down_proj / up_proj, one tensor per expert
+  ...moe.shared_experts.w1/w2/w3        ...mlp.shared_experts.gate_proj/down_proj/up_proj
+  ...feed_forward.w1/w2/w3              ...mlp.gate_proj/down_proj/up_proj
+  mtp.{k}.hidden_norm, embed_norm,      model.mtp.{k}.hnorm, enorm, eh_proj, shared_head.norm,
+         proj, norm, block.*            and the block's names directly under model.mtp.{k}
+
+No tensor is transposed or permuted: the layout is ours (e.g. our rope convention), so these
+files are for exchange and inspection, not for transformers' DeepseekV3 classes. `config.json`
+carries every FusionModelArgs field (under "fusion_model_args") plus the usual HF keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from torchtitan.protocols.state_dict_adapter import StateDictAdapter
+
+from ..model.args import FusionModelArgs
+from .folders import HF_INDEX
+
+CONFIG_FILE = "config.json"
+
+_EXPERT_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+_MLA = {"wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj", "wq": "q_proj",
+        "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj",
+        "wo": "o_proj"}
+_GDN = {"o_norm": "norm", "o_proj": "out_proj", "q_conv": "q_conv1d", "k_conv": "k_conv1d",
+        "v_conv": "v_conv1d"}
+_MTP = {"hidden_norm": "hnorm", "embed_norm": "enorm", "proj": "eh_proj", "norm": "shared_head.norm"}
+_EXPERTS = re.compile(r"(layers\.\d+)\.moe\.experts\.(w[123])")
+
+
+def _block_to_hf(rest: str, mixer: str) -> str:
+    """Name inside one FusionBlock -> HF name inside one decoder layer."""
+    head, _, tail = rest.partition(".")
+    if head == "attention_norm":
+        return f"input_layernorm.{tail}"
+    if head == "ffn_norm":
+        return f"post_attention_layernorm.{tail}"
+    if head == "mixer":
+        sub, _, leaf = tail.partition(".")
+        if mixer == "attn":
+            return f"self_attn.{_MLA.get(sub, sub)}" + (f".{leaf}" if leaf else "")
+        if mixer == "gdn":
+            return f"linear_attn.{_GDN.get(sub, sub)}" + (f".{leaf}" if leaf else "")
+        return f"mamba.{tail}"
+    if head == "feed_forward":
+        w, _, leaf = tail.partition(".")
+        return f"mlp.{_EXPERT_PROJ[w]}.{leaf}"
+    if head == "moe":
+        if tail == "expert_bias":
+            return "mlp.gate.e_score_correction_bias"
+        if tail.startswith("router.gate."):
+            return "mlp.gate." + tail[len("router.gate."):]
+        if tail.startswith("shared_experts."):
+            w, _, leaf = tail[len("shared_experts."):].partition(".")
+            return f"mlp.shared_experts.{_EXPERT_PROJ[w]}.{leaf}"
+    raise KeyError(f"no Hugging Face name for block parameter {rest!r}")
+
+
+def native_to_hf_name(key: str, args: FusionModelArgs) -> str:
+    """HF name of one native (non-grouped-expert) key."""
+    if key == "tok_embeddings.weight":
+        return "model.embed_tokens.weight"
+    if key.startswith("norm."):
+        return "model." + key
+    parts = key.split(".")
+    if parts[0] == "layers":
+        kind = args.block_kinds()[int(parts[1])]
+        mixer = "attn" if kind == "attn" else ("mamba" if args.ssm_type == "mamba2" else "gdn")
+        return f"model.layers.{parts[1]}." + _block_to_hf(".".join(parts[2:]), mixer)
+    if parts[0] == "mtp":
+        prefix, leaf = f"model.mtp.{parts[1]}.", ".".join(parts[3:])
+        if parts[2] == "block":
+            return prefix + _block_to_hf(leaf, "attn")
+        return prefix + f"{_MTP.get(parts[2], parts[2])}.{leaf}"
+    raise KeyError(f"no Hugging Face name for {key!r}")
+
+
+def expert_hf_names(key: str, n_experts: int) -> list[str]:
+    """Per-expert HF names of a grouped expert tensor `layers.{i}.moe.experts.w{1,2,3}`."""
+    layer, w = _EXPERTS.fullmatch(key).groups()
+    return [f"model.{layer}.mlp.experts.{e}.{_EXPERT_PROJ[w]}.weight" for e in range(n_experts)]
+
+
+def native_keys(args: FusionModelArgs) -> list[str]:
+    """The model's state dict keys for these args (built on the meta device: no memory)."""
+    from ..model.model import FusionModel
+
+    with torch.device("meta"):
+        model = FusionModel(args.replace())
+    return list(model.state_dict().keys())
+
+
+# --------------------------------------------------------------------------------------------
+# config.json
+
+
+def write_config(args: FusionModelArgs, folder: str, dtype: torch.dtype | None = None) -> str:
+    kinds = args.block_kinds()
+    config = {
+        "architectures": ["FusionForCausalLM"],
+        "model_type": "fusion_titan",
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "vocab_size": args.vocab_size,
+        "num_attention_heads": args.n_heads,
+        "intermediate_size": args.ffn_hidden_dim,
+        "moe_intermediate_size": args.moe_inter_dim,
+        "n_routed_experts": args.n_routed_experts,
+        "num_experts_per_tok": args.n_activated_experts,
+        "n_shared_experts": args.n_shared_experts,
+        "num_nextn_predict_layers": args.mtp_depth,
+        "rms_norm_eps": args.norm_eps,
+        "max_position_embeddings": args.max_seq_len,
+        "layer_types": ["full_attention" if k == "attn" else "linear_attention" for k in kinds],
+        "tie_word_embeddings": True,
+        "torch_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        # the exact arguments our model is built from; read back by read_config
+        "fusion_model_args": dataclasses.asdict(args),
+    }
+    path = os.path.join(folder, CONFIG_FILE)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+    return path
+
+
+def read_config(folder: str) -> FusionModelArgs:
+    path = os.path.join(folder, CONFIG_FILE)
+    with open(path) as f:
+        config = json.load(f)
+    if "fusion_model_args" not in config:
+        raise ValueError(f"{path} was not written by fusion_titan (no 'fusion_model_args')")
+    fields = {f.name for f in dataclasses.fields(FusionModelArgs)}
+    unknown = set(config["fusion_model_args"]) - fields
+    if unknown:
+        raise ValueError(f"{path} has model arguments this version does not know: {sorted(unknown)}")
+    return FusionModelArgs(**config["fusion_model_args"])
+
+
+# --------------------------------------------------------------------------------------------
+# the adapter
+
+
+class FusionStateDictAdapter(StateDictAdapter):
+    def __init__(self, model_args: FusionModelArgs, hf_assets_path: str | None = None):
+        # torchtitan's base reads a shard layout from hf_assets_path/model.safetensors.index.json
+        # and warns on every run when the (tokenizer) folder has none: only look when it exists.
+        has_index = bool(hf_assets_path) and os.path.isfile(os.path.join(hf_assets_path, HF_INDEX))
+        super().__init__(model_args, hf_assets_path if has_index else None)
+        self.hf_assets_path = hf_assets_path
+        self.model_args = model_args
+        self.n_experts = model_args.n_routed_experts
+        # hf name -> (native key, expert index or None), for every key of this configuration
+        self._from_hf: dict[str, tuple[str, int | None]] = {}
+        for key in native_keys(model_args):
+            if _EXPERTS.fullmatch(key):
+                names = [(n, e) for e, n in enumerate(expert_hf_names(key, self.n_experts))]
+            else:
+                names = [(native_to_hf_name(key, model_args), None)]
+            for name, e in names:
+                if name in self._from_hf:  # the mapping must be one-to-one to round-trip
+                    raise AssertionError(f"{key} and {self._from_hf[name][0]} both map to {name}")
+                self._from_hf[name] = (key, e)
+        # DTensor layout of grouped expert tensors seen by to_hf, to rebuild them in from_hf
+        self._expert_layout: dict[str, tuple[Any, Any]] = {}
+
+    def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in state_dict.items():
+            if _EXPERTS.fullmatch(key):
+                if isinstance(value, DTensor):
+                    # experts may be sharded on dim 0 (EP) or 1 (FSDP): split the full tensor
+                    self._expert_layout[key] = (value.device_mesh, value.placements)
+                    value = value.full_tensor()
+                for name, expert in zip(expert_hf_names(key, value.shape[0]), value.unbind(0)):
+                    out[name] = expert
+            else:
+                out[native_to_hf_name(key, self.model_args)] = value
+        return out
+
+    def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        experts: dict[str, dict[int, torch.Tensor]] = {}
+        for name, value in hf_state_dict.items():
+            if name not in self._from_hf:
+                raise KeyError(f"{name!r} is not a tensor of this model configuration")
+            key, e = self._from_hf[name]
+            if e is None:
+                out[key] = value
+            else:
+                experts.setdefault(key, {})[e] = value
+        for key, parts in experts.items():
+            missing = sorted(set(range(self.n_experts)) - set(parts))
+            if missing:
+                raise KeyError(f"{key}: experts {missing} are missing from the Hugging Face state dict")
+            stacked = torch.stack([parts[e] for e in range(self.n_experts)])
+            if key in self._expert_layout:
+                mesh, placements = self._expert_layout[key]
+                stacked = distribute_tensor(stacked, mesh, placements)
+            out[key] = stacked
+        return out
+
+    def hf_names(self) -> list[str]:
+        return list(self._from_hf)

@@ -1,0 +1,43 @@
+"""Shared helpers for tests that run the real trainer through run_train.sh on CPU (slow)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fusion_titan.training.tb_scalars import read_scalars
+
+ROOT = Path(__file__).resolve().parents[1]
+# small and quick: the debug model on 64-token rows
+QUICK = ("--training.seq_len", "64", "--metrics.log_freq", "1")
+
+
+def run_train(dump: Path, *overrides: str, nproc: int = 1, timeout: int = 900,
+              expect_ok: bool = True) -> str:
+    env = dict(os.environ, NGPU=str(nproc), FUSION_FORCE_CPU="1", PYTHONUNBUFFERED="1")
+    cmd = ["./run_train.sh", "--job.dump_folder", str(dump), *QUICK, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    if expect_ok:
+        assert proc.returncode == 0, log[-6000:]
+    else:
+        assert proc.returncode != 0, log[-3000:]
+    return log
+
+
+def tb_losses(dump: Path) -> dict[int, float]:
+    return read_scalars(dump, "loss_metrics/global_avg_loss")
+
+
+@pytest.fixture(scope="session")
+def async_run(tmp_path_factory):
+    """8 steps, checkpoints every 2 written asynchronously, a model-only export at the end.
+
+    Leaves step-2, -4, -6 (full) and step-8 (model only) under dump/checkpoint.
+    """
+    dump = tmp_path_factory.mktemp("async8")
+    log = run_train(dump, "--training.steps", "8", "--checkpoint.interval", "2",
+                    "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "0",
+                    "--checkpoint.last_save_model_only")
+    return dump, log
