@@ -6,11 +6,10 @@ import torch
 from fusion_titan.model.decoding import (
     ModelCache, cache_nbytes, greedy_generate, layer_nbytes, new_model_cache,
 )
-from fusion_titan.model.flavors import FLAVORS
 from fusion_titan.model.gated_deltanet import GDNCache
 from fusion_titan.model.mamba2 import Mamba2Cache
 from fusion_titan.model.mla import MLACache
-from fusion_titan.model.model import FusionModel
+from tiny_models import tiny_model
 
 SEQ = 12
 WINDOW = 4  # < SEQ, so the MLA caches get trimmed
@@ -23,11 +22,7 @@ CONFIGS = {
 
 
 def build(name, seed=0):
-    args = FLAVORS["debugmodel"].replace(vocab_size=256, n_layers=6, max_seq_len=64, **CONFIGS[name])
-    torch.manual_seed(seed)
-    model = FusionModel(args)
-    model.init_weights()
-    return model.double().eval()
+    return tiny_model(seed, **CONFIGS[name])
 
 
 def tokens_for(model, batch=2, seq=SEQ, seed=1):
