@@ -69,10 +69,19 @@ class Loss:
 
 @dataclass
 class Data:
+    """Where tokens come from: the stdlib corpus on the fly, or prepared shards (docs/data.md)."""
+
     source: str = "stdlib"
     tokenizer: str = "qwen2.5"
     seed: int = 0
     max_documents: int = 0
+    path: str = ""
+    stage_weights: list[str] = field(default_factory=list)
+    stage_steps: list[int] = field(default_factory=list)
+    verify_checksums: bool = True
+    prefetch: int = 4
+    document_ids: bool = False
+    val_path: str = ""
 
 
 @dataclass
