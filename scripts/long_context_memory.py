@@ -15,7 +15,9 @@ memory does not depend on the values), then --decode tokens are decoded greedily
               materialized from the same prefill (decoding is not run for it: no MHA decode path)
 
 Reported per row: `cache` = the cache's tensors (numel x element size, summed), `allocated` =
-torch.cuda.memory_allocated() with the cache alive minus before it existed (CUDA only), `peak` =
+torch.cuda.memory_allocated() with the prefilled cache alive minus before it existed (CUDA only;
+read before decoding: on CUDA the decode steps leave allocator-held memory that grows with the
+context and is not cache tensors), `peak` =
 torch.cuda.max_memory_allocated() during prefill + decode minus the same baseline (includes the
 chunk's transient activations; CUDA only), and prefill / decode tokens/s. Prints a markdown table.
 """
@@ -96,6 +98,9 @@ def measure(model, length: int, opts, device, plain_mha: bool = False) -> dict:
     _sync(device)
     prefill_s = time.perf_counter() - t0
     row = {"length": length, "prefill_tps": length * opts.batch / prefill_s, "decode_tps": None}
+    # Memory held once the context is in the cache (before any decode step).
+    gc.collect()
+    row["allocated"] = None if base is None else _allocated(device) - base
     if plain_mha:
         del logits
         kv = to_plain_mha(model, cache)
@@ -110,10 +115,9 @@ def measure(model, length: int, opts, device, plain_mha: bool = False) -> dict:
             row["decode_tps"] = opts.decode * opts.batch / (time.perf_counter() - t0)
         del logits
         row["cache"] = cache_nbytes(cache)
-    gc.collect()
-    _sync(device)
-    now = _allocated(device)
-    row["allocated"] = None if base is None else now - base
+    if plain_mha:  # the K/V replace the latents: what is allocated now is the MHA cache
+        gc.collect()
+        row["allocated"] = None if base is None else _allocated(device) - base
     row["peak"] = None if base is None else torch.cuda.max_memory_allocated(device) - base
     del cache
     return row
