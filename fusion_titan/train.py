@@ -11,13 +11,27 @@ from fusion_titan.infra import cpu_shim
 
 cpu_shim.install()
 
-import fusion_titan.spec  # noqa: E402,F401  (registers the "fusion" TrainSpec)
+import os  # noqa: E402
+
+import fusion_titan.spec  # noqa: E402  (registers the "fusion" TrainSpec)
+from fusion_titan.infra.plan_check import check_parallel_plan  # noqa: E402
 from fusion_titan.checkpoint.manager import use_fusion_checkpointing  # noqa: E402
 from torchtitan.train import Trainer, main  # noqa: E402
 
 
+def _check_plan(job_config) -> None:
+    if job_config.model.name != fusion_titan.spec.SPEC_NAME:
+        return
+    args = fusion_titan.spec.FLAVORS[job_config.model.flavor]
+    experts = job_config.model.n_routed_experts
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("NGPU", "1")))
+    check_parallel_plan(job_config.parallelism, world,
+                        args.n_routed_experts if experts is None else experts)
+
+
 class FusionTrainer(Trainer):
     def __init__(self, job_config):
+        _check_plan(job_config)  # a plan that cannot shard stops here, naming the key to change
         super().__init__(job_config)
         # torchtitan's __init__ builds its CheckpointManager by name; our subclass only
         # overrides methods, so switching the instance's class is enough.
