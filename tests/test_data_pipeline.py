@@ -394,13 +394,11 @@ def test_document_ids(tok):
 def test_document_ids_flag(synthetic, tok, prepared):
     (x, _), = [(b[0], b[1]) for b in itertools.islice(iter(loader(synthetic, tok, doc_ids=True)), 1)]
     assert torch.equal(x["document_ids"], document_ids(x["input"], tok.eos_id))
-    import inspect
-
-    from fusion_titan.model.model import FusionModel
-
-    if "document_ids" not in inspect.signature(FusionModel.forward).parameters:
-        with pytest.raises(ValueError, match="document_ids"):
-            build_dataloader(1, 0, tok, job(prepared[0], "--data.document-ids"))
+    # through the TOML flag too; the model takes the key as intra-document masking
+    # (tests/test_document_masking.py checks what it does with it)
+    built = build_dataloader(1, 0, tok, job(prepared[0], "--data.document-ids"))
+    (x, _), = itertools.islice(iter(built), 1)
+    assert set(x) == {"input", "labels", "document_ids"}
 
 
 # ---- validation ------------------------------------------------------------------------------
@@ -434,8 +432,9 @@ def test_validation_on_stdlib_uses_held_out_test_files(tok):
 
 @pytest.mark.slow
 def test_run_train_from_shards_with_curriculum_resumes_bit_exactly(tmp_path):
-    """prepare_data.py -> run_train.sh on debug_curriculum.toml (two stages, switching at step 4),
-    8 steps with a checkpoint at 4; a resume from step 4 reproduces steps 5-8 bit for bit."""
+    """prepare_data.py -> run_train.sh on debug_curriculum.toml (two stages, switching at step 4,
+    intra-document masking on), 8 steps with a checkpoint at 4; a resume from step 4 reproduces
+    steps 5-8 bit for bit."""
     from fusion_titan.training.tb_scalars import read_scalars
 
     data = tmp_path / "data"
@@ -448,7 +447,8 @@ def test_run_train_from_shards_with_curriculum_resumes_bit_exactly(tmp_path):
                    CONFIG_FILE="train_configs/debug_curriculum.toml")
         cmd = ["./run_train.sh", "--job.dump_folder", str(dump), "--metrics.log_freq", "1",
                "--checkpoint.keep_latest_k", "0", "--training.steps", "8", "--checkpoint.interval", "4",
-               "--data.path", str(data), "--data.stage_steps", "0", "4"]
+               "--data.path", str(data), "--data.stage_steps", "0", "4",
+               "--data.document-ids"]  # intra-document masking end to end
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
         return proc.stdout + proc.stderr, read_scalars(dump, "loss_metrics/global_avg_loss")

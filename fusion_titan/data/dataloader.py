@@ -167,17 +167,6 @@ def open_prepared(path: str, tokenizer, checksums: bool, split: str, job_config=
     return manifest
 
 
-def _check_model_takes_document_ids() -> None:
-    import inspect
-
-    from ..model.model import FusionModel
-
-    if "document_ids" not in inspect.signature(FusionModel.forward).parameters:
-        raise ValueError("[data] document_ids = true, but FusionModel.forward takes no document_ids "
-                         "argument yet (every key of the batch dict becomes a forward kwarg); "
-                         "set it to false")
-
-
 def build_shard_loader(dp_world_size: int, dp_rank: int, tokenizer, job_config, infinite: bool = True):
     data = job_config.data
     manifest = open_prepared(data.path, tokenizer, data.verify_checksums, "train", job_config)
@@ -185,8 +174,6 @@ def build_shard_loader(dp_world_size: int, dp_rank: int, tokenizer, job_config, 
     streams = [SourceStream(n, manifest, manifest.shards_of(n, "train"), data.seed) for n in names]
     curriculum = build_curriculum(list(data.stage_weights), list(data.stage_steps), names,
                                   {s.name: s.total for s in streams})
-    if data.document_ids:
-        _check_model_takes_document_ids()
     seq_len_ramp, batch_ramp, microbatches = _ramps(job_config, dp_world_size)
     logger.info(f"data: {manifest.directory}: sources {names}, stages at steps "
                 f"{list(curriculum.steps)} with weights {[list(w) for w in curriculum.weights]}")

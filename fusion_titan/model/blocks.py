@@ -66,17 +66,22 @@ class FusionBlock(nn.Module):
         else:
             self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, dim] -> [B, T, dim].
 
         `cache` (decoding only) is this block's mixer cache: an MLACache for kind "attn" (x is then
         the next chunk after cache.length; MLA takes its rope positions from the cache), a
         GDNCache / Mamba2Cache for kind "gdn". It is updated in place. The FFN / MoE is per-token
         and needs none. See fusion_titan.model.decoding.
+
+        `document_ids` [B, T] (training on packed documents): no token mixes with another
+        document — attention is masked, the recurrent mixer restarts at each boundary.
         """
         h = self.attention_norm(x)
         if cache is None:
-            mixed = self.mixer(h, rope) if self.kind == "attn" else self.mixer(h)
+            mixed = (self.mixer(h, rope, document_ids=document_ids) if self.kind == "attn"
+                     else self.mixer(h, document_ids=document_ids))
         elif self.kind == "attn":
             mixed = self.mixer(h, rope, cache=cache)
         else:

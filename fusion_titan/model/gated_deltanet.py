@@ -98,16 +98,21 @@ class GatedDeltaNet(nn.Module):
         self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: GDNCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: GDNCache | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]; document_ids [B, T] (training on packed documents): the
+        short convs and the recurrent state restart at every document boundary."""
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.head_k_dim, self.head_v_dim
+        if document_ids is not None and cache is not None:
+            raise NotImplementedError("document_ids cannot be combined with a decoding cache")
 
         conv_q, conv_k, conv_v = (None, None, None)
         if cache is not None and cache.conv_states is not None:
             conv_q, conv_k, conv_v = cache.conv_states
-        q, conv_q = self.q_conv(self.q_proj(x), conv_q)
-        k, conv_k = self.k_conv(self.k_proj(x), conv_k)
-        v, conv_v = self.v_conv(self.v_proj(x), conv_v)
+        q, conv_q = self.q_conv(self.q_proj(x), conv_q, document_ids)
+        k, conv_k = self.k_conv(self.k_proj(x), conv_k, document_ids)
+        v, conv_v = self.v_conv(self.v_proj(x), conv_v, document_ids)
 
         q = l2norm(q.view(B, T, H, K))
         k = l2norm(k.view(B, T, H, K))
@@ -119,7 +124,7 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.to(gdt).exp() * F.softplus(self.a_proj(x).to(gdt) + self.dt_bias.to(gdt))
 
         if cache is None:
-            o, _ = gated_delta_rule(q, k, v, g, beta, backend=self.backend)
+            o, _ = gated_delta_rule(q, k, v, g, beta, backend=self.backend, document_ids=document_ids)
         else:
             state = cache.recurrent_state
             if T == 1:

@@ -113,7 +113,12 @@ class Mamba2(nn.Module):
         self.norm = GroupedGatedRMSNorm(self.inner, n_groups, eps=norm_eps, norm_before_gate=norm_before_gate)
         self.out_proj = nn.Linear(self.inner, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: Mamba2Cache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Mamba2Cache | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if document_ids is not None:
+            raise NotImplementedError(
+                "intra-document masking (document_ids) is implemented for the Gated DeltaNet mixer "
+                "only; use [model] ssm_type = \"gdn\" or [data] document_ids = false")
         Bsz, T, _ = x.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
 

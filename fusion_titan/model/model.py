@@ -51,7 +51,8 @@ class FusionModel(ModelProtocol):
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight  # tied head
 
-    def trunk(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+    def trunk(self, tokens: torch.Tensor, cache: ModelCache | None = None,
+              document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Embedding + blocks -> hidden [B, T, dim] (before the final norm).
 
         With a cache (fusion_titan.model.decoding), tokens are the next T tokens after
@@ -61,8 +62,10 @@ class FusionModel(ModelProtocol):
         h = self.tok_embeddings(tokens)
         if cache is None:
             for layer in self.layers.values():
-                h = layer(h, self.rope)
+                h = layer(h, self.rope, document_ids=document_ids)
             return h
+        if document_ids is not None:
+            raise ValueError("document_ids cannot be combined with a decoding cache")
         self._check_cache(tokens, cache)
         for layer, layer_cache in zip(self.layers.values(), cache.layers):
             h = layer(h, self.rope, cache=layer_cache)
@@ -112,8 +115,12 @@ class FusionModel(ModelProtocol):
         return ce, z, hits
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: ModelCache | None = None):
+                cache: ModelCache | None = None, document_ids: torch.Tensor | None = None):
         """tokens [B, T] -> logits [B, T, V] (no labels), or the loss sums dict (labels [B, T]).
+
+        document_ids [B, T] ([data] document_ids = true): intra-document masking of packed rows —
+        every block treats each document as its own sequence (RoPE is relative, so positions
+        need no reset); the targets are unchanged.
 
         cache (decoding, labels must be None): tokens are the next T tokens after cache.position;
         returns the logits of those T tokens and updates the cache in place (the MTP modules are
@@ -123,7 +130,7 @@ class FusionModel(ModelProtocol):
             if labels is not None:
                 raise ValueError("labels cannot be combined with a decoding cache")
             return self.logits(self.norm(self.trunk(tokens, cache)))
-        h = self.trunk(tokens)
+        h = self.trunk(tokens, document_ids=document_ids)
         if labels is None:
             return self.logits(self.norm(h))
         ce_sum, z_sum, _ = self._ce(self.norm(h), labels)
@@ -136,17 +143,19 @@ class FusionModel(ModelProtocol):
             aux = sum(m.aux_loss for m in self.modules() if isinstance(m, DeepSeekMoE))
             out["moe_aux_sum"] = aux * (labels != IGNORE_INDEX).sum()
         if len(self.mtp):
-            out.update(self._mtp_losses(h, tokens, labels))
+            out.update(self._mtp_losses(h, tokens, labels, document_ids))
         return out
 
-    def _mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor):
+    def _mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+                    document_ids: torch.Tensor | None = None):
         """Depth k: position t (t < T-k) sees token t+k and predicts labels[t+k] (= token t+k+1)."""
         sums, correct, counts = [], [], []
         seq_len = tokens.shape[1]
         for k, module in enumerate(self.mtp, start=1):
             if k >= seq_len:
                 break
-            h, normed = module(h[:, : seq_len - k], self.tok_embeddings(tokens[:, k:]), self.rope)
+            docs = None if document_ids is None else document_ids[:, : seq_len - k]
+            h, normed = module(h[:, : seq_len - k], self.tok_embeddings(tokens[:, k:]), self.rope, docs)
             target = labels[:, k:]
             loss_sum, _, hits = self._ce(normed, target, want_hits=True)
             sums.append(loss_sum)

@@ -25,10 +25,13 @@ class MTPModule(nn.Module):
         self.block = FusionBlock("attn", args, use_moe=False)
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, rope: torch.Tensor):
-        """hidden [B, T', D] (depth k-1, unnormalized), next_embeds [B, T', D] -> (new hidden, normed)."""
+    def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, rope: torch.Tensor,
+                document_ids: torch.Tensor | None = None):
+        """hidden [B, T', D] (depth k-1, unnormalized), next_embeds [B, T', D] -> (new hidden, normed).
+
+        document_ids [B, T'] are those of the hidden positions (intra-document masking)."""
         h = self.proj(torch.cat([self.hidden_norm(hidden), self.embed_norm(next_embeds)], dim=-1))
-        h = self.block(h, rope)
+        h = self.block(h, rope, document_ids=document_ids)
         return h, self.norm(h)
 
     def init_weights(self, args: FusionModelArgs, buffer_device=None) -> None:

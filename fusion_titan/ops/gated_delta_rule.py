@@ -80,8 +80,12 @@ def recurrent_gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    document_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Naive token-by-token recurrence (reference). Same I/O as chunk_gated_delta_rule."""
+    """Naive token-by-token recurrence (reference). Same I/O as chunk_gated_delta_rule.
+
+    document_ids [B, T]: where the id changes from t-1 to t the state is zeroed before token t
+    (a new document starts with an empty memory)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     dt = compute_dtype(q.dtype)
@@ -91,6 +95,9 @@ def recurrent_gated_delta_rule(
         state = initial_state.to(dt)
     outs = []
     for t in range(T):
+        if document_ids is not None and t > 0:
+            same = (document_ids[:, t] == document_ids[:, t - 1]).to(dt)
+            state = state * same[:, None, None, None]
         o_t, state = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, scale)
         outs.append(o_t)
     o = torch.stack(outs, dim=1).to(q.dtype)
@@ -112,6 +119,7 @@ def chunk_gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    document_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise-parallel gated delta rule (parallel inside chunks, a prefix scan across them).
 
@@ -122,6 +130,12 @@ def chunk_gated_delta_rule(
     i.e. (I + A) n = beta v - beta exp(G) k S0 with A_ij = beta_i k_i.k_j exp(G_i - G_j), j < i.
     With Tm = (I + A)^-1 (UT transform): n = u - w S0, u = Tm (beta v), w = Tm (beta exp(G) k).
     Then  o_i = scale q_i^T S_i  and the state carried to the next chunk is S_C.
+
+    document_ids [B, T] (packed documents, intra-document masking): the state restarts empty
+    wherever the id changes. Documents are contiguous, so inside a chunk this only zeroes terms:
+    token pairs of different documents, the chunk-start state for tokens of a document that began
+    inside the chunk, and the contribution to the chunk-end state of tokens whose document ended
+    inside it (initial_state, if given, belongs to the first token's document).
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -142,6 +156,12 @@ def chunk_gated_delta_rule(
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
     N = (T + pad) // C
+    docs = None
+    if document_ids is not None:
+        if document_ids.shape != (B, T):
+            raise ValueError(f"document_ids must be [B, T] = {(B, T)}, got {tuple(document_ids.shape)}")
+        # padding continues the last document, so it never reads as a boundary
+        docs = torch.cat([document_ids, document_ids[:, -1:].expand(B, pad)], dim=1).reshape(B, 1, N, C)
 
     # Split into chunks: [B, H, N, C, *].
     q = q.reshape(B, H, N, C, K) * scale
@@ -155,22 +175,33 @@ def chunk_gated_delta_rule(
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     strict = causal.clone().fill_diagonal_(False)
     diff = G[..., :, None] - G[..., None, :]
-    decay = diff.masked_fill(~causal, float("-inf")).exp()  # [B, H, N, C, C], 0 above diag
+    allowed = causal if docs is None else causal & (docs[..., :, None] == docs[..., None, :])
+    decay = diff.masked_fill(~allowed, float("-inf")).exp()  # [B, H, N, C, C], 0 above diag
+    if docs is None:
+        reads_start = ends_chunk = 1.0
+        carries = torch.ones_like(G[..., -1:])
+    else:
+        # The document that was running when the chunk started (for chunk 0: the first token's).
+        before = torch.cat([docs[:, :, :1, :1], docs[:, :, :-1, -1:]], dim=2)  # [B, 1, N, 1]
+        reads_start = (docs == before).to(dt)  # token i sees the chunk-start state
+        ends_chunk = (docs == docs[..., -1:]).to(dt)  # token j reaches the chunk-end state
+        carries = reads_start[..., -1:]  # no boundary inside the chunk: the state carries over
 
     # UT transform: solve (I + A) X = [beta v | beta exp(G) k] in one triangular solve.
     # A is strictly lower triangular; unitriangular=True treats the diagonal as 1 (the I).
     kk = k @ k.transpose(-1, -2)
     A = (beta[..., None] * kk * decay).masked_fill(~strict, 0.0)
-    rhs = torch.cat([beta[..., None] * v, (beta * G.exp())[..., None] * k], dim=-1)
+    rhs = torch.cat([beta[..., None] * v, (beta * G.exp() * reads_start)[..., None] * k], dim=-1)
     X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
     u, w = X[..., :V], X[..., V:]
 
     # Intra-chunk "attention" scores (diagonal included) and decay factors for the state.
     qk = (q @ k.transpose(-1, -2)) * decay  # zero above the diagonal via decay
-    q_dec = q * G.exp()[..., None]  # query reads the decayed chunk-start state
+    q_dec = q * (G.exp() * reads_start)[..., None]  # query reads the decayed chunk-start state
     G_last = G[..., -1:]  # [B, H, N, 1]
-    k_dec = k * (G_last - G).exp()[..., None]  # key's decay until the chunk end (exponent <= 0)
-    chunk_decay = G_last.exp()[..., None]  # [B, H, N, 1, 1]
+    # key's decay until the chunk end (exponent <= 0)
+    k_dec = k * ((G_last - G).exp() * ends_chunk)[..., None]
+    chunk_decay = (G_last.exp() * carries)[..., None]  # [B, H, N, 1, 1]
 
     # Across chunks the state follows a linear recurrence, S_{n+1} = M_n S_n + b_n with
     #   M_n = exp(G_last) I - k_dec^T w   and   b_n = k_dec^T u   (substitute n_i = u_i - w_i S_n).
@@ -299,15 +330,22 @@ def gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
+    document_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dispatch to fla's Triton kernel or our chunked PyTorch form.
+
+    With document_ids (intra-document masking) ours runs: fla takes documents only as
+    cu_seqlens of one flattened sequence.
 
     backend: "torch" -> ours; "fla" -> fla (raises if unsafe/unavailable);
     "auto" -> fla when safe, on CUDA and in bf16/fp16 (the dtypes fla's kernels target),
     otherwise ours. A runtime failure of fla in "auto" mode warns once and falls back.
     """
-    if backend == "torch":
-        return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+    if backend == "torch" or (document_ids is not None and backend == "auto"):
+        return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                      document_ids=document_ids)
+    if document_ids is not None:
+        raise ValueError("gated_delta_rule backend='fla' does not take document_ids; use 'auto' or 'torch'")
     if backend == "fla":
         ok, reason = fla_is_safe()
         if not ok:
