@@ -8,6 +8,7 @@ error for a checkpoint written with another optimizer.
 import os
 import queue
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ from fusion_titan.checkpoint.folders import (
     verify_files,
 )
 from fusion_titan.checkpoint.manager import FusionCheckpointManager, resume_step, stale_full_checkpoints
-from trainer_runs import async_run, run_train, tb_losses  # noqa: F401  (async_run: fixture)
+from trainer_runs import SEEDED, async_run, run_train, tb_losses  # noqa: F401  (async_run: fixture)
 
 pytestmark = pytest.mark.slow  # every test here needs the trainer-written checkpoints
 
@@ -166,3 +167,28 @@ def test_checkpoint_of_another_optimizer_gives_a_clear_error(async_run, tmp_path
                     "--checkpoint.exclude_from_loading", "optimizer,lr_scheduler",
                     "--checkpoint.interval", "100")
     assert "Training starts at step 7" in log
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(async_run, tmp_path, monkeypatch):
+    """A real kill -9 of the trainer while it writes step-4 (shards on disk, no .metadata yet):
+    the next start resumes from step-2, keeps the dead folder, and reproduces the uninterrupted
+    run's losses bit for bit."""
+    dump, _ = async_run
+    killed = tmp_path / "killed"
+    tests_dir = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("FUSION_TEST_KILL_SAVE", "step-4")
+    common = ("--training.steps", "8", "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0",
+              "--experimental.custom_import", "kill_during_save", *SEEDED)  # seeded like async_run
+    log = run_train(killed, *common, expect_ok=False)
+    assert "SIGKILL" in log or "Signals.SIGKILL" in log or "-9" in log, log[-3000:]
+    assert (ckpt(killed, 2) / ".metadata").is_file()
+    assert ckpt(killed, 4).is_dir() and not (ckpt(killed, 4) / ".metadata").exists()
+    assert any(ckpt(killed, 4).glob("*.distcp"))  # the save really was under way
+
+    monkeypatch.delenv("FUSION_TEST_KILL_SAVE")
+    log = run_train(killed, *common)
+    assert "Training starts at step 3" in log, log[-3000:]
+    assert "step-4: an interrupted save" in log
+    reference, again = tb_losses(dump), tb_losses(killed)
+    assert [again[s] for s in range(3, 9)] == [reference[s] for s in range(3, 9)]

@@ -11,6 +11,9 @@ from fusion_titan.training.tb_scalars import read_scalars
 ROOT = Path(__file__).resolve().parents[1]
 # small and quick: the debug model on 64-token rows
 QUICK = ("--training.seq_len", "64", "--metrics.log_freq", "1")
+# a fixed init seed, so two fresh runs of the same command train identically (torchtitan draws
+# a random one otherwise)
+SEEDED = ("--debug.seed", "0")
 
 
 def run_train(dump: Path, *overrides: str, nproc: int = 1, timeout: int = 900,
@@ -39,5 +42,5 @@ def async_run(tmp_path_factory):
     dump = tmp_path_factory.mktemp("async8")
     log = run_train(dump, "--training.steps", "8", "--checkpoint.interval", "2",
                     "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "0",
-                    "--checkpoint.last_save_model_only")
+                    "--checkpoint.last_save_model_only", *SEEDED)
     return dump, log
