@@ -430,17 +430,49 @@ def test_validation_on_stdlib_uses_held_out_test_files(tok):
 # ---- end to end ------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def prepared_for_training(tmp_path_factory):
+    data = tmp_path_factory.mktemp("prepared") / "data"
+    subprocess.run([sys.executable, "scripts/prepare_data.py", "--quiet", "--out", str(data), "--source", "stdlib",
+                    "--source", "docs=docs", "--max-documents", "60", "--val-fraction", "0.05"],
+                   cwd=ROOT, check=True, timeout=600)
+    return data
+
+
 @pytest.mark.slow
-def test_run_train_from_shards_with_curriculum_resumes_bit_exactly(tmp_path):
+def test_two_ranks_train_from_shards_and_resume_bit_exactly(tmp_path, prepared_for_training):
+    """2 CPU processes (FSDP over gloo) read disjoint rows of the shards; the loader position,
+    saved once for both ranks, brings a resumed 2-process run back onto the same batches."""
+    from fusion_titan.training.tb_scalars import read_scalars
+
+    def run(dump):
+        env = dict(os.environ, NGPU="2", FUSION_FORCE_CPU="1", PYTHONUNBUFFERED="1",
+                   CONFIG_FILE="train_configs/debug_curriculum.toml")
+        cmd = ["./run_train.sh", "--job.dump_folder", str(dump), "--metrics.log_freq", "1",
+               "--checkpoint.keep_latest_k", "0", "--training.steps", "4", "--checkpoint.interval", "2",
+               "--training.seq_len", "64", "--data.path", str(prepared_for_training),
+               "--data.stage_steps", "0", "2"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+        return proc.stdout + proc.stderr, read_scalars(dump, "loss_metrics/global_avg_loss")
+
+    _, losses = run(tmp_path / "run")
+    assert sorted(losses) == [1, 2, 3, 4]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run" / "checkpoint" / "step-2", resumed / "checkpoint" / "step-2")
+    log, again = run(resumed)
+    assert "Training starts at step 3" in log
+    assert [again[s] for s in (3, 4)] == [losses[s] for s in (3, 4)]
+
+
+@pytest.mark.slow
+def test_run_train_from_shards_with_curriculum_resumes_bit_exactly(tmp_path, prepared_for_training):
     """prepare_data.py -> run_train.sh on debug_curriculum.toml (two stages, switching at step 4,
     intra-document masking on), 8 steps with a checkpoint at 4; a resume from step 4 reproduces
     steps 5-8 bit for bit."""
     from fusion_titan.training.tb_scalars import read_scalars
 
-    data = tmp_path / "data"
-    subprocess.run([sys.executable, "scripts/prepare_data.py", "--quiet", "--out", str(data), "--source", "stdlib",
-                    "--source", "docs=docs", "--max-documents", "60", "--val-fraction", "0.05"],
-                   cwd=ROOT, check=True, timeout=600)
+    data = prepared_for_training
 
     def run(dump):
         env = dict(os.environ, NGPU="1", FUSION_FORCE_CPU="1", PYTHONUNBUFFERED="1",
