@@ -108,6 +108,20 @@ def test_prepare_packs_local_files_and_dedups(prepared, corpus, tok):
     assert sum(r["documents"] for r in m.shards_of("web")) == 20
 
 
+def test_near_duplicate_of_any_kept_document_in_a_bucket_is_found():
+    """LSH buckets remember every kept document (not only the first): Z shares band 0 with X and
+    Y, and is a near-duplicate of Y only (estimated Jaccard 0.75), so it must go."""
+    from fusion_titan.data.dedup import DedupParams, Deduper
+
+    d = Deduper(DedupParams(exact=False, num_perm=4, bands=2, threshold=0.75))
+    sig = lambda *v: np.array(v, dtype=np.uint32)  # noqa: E731
+    assert d.keep(None, sig(1, 2, 3, 4))  # X
+    assert d.keep(None, sig(1, 2, 7, 8))  # Y: band 0 like X, Jaccard 0.5 -> kept
+    assert not d.keep(None, sig(1, 2, 7, 9))  # Z: 0.5 with X, 0.75 with Y
+    assert d.keep(None, sig(5, 6, 7, 10))  # unrelated enough: kept
+    assert d.near_removed == 1
+
+
 def test_prepare_cli_and_rerun_is_a_noop(prepared, corpus, tmp_path):
     out, _ = prepared
     before = (out / MANIFEST).read_bytes()

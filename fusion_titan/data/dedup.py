@@ -92,6 +92,12 @@ def document_keys(text: str, params: DedupParams) -> tuple[bytes | None, np.ndar
             minhash(norm, params) if params.near else None)
 
 
+# Kept documents remembered per LSH bucket: every candidate is compared with all of them (the
+# estimated Jaccard of the signatures), so a near-duplicate of any earlier kept document is found,
+# not only of the bucket's first; the cap bounds the work on degenerate buckets (boilerplate).
+BUCKET_CAP = 64
+
+
 class Deduper:
     """Sequential keep/drop decisions; counts what each kind removed."""
 
@@ -100,7 +106,8 @@ class Deduper:
         self.params = params
         self.rows = params.num_perm // params.bands
         self.seen: set[bytes] = set()
-        self.buckets: list[dict[bytes, int]] = [{} for _ in range(params.bands)]
+        # band value -> kept documents with it (at most BUCKET_CAP, the earliest ones)
+        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(params.bands)]
         self.signatures: list[np.ndarray] = []  # of kept documents, for the Jaccard check
         self.exact_removed = 0
         self.near_removed = 0
@@ -112,15 +119,21 @@ class Deduper:
                 return False
         if sig is not None:
             bands = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.params.bands)]
+            checked: set[int] = set()
             for band, bucket in zip(bands, self.buckets):
-                other = bucket.get(band)
-                if other is not None and np.mean(self.signatures[other] == sig) >= self.params.threshold:
-                    self.near_removed += 1
-                    return False
+                for other in bucket.get(band, ()):
+                    if other in checked:
+                        continue
+                    checked.add(other)
+                    if np.mean(self.signatures[other] == sig) >= self.params.threshold:
+                        self.near_removed += 1
+                        return False
             idx = len(self.signatures)
             self.signatures.append(sig)
             for band, bucket in zip(bands, self.buckets):
-                bucket.setdefault(band, idx)
+                members = bucket.setdefault(band, [])
+                if len(members) < BUCKET_CAP:
+                    members.append(idx)
         if key is not None:
             self.seen.add(key)
         return True
