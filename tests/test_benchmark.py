@@ -53,3 +53,24 @@ def test_log_parser_reads_torchtitan_step_lines():
     steps = bench.parse_steps(log)
     assert steps[12] == {"mem_gib": 25.8, "tps": 28123.0, "mfu": 14.48}
     assert steps[13]["tps"] == 28000.0
+
+
+def test_trace_summary_ranks_kernels_and_measures_gpu_busy(tmp_path):
+    import json
+
+    bench = _load_benchmark()
+    events = [
+        {"name": "ProfilerStep#9", "cat": "user_annotation", "ts": 0, "dur": 1000},
+        {"name": "gemm_a", "cat": "kernel", "ts": 10, "dur": 300},
+        {"name": "gemm_a", "cat": "kernel", "ts": 400, "dur": 200},
+        {"name": "copy_b", "cat": "kernel", "ts": 700, "dur": 100},
+        {"name": "cpu_op", "cat": "cpu_op", "ts": 0, "dur": 900},  # not a GPU kernel
+    ]
+    folder = tmp_path / "prof" / "iteration_9"
+    folder.mkdir(parents=True)
+    (folder / "rank0_trace.json").write_text(json.dumps({"traceEvents": events}))
+    summary = bench.summarize_trace(tmp_path / "prof")
+    assert summary["step_ms"] == 1.0 and summary["gpu_busy_ms"] == 0.6
+    assert summary["gpu_busy_fraction"] == 0.6 and summary["n_kernels"] == 3
+    assert summary["top"] == [("gemm_a", 0.5, 0.833), ("copy_b", 0.1, 0.167)]
+    assert "error" in bench.summarize_trace(tmp_path / "nothing")
