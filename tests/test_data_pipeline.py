@@ -26,6 +26,7 @@ from fusion_titan.data.shards import (MANIFEST, append_record, read_manifest, to
                                       tokenizer_fingerprint, write_shard)
 from fusion_titan.data.tokenizer import TiktokenTokenizer
 from fusion_titan.training.ramp import Ramp
+from trainer_runs import launch, tb_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -444,6 +445,9 @@ def test_validation_on_stdlib_uses_held_out_test_files(tok):
 # ---- end to end ------------------------------------------------------------------------------
 
 
+CURRICULUM = "train_configs/debug_curriculum.toml"
+
+
 @pytest.fixture(scope="module")
 def prepared_for_training(tmp_path_factory):
     data = tmp_path_factory.mktemp("prepared") / "data"
@@ -457,18 +461,12 @@ def prepared_for_training(tmp_path_factory):
 def test_two_ranks_train_from_shards_and_resume_bit_exactly(tmp_path, prepared_for_training):
     """2 CPU processes (FSDP over gloo) read disjoint rows of the shards; the loader position,
     saved once for both ranks, brings a resumed 2-process run back onto the same batches."""
-    from fusion_titan.training.tb_scalars import read_scalars
-
     def run(dump):
-        env = dict(os.environ, NGPU="2", FUSION_FORCE_CPU="1", PYTHONUNBUFFERED="1",
-                   CONFIG_FILE="train_configs/debug_curriculum.toml")
-        cmd = ["./run_train.sh", "--job.dump_folder", str(dump), "--metrics.log_freq", "1",
-               "--checkpoint.keep_latest_k", "0", "--training.steps", "4", "--checkpoint.interval", "2",
-               "--training.seq_len", "64", "--data.path", str(prepared_for_training),
-               "--data.stage_steps", "0", "2"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-        return proc.stdout + proc.stderr, read_scalars(dump, "loss_metrics/global_avg_loss")
+        log = launch(dump, "--checkpoint.keep_latest_k", "0", "--training.steps", "4",
+                     "--checkpoint.interval", "2", "--training.seq_len", "64",
+                     "--data.path", str(prepared_for_training), "--data.stage_steps", "0", "2",
+                     nproc=2, config=CURRICULUM, timeout=1200)
+        return log, tb_losses(dump)
 
     _, losses = run(tmp_path / "run")
     assert sorted(losses) == [1, 2, 3, 4]
@@ -484,20 +482,13 @@ def test_run_train_from_shards_with_curriculum_resumes_bit_exactly(tmp_path, pre
     """prepare_data.py -> run_train.sh on debug_curriculum.toml (two stages, switching at step 4,
     intra-document masking on), 8 steps with a checkpoint at 4; a resume from step 4 reproduces
     steps 5-8 bit for bit."""
-    from fusion_titan.training.tb_scalars import read_scalars
-
-    data = prepared_for_training
-
     def run(dump):
-        env = dict(os.environ, NGPU="1", FUSION_FORCE_CPU="1", PYTHONUNBUFFERED="1",
-                   CONFIG_FILE="train_configs/debug_curriculum.toml")
-        cmd = ["./run_train.sh", "--job.dump_folder", str(dump), "--metrics.log_freq", "1",
-               "--checkpoint.keep_latest_k", "0", "--training.steps", "8", "--checkpoint.interval", "4",
-               "--data.path", str(data), "--data.stage_steps", "0", "4",
-               "--data.document-ids"]  # intra-document masking end to end
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-        return proc.stdout + proc.stderr, read_scalars(dump, "loss_metrics/global_avg_loss")
+        log = launch(dump, "--checkpoint.keep_latest_k", "0", "--training.steps", "8",
+                     "--checkpoint.interval", "4", "--data.path", str(prepared_for_training),
+                     "--data.stage_steps", "0", "4",
+                     "--data.document-ids",  # intra-document masking end to end
+                     config=CURRICULUM, timeout=1200)
+        return log, tb_losses(dump)
 
     log, losses = run(tmp_path / "run")
     assert sorted(losses) == list(range(1, 9))

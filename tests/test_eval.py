@@ -5,9 +5,7 @@ validation logged during training."""
 import importlib.util
 import json
 import math
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from fusion_titan.inference.loading import (
     build_model, load_checkpoint, load_job_config, load_model, model_args_from_config,
 )
 from fusion_titan.training.validate import validation_dataloader
+from trainer_runs import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "train_configs/debug_model.toml"
@@ -97,15 +96,10 @@ def model_tokenizer(cfg):
 @pytest.mark.slow
 def test_run_train_checkpoint_feeds_eval_generate_and_lm_eval(tmp_path, capsys):
     """./run_train.sh for 4 steps with validation every 2 steps, then every tool on its checkpoint."""
-    env = dict(os.environ, NGPU="1", FUSION_FORCE_CPU="1", PYTHONUNBUFFERED="1")
-    cmd = ["./run_train.sh", "--job.dump_folder", str(tmp_path), "--metrics.log_freq", "1",
-           "--training.steps", "4", "--training.seq_len", "64", "--checkpoint.interval", "4",
-           "--checkpoint.keep_latest_k", "0", "--validation.enable", "--validation.freq", "2",
-           "--validation.steps", "2", "--validation.seq_len", "64",
-           "--validation.local_batch_size", "2"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
+    log = run_train(tmp_path, "--training.steps", "4", "--checkpoint.interval", "4",
+                    "--checkpoint.keep_latest_k", "0", "--validation.enable", "--validation.freq", "2",
+                    "--validation.steps", "2", "--validation.seq_len", "64",
+                    "--validation.local_batch_size", "2")
     logged = {int(s): float(v) for s, v in re.findall(r"validate step:\s+(\d+)\s+ce: ([\d.]+)", log)}
     assert sorted(logged) == [1, 2, 4], log[-4000:]
     from fusion_titan.training.tb_scalars import read_scalars

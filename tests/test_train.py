@@ -5,33 +5,20 @@ from the step-20 checkpoint and must reproduce steps 21-30 bit for bit; a two-pr
 FSDP2 over gloo. Minutes on a 2-core CPU: marked slow (CI runs them).
 """
 
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from fusion_titan.training.tb_scalars import read_scalars
+from trainer_runs import launch, tb_losses
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_train(dump: Path, *overrides: str, nproc: int = 1, timeout: int = 1200) -> str:
-    env = dict(os.environ, NGPU=str(nproc), FUSION_FORCE_CPU="1", PYTHONUNBUFFERED="1")
-    cmd = ["./run_train.sh", "--job.dump_folder", str(dump), "--metrics.log_freq", "1",
-           "--checkpoint.keep_latest_k", "0", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
-    return log
-
-
-def tb_losses(dump: Path) -> dict[int, float]:
-    """Exact (float32) logged losses by step, read back from the TensorBoard event files."""
-    return read_scalars(dump, "loss_metrics/global_avg_loss")
+def run_train(dump: Path, *overrides: str, nproc: int = 1) -> str:
+    """debug_model.toml as written (256-token rows), every checkpoint kept."""
+    return launch(dump, "--checkpoint.keep_latest_k", "0", *overrides, nproc=nproc, timeout=1200)
 
 
 @pytest.fixture(scope="module")
