@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fusion_titan.bench.train_log import parse_steps, strip_ansi  # noqa: E402
+
 PEER = ["--experimental.custom_import", "fusion_titan.bench.deepseek_peer",
         "--model.name", "deepseek_v3_peer"]
 MATCHED = ["--optimizer.name", "AdamW", "--model.mtp_depth", "0"]
@@ -54,21 +57,6 @@ ABLATION_RUNS = {  # in priority order (a time-limited device call may not reach
     "ce_liger": ["--loss.ce_impl", "liger"],
     "ce_chunked": ["--loss.ce_impl", "chunked"],
 }
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:.*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+)"
-                       r"(?:.*?tflops:\s*([\d.]+))?(?:.*?mfu:\s*([\d.]+)%)?")
-
-
-def parse_steps(log: str) -> dict[int, dict]:
-    steps = {}
-    for line in ANSI.sub("", log).splitlines():
-        m = STEP_LINE.search(line)
-        if m:
-            steps[int(m[1])] = {"mem_gib": float(m[2]), "tps": float(m[3].replace(",", "")),
-                                "mfu": float(m[5]) if m[5] else None}
-    return steps
-
-
 def train_run(name: str, config: str, overrides: list[str], steps: int, warmup: int,
               out: Path, profile: bool, timeout: int) -> dict:
     dump = out / name
@@ -91,7 +79,7 @@ def train_run(name: str, config: str, overrides: list[str], steps: int, warmup: 
               "wall_s": round(time.time() - t0, 1)}
     measured = [v for s, v in parse_steps(log).items() if s > warmup]
     if rc != 0 or not measured:
-        tail = [ln for ln in ANSI.sub("", log).splitlines() if ln.strip()][-6:]
+        tail = [ln for ln in strip_ansi(log).splitlines() if ln.strip()][-6:]
         result["error"] = " | ".join(tail)[-800:]
         return result
     result["tps"] = statistics.mean(v["tps"] for v in measured)

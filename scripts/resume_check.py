@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-LOSS = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+).*?memory:\s*([\d.]+)GiB")
+sys.path.insert(0, str(ROOT))
+
+from fusion_titan.bench.train_log import parse_steps, strip_ansi  # noqa: E402
 
 
 def run(dump: Path, config: str, steps: int, extra: list[str], log: Path) -> str:
@@ -34,7 +34,7 @@ def run(dump: Path, config: str, steps: int, extra: list[str], log: Path) -> str
            "0", *extra]
     env = dict(os.environ, CONFIG_FILE=config, TORCH_LOGS="recompiles")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    text = ANSI.sub("", proc.stdout + proc.stderr)
+    text = strip_ansi(proc.stdout + proc.stderr)
     log.write_text(text)
     if proc.returncode != 0:
         sys.exit(f"run failed ({log}):\n" + "\n".join(text.splitlines()[-30:]))
@@ -42,7 +42,7 @@ def run(dump: Path, config: str, steps: int, extra: list[str], log: Path) -> str
 
 
 def losses(text: str) -> dict[int, tuple[float, float]]:
-    return {int(m[1]): (float(m[2]), float(m[3])) for m in LOSS.finditer(text)}
+    return {step: (m["loss"], m["mem_gib"]) for step, m in parse_steps(text).items()}
 
 
 def main() -> None:

@@ -51,8 +51,8 @@ def test_log_parser_reads_torchtitan_step_lines():
            "step: 13  loss:  6.0  grad_norm:  0.5  memory: 26.00GiB(33%)  tps: 28,000  "
            "tflops: 142.0  mfu: 14.40%\n")
     steps = bench.parse_steps(log)
-    assert steps[12] == {"mem_gib": 25.8, "tps": 28123.0, "mfu": 14.48}
-    assert steps[13]["tps"] == 28000.0
+    assert steps[12] == {"loss": 6.1234, "mem_gib": 25.8, "tps": 28123.0, "mfu": 14.48}
+    assert steps[13]["tps"] == 28000.0 and steps[13]["loss"] == 6.0
 
 
 def test_trace_summary_ranks_kernels_and_measures_gpu_busy(tmp_path):

@@ -1,0 +1,25 @@
+"""Per-step metrics read back from torchtitan's console log (scripts/benchmark.py, resume_check.py)."""
+
+from __future__ import annotations
+
+import re
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+)"
+                       r"(?:.*?tflops:\s*([\d.]+))?(?:.*?mfu:\s*([\d.]+)%)?")
+
+
+def strip_ansi(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+def parse_steps(log: str) -> dict[int, dict]:
+    """{step: {"loss", "mem_gib" (peak reserved), "tps", "mfu" (None if not logged)}}."""
+    steps = {}
+    for line in strip_ansi(log).splitlines():
+        m = STEP_LINE.search(line)
+        if m:
+            steps[int(m[1])] = {"loss": float(m[2]), "mem_gib": float(m[3]),
+                                "tps": float(m[4].replace(",", "")),
+                                "mfu": float(m[6]) if m[6] else None}
+    return steps
