@@ -12,7 +12,6 @@ no-distributed mode and reshards whatever FSDP / expert-parallel layout the run 
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from ..checkpoint.folders import (
+    CORRUPT, FULL, METADATA, MODEL_ONLY, read_metadata, step_folders, verify_files,
+)
 from ..data.tokenizer import TiktokenTokenizer, build_tokenizer
 from ..model.args import FusionModelArgs
 from ..model.flavors import FLAVORS
@@ -74,20 +76,17 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def _step_of(path: Path) -> int:
-    m = re.fullmatch(r"step-(\d+)", path.name)
-    return int(m.group(1)) if m else -1
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """A file, a DCP step folder, or the latest step-N under a checkpoint / dump folder."""
     path = Path(path).expanduser()
-    if path.is_file() or (path / ".metadata").is_file():
+    if path.is_file() or (path / METADATA).is_file():
         return path
     for folder in (path, path / "checkpoint"):
-        steps = [p for p in folder.glob("step-*") if (p / ".metadata").is_file()] if folder.is_dir() else []
-        if steps:
-            return max(steps, key=_step_of)
+        # full checkpoints and model-only exports hold the weights; a corrupt one is picked
+        # too, so that loading it names the file (read_metadata's error)
+        with_weights = [f for f in step_folders(str(folder)) if f.kind in (FULL, MODEL_ONLY, CORRUPT)]
+        if with_weights:
+            return Path(with_weights[-1].path)
     raise FileNotFoundError(
         f"no checkpoint at {path}: expected a torch.save file, a DCP folder with .metadata, or a "
         "folder holding step-N DCP folders (e.g. outputs/debug_model/checkpoint)"
@@ -119,7 +118,8 @@ def load_checkpoint(model: FusionModel, path: str | Path) -> Path:
     else:
         # DCP copies each stored tensor into the tensor we hand it (casting dtype, resharding
         # from whatever layout was saved); asking for the model keys only skips the rest.
-        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        verify_files(str(path))  # a missing or truncated shard is named before DCP reads
+        stored = read_metadata(str(path)).state_dict_metadata
         _check_keys(path, state, stored)
         loaded = {k: v.detach().clone() for k, v in state.items()}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
