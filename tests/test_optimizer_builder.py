@@ -16,7 +16,8 @@ def config(name="NorMuon"):
     return SimpleNamespace(name=name, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
                            implementation="for-loop", muon_lr=0.02, muon_momentum=0.95,
                            muon_beta2=0.95, muon_weight_decay=0.01, ns_steps=5,
-                           muon_update_scale="muon", early_step_in_backward=False)
+                           muon_update_scale="muon", muon_bucket_mb=512.0,
+                           early_step_in_backward=False)
 
 
 def tiny_model(seed=0):

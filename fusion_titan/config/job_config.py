@@ -40,6 +40,7 @@ class Optimizer:
     muon_weight_decay: float = 0.0
     ns_steps: int = 5
     muon_update_scale: str = "muon"
+    muon_bucket_mb: float = 512.0
 
 
 @dataclass

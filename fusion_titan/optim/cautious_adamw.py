@@ -14,9 +14,9 @@ AdamW (bias-corrected moments, decoupled weight decay) with two sign masks:
       param -= lr * weight_decay * param * (grad * param > 0)
 
 Everything is element-wise and runs on the local shard of FSDP2 DTensor
-parameters. The one global quantity, mean(mask), is computed as a DTensor sum
-(all-reduce over the mesh) divided by the global element count, so 1 and N ranks
-give the same step even with uneven shards.
+parameters, as foreach (multi-tensor) kernels over all tensors of a group at once. The one
+global quantity, mean(mask), is a sum over shards (one all-reduce per mesh for all tensors)
+divided by the global element count, so 1 and N ranks give the same step even with uneven shards.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import math
 from typing import Callable, Iterable
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -75,62 +75,93 @@ class CautiousAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
         for group in self.param_groups:
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if isinstance(p, DTensor) and grad.placements != p.placements:
-                    grad = grad.redistribute(p.device_mesh, p.placements)
-
-                state = self.state[p]
-                if not state:
-                    # Float step on CPU, like torch.optim.AdamW (checkpoint friendly).
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = state["step"].item()
-
-                # Element-wise math on this rank's shard.
-                p_l, g_l = _local(p), _local(grad)
-                m_l, v_l = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-                m_l.lerp_(g_l, 1.0 - beta1)
-                v_l.mul_(beta2).addcmul_(g_l, g_l, value=1.0 - beta2)
-
-                bc1 = 1.0 - beta1**t
-                bc2 = 1.0 - beta2**t
-                denom = (v_l.sqrt() / math.sqrt(bc2)).add_(eps)
-                update = (m_l / bc1) / denom
-
-                if group["cautious"]:
-                    mask = (update * g_l > 0).to(update.dtype)
-                    kept = self._global_mean(mask, p).clamp(min=1e-3)
-                    update = update * mask / kept
-
-                if wd != 0.0:
-                    if group["cautious_wd"]:
-                        # Mask from the pre-step weights and this step's gradient.
-                        decay_mask = (g_l * p_l > 0).to(p_l.dtype)
-                        p_l.sub_(p_l * decay_mask, alpha=lr * wd)
-                    else:
-                        p_l.mul_(1.0 - lr * wd)
-                p_l.add_(update.to(p_l.dtype), alpha=-lr)
-
+            self._step_group(group)
         return loss
 
+    def _step_group(self, group: dict) -> None:
+        """One group's step as a few foreach (multi-tensor) kernels over the local shards."""
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        params, ps, gs, ms, vs, steps = [], [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if isinstance(p, DTensor) and grad.placements != p.placements:
+                grad = grad.redistribute(p.device_mesh, p.placements)
+            state = self.state[p]
+            if not state:
+                # Float step on CPU, like torch.optim.AdamW (checkpoint friendly).
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            params.append(p)
+            ps.append(_local(p))
+            gs.append(_local(grad))
+            ms.append(_local(state["exp_avg"]))
+            vs.append(_local(state["exp_avg_sq"]))
+            steps.append(state["step"].item())
+        if not params:
+            return
+
+        torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+        # update = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps), bias corrections per tensor's step
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(ms, [1.0 - beta1**t for t in steps])
+        torch._foreach_div_(update, denom)
+        del denom
+
+        if group["cautious"]:
+            mask = self._positive(update, gs)
+            kept = self._global_means(mask, params)
+            torch._foreach_mul_(update, mask)
+            torch._foreach_div_(update, [k.clamp(min=1e-3) for k in kept])
+            del mask
+
+        if wd != 0.0:
+            if group["cautious_wd"]:
+                # Mask from the pre-step weights and this step's gradient.
+                decay = self._positive(gs, ps)
+                torch._foreach_mul_(decay, ps)
+                torch._foreach_add_(ps, decay, alpha=-lr * wd)
+                del decay
+            else:
+                torch._foreach_mul_(ps, 1.0 - lr * wd)
+        if any(u.dtype != p.dtype for u, p in zip(update, ps)):
+            update = [u.to(p.dtype) for u, p in zip(update, ps)]
+        torch._foreach_add_(ps, update, alpha=-lr)
+
     @staticmethod
-    def _global_mean(mask_local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """Mean of the mask over the whole (unsharded) parameter."""
-        if not isinstance(p, DTensor):
-            return mask_local.mean()
-        mask = DTensor.from_local(
-            mask_local, p.device_mesh, p.placements,
-            run_check=False, shape=p.shape, stride=p.stride(),
-        )
-        # Explicit global sum / global count: a partial sum per shard that
-        # full_tensor() all-reduces, exact for uneven shards and any mesh.
-        return mask.sum().full_tensor() / p.numel()
+    def _positive(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per tensor, 1.0 where a * b > 0 else 0.0 (in a's dtype)."""
+        prod = torch._foreach_mul(a, b)
+        sign = torch._foreach_sign(prod)
+        torch._foreach_clamp_min_(sign, 0.0)
+        return sign
+
+    @staticmethod
+    def _global_means(masks: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Mean of each 0/1 mask over its whole (unsharded) parameter.
+
+        Local sums of all tensors in one stacked vector; DTensor parameters add the other
+        shards' sums with one all-reduce per distinct mesh (explicit global sum / global count,
+        exact for uneven shards), not one per tensor."""
+        sums = torch.stack(torch._foreach_norm(masks, 1)).float()  # |0/1| summed = count
+        by_mesh: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            if isinstance(p, DTensor):
+                by_mesh.setdefault(id(p.device_mesh), []).append(i)
+        for members in by_mesh.values():
+            p0 = params[members[0]]
+            local = sums[members]
+            part = DTensor.from_local(local, p0.device_mesh, [Partial()] * p0.device_mesh.ndim,
+                                      run_check=False)
+            sums[members] = part.full_tensor()
+        counts = torch.tensor([float(p.numel()) for p in params], device=sums.device)
+        return list((sums / counts).unbind())

@@ -24,14 +24,14 @@ with the scale ``s`` chosen by ``update_scale``:
 Tensors with more than two dims (MoE experts, [n_experts, out, in]) are a batch
 of matrices: each expert is orthogonalized, normalized and scaled on its own.
 
-FSDP2 / DTensor: orthogonalization needs the whole matrix, so each step gathers
-the full momentum-blended update (``full_tensor()``, one all-gather per
-parameter), runs the same deterministic computation on every rank, and applies
-only the rows/experts that the rank owns (sliced by the shard's global offset).
-The momentum buffer is a DTensor sharded like the parameter. The second moment
-is tiny ([..., m, 1]) and is needed in full for the Frobenius rescale, so it is
-stored as a *replicated* DTensor on the parameter's mesh: no extra
-communication, and DCP can save and reshard it like any other DTensor.
+FSDP2 / expert parallel (DTensor parameters): momentum is element-wise and runs on the local
+shard. Orthogonalization needs whole matrices: matrices a rank already holds whole (expert stacks
+split along the expert dim) are done where they are; matrices split in rows (FSDP2's Shard(0))
+each get one owner rank, which receives the rows and their second moments, computes the update
+and sends each holder its rows back (owner_exchange.py), in buckets of ``bucket_mb`` per rank.
+So no rank ever holds more than a bucket of whole matrices, and the ranks share the
+Newton-Schulz work instead of repeating it. The second moment ([..., m, 1], one value per row)
+is a DTensor sharded like its parameter, so DCP saves and reshards it like the momentum.
 """
 
 from __future__ import annotations
@@ -40,30 +40,20 @@ import math
 from typing import Callable, Iterable
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor import DTensor
 
+from .matrix_layout import MatrixLayout, matrix_layout
 from .newton_schulz import zeropower_via_newtonschulz5
+from .owner_exchange import SplitMatrix, exchange_with_owners
 
 _UPDATE_SCALES = ("adamw", "muon")
-# Largest stack of same-shape updates orthogonalized in one call (elements; 1 GiB in fp32).
+# Largest stack of same-shape matrices orthogonalized in one call (elements; 1 GiB in fp32).
 NS_BATCH_ELEMENTS = 1 << 28
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The tensor this rank holds (the tensor itself when not distributed)."""
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Slice of ``full`` that corresponds to ``like``'s local shard."""
-    if not isinstance(like, DTensor):
-        return full
-    shape, offset = compute_local_shape_and_global_offset(
-        like.shape, like.device_mesh, like.placements
-    )
-    index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
-    return full[index]
 
 
 class NorMuon(torch.optim.Optimizer):
@@ -80,6 +70,7 @@ class NorMuon(torch.optim.Optimizer):
         ns_steps: Newton-Schulz iterations.
         update_scale: ``"adamw"`` (paper) or ``"muon"`` (reference code), see module doc.
         ns_dtype: dtype of the Newton-Schulz iterations; None = bf16 on CUDA, fp32 otherwise.
+        bucket_mb: MiB of whole fp32 matrices one rank owns per exchange round (sharded params).
 
     Groups may override lr, momentum, beta2, eps, weight_decay, nesterov,
     ns_steps and update_scale.
@@ -97,6 +88,7 @@ class NorMuon(torch.optim.Optimizer):
         ns_steps: int = 5,
         update_scale: str = "adamw",
         ns_dtype: torch.dtype | None = None,
+        bucket_mb: float = 512.0,
     ):
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -106,6 +98,8 @@ class NorMuon(torch.optim.Optimizer):
             raise ValueError(f"Invalid beta2: {beta2}")
         if update_scale not in _UPDATE_SCALES:
             raise ValueError(f"update_scale must be one of {_UPDATE_SCALES}, got {update_scale!r}")
+        if bucket_mb <= 0:
+            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -117,7 +111,9 @@ class NorMuon(torch.optim.Optimizer):
             update_scale=update_scale,
         )
         self.ns_dtype = ns_dtype
+        self.bucket_bytes = int(bucket_mb * 2**20)
         super().__init__(params, defaults)
+        self._layouts: dict[torch.Tensor, MatrixLayout] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim < 2:
@@ -126,6 +122,11 @@ class NorMuon(torch.optim.Optimizer):
                         "Give vectors/scalars to an element-wise optimizer."
                     )
 
+    def _layout(self, p: torch.Tensor) -> MatrixLayout:
+        if p not in self._layouts:
+            self._layouts[p] = matrix_layout(p)
+        return self._layouts[p]
+
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
@@ -133,10 +134,12 @@ class NorMuon(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             v_shape = (*p.shape[:-1], 1)
             if isinstance(p, DTensor):
-                # Full-size, replicated on every rank (see module docstring).
-                zeros = torch.zeros(v_shape, dtype=torch.float32, device=p.to_local().device)
+                # One value per row, sharded like the rows of p (see module docstring).
+                local = p.to_local()
+                zeros = torch.zeros((*local.shape[:-1], 1), dtype=torch.float32, device=local.device)
                 state["second_moment"] = DTensor.from_local(
-                    zeros, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False
+                    zeros, p.device_mesh, p.placements, run_check=False, shape=v_shape,
+                    stride=torch.empty(v_shape, device="meta").stride(),
                 )
             else:
                 state["second_moment"] = torch.zeros(v_shape, dtype=torch.float32, device=p.device)
@@ -148,81 +151,132 @@ class NorMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            beta1, beta2, eps = group["momentum"], group["beta2"], group["eps"]
-            pending = []  # (param, full momentum-blended update, second moment)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if isinstance(p, DTensor) and grad.placements != p.placements:
-                    grad = grad.redistribute(p.device_mesh, p.placements)
-                state = self._init_state(p)
-
-                # Momentum is element-wise: do it on the local shard only.
-                g_local = _local(grad)
-                buf_local = _local(state["momentum_buffer"])
-                buf_local.lerp_(g_local, 1.0 - beta1)
-                u_local = g_local.lerp(buf_local, beta1) if group["nesterov"] else buf_local
-
-                # Orthogonalization needs the whole matrix.
-                if isinstance(p, DTensor):
-                    u = DTensor.from_local(
-                        u_local, p.device_mesh, p.placements,
-                        run_check=False, shape=p.shape, stride=p.stride(),
-                    ).full_tensor()
-                else:
-                    u = u_local
-                pending.append((p, u, _local(state["second_moment"])))
-
-            orthogonal = self._orthogonalize_batched([u for _, u, _ in pending], group["ns_steps"])
-            for (p, u, v), O in zip(pending, orthogonal):
-                update = self._normuon_direction(O, v, beta2, eps, group)
-                p_local = _local(p)
-                if wd != 0.0:
-                    p_local.mul_(1.0 - lr * wd)
-                p_local.add_(_local_part(update, p).to(p_local.dtype), alpha=-lr)
-
+            self._step_group(group)
         return loss
 
-    def _orthogonalize_batched(self, updates: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
-        """Newton-Schulz of every update, same-shape matrices stacked into one batched call.
+    def _step_group(self, group: dict) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        beta1 = group["momentum"]
+        params, grads, bufs, seconds = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if isinstance(p, DTensor) and grad.placements != p.placements:
+                grad = grad.redistribute(p.device_mesh, p.placements)
+            state = self._init_state(p)
+            params.append(p)
+            grads.append(_local(grad))
+            bufs.append(_local(state["momentum_buffer"]))
+            seconds.append(_local(state["second_moment"]))
+        if not params:
+            return
 
-        Per-matrix results equal separate calls (the iteration is independent per matrix);
-        batching turns hundreds of small matmul launches into a few large ones. Buckets are
-        capped at NS_BATCH_ELEMENTS so the stacked copies stay a bounded amount of memory.
+        # Momentum is element-wise: on the local shards, all tensors in one foreach call.
+        torch._foreach_lerp_(bufs, grads, 1.0 - beta1)
+        updates = torch._foreach_lerp(grads, bufs, beta1) if group["nesterov"] else bufs
+
+        directions: list[torch.Tensor | None] = [None] * len(params)
+        whole_here: list[int] = []
+        split_by_group: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            layout = self._layout(p)
+            if layout.split:
+                split_by_group.setdefault(id(layout.group), []).append(i)
+            else:
+                whole_here.append(i)
+
+        # Matrices this rank holds whole: orthogonalize here, in same-shape stacks.
+        if whole_here:
+            shaped = [(updates[i].reshape(-1, *updates[i].shape[-2:]),
+                       seconds[i].view(-1, seconds[i].shape[-2], 1)) for i in whole_here]
+            results = self._directions([u for u, _ in shaped], [v for _, v in shaped], group)
+            for i, (d, v_new), (_, v) in zip(whole_here, results, shaped):
+                directions[i] = d.view_as(updates[i])
+                v.copy_(v_new)
+
+        # Matrices split in rows: one owner per matrix (owner_exchange.py).
+        for members in split_by_group.values():
+            self._directions_via_owners(members, params, updates, seconds, directions, group)
+
+        locals_ = [_local(p) for p in params]
+        if wd != 0.0:
+            torch._foreach_mul_(locals_, 1.0 - lr * wd)
+        if all(d.dtype == p.dtype for d, p in zip(directions, locals_)):
+            torch._foreach_add_(locals_, directions, alpha=-lr)
+        else:
+            for p_local, d in zip(locals_, directions):
+                p_local.add_(d.to(p_local.dtype), alpha=-lr)
+
+    def _directions_via_owners(self, members, params, updates, seconds, directions, group) -> None:
+        """Directions of row-split matrices: each matrix made whole on its owner rank only."""
+        matrices, where = [], []
+        for i in members:
+            layout = self._layout(params[i])
+            u = updates[i].reshape(layout.local_matrices, -1, layout.cols)
+            v = seconds[i].view(layout.local_matrices, -1, 1)
+            for j in range(layout.local_matrices):
+                # Rows and their second moments travel together: [rows here, cols + 1].
+                matrices.append(SplitMatrix(layout, torch.cat([u[j].float(), v[j]], dim=-1)))
+                where.append((i, j))
+
+        def on_owner(whole: list[torch.Tensor]) -> list[torch.Tensor]:
+            us = [w[None, :, :-1] for w in whole]
+            vs = [w[None, :, -1:].contiguous() for w in whole]
+            return [torch.cat([d[0], v_new[0]], dim=-1)
+                    for d, v_new in self._directions(us, vs, group)]
+
+        rows_back = exchange_with_owners(matrices, on_owner, self.bucket_bytes)
+        for i in members:
+            layout = self._layout(params[i])
+            directions[i] = torch.empty(updates[i].shape, dtype=torch.float32,
+                                        device=updates[i].device)
+        for (i, j), rows in zip(where, rows_back):
+            layout = self._layout(params[i])
+            directions[i].view(layout.local_matrices, -1, layout.cols)[j].copy_(rows[:, :-1])
+            seconds[i].view(layout.local_matrices, -1, 1)[j].copy_(rows[:, -1:])
+
+    def _directions(self, us: list[torch.Tensor], vs: list[torch.Tensor], group: dict
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """NorMuon update directions (before -lr) and new second moments for stacks of matrices.
+
+        ``us[k]``: [b, m, n] updates, ``vs[k]``: [b, m, 1] second moments. Same-shape matrices
+        are stacked (up to NS_BATCH_ELEMENTS) so Newton-Schulz runs as a few large batched
+        matmuls; per-matrix results equal separate calls.
         """
-        out: list[torch.Tensor | None] = [None] * len(updates)
+        out: list = [None] * len(us)
         buckets: dict[tuple, list[int]] = {}
-        for i, u in enumerate(updates):
-            buckets.setdefault((u.shape[-2], u.shape[-1], u.device, u.dtype), []).append(i)
+        for k, u in enumerate(us):
+            buckets.setdefault((u.shape[-2], u.shape[-1], u.device, u.dtype), []).append(k)
         for (m, n, _, _), members in buckets.items():
             batch: list[int] = []
             size = 0
-            for j, i in enumerate(members):
-                batch.append(i)
-                size += updates[i].numel()
+            for j, k in enumerate(members):
+                batch.append(k)
+                size += us[k].numel()
                 if size >= NS_BATCH_ELEMENTS or j == len(members) - 1:
-                    stacked = torch.cat([updates[k].reshape(-1, m, n) for k in batch])
-                    O = zeropower_via_newtonschulz5(stacked, steps=steps, dtype=self.ns_dtype)
-                    for k, part in zip(batch, O.split([updates[k].numel() // (m * n) for k in batch])):
-                        out[k] = part.reshape(updates[k].shape)
+                    counts = [us[b].shape[0] for b in batch]
+                    U = torch.cat([us[b] for b in batch]) if len(batch) > 1 else us[batch[0]]
+                    V = torch.cat([vs[b] for b in batch]) if len(batch) > 1 else vs[batch[0]]
+                    O = zeropower_via_newtonschulz5(U, steps=group["ns_steps"], dtype=self.ns_dtype)
+                    D, V_new = self._normuon_direction(O, V, group)
+                    for b, d, v in zip(batch, D.split(counts), V_new.split(counts)):
+                        out[b] = (d, v)
                     batch, size = [], 0
         return out
 
-    def _normuon_direction(
-        self, O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float, group: dict
-    ) -> torch.Tensor:
-        """Full-matrix update direction (before -lr) from the orthogonalized update ``O``;
-        updates ``v`` in place."""
+    @staticmethod
+    def _normuon_direction(O: torch.Tensor, v: torch.Tensor, group: dict
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update direction (before -lr) from orthogonalized ``O`` [b, m, n] and the new second
+        moment, from the old one ``v`` [b, m, 1]."""
         m, n = O.shape[-2], O.shape[-1]
         O = O.float()
 
         # Per-row (per output neuron) EMA of the mean squared update.
-        v.lerp_(O.square().mean(dim=-1, keepdim=True), 1.0 - beta2)
-        O_hat = O / (v.sqrt() + eps)
+        v = v.lerp(O.square().mean(dim=-1, keepdim=True), 1.0 - group["beta2"])
+        O_hat = O / (v.sqrt() + group["eps"])
 
         # Per matrix (per expert for 3-D) rescale of the whole update.
         hat_norm = O_hat.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
@@ -230,4 +284,4 @@ class NorMuon(torch.optim.Optimizer):
             scale = 0.2 * math.sqrt(m * n) / hat_norm
         else:
             scale = O.norm(dim=(-2, -1), keepdim=True) / hat_norm * math.sqrt(max(1.0, m / n))
-        return O_hat * scale
+        return O_hat * scale, v

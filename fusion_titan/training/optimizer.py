@@ -65,7 +65,8 @@ def _optimizer_factory(cfg):
                 muon, adam,
                 muon_kwargs=dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, beta2=cfg.muon_beta2,
                                  eps=cfg.eps, weight_decay=cfg.muon_weight_decay,
-                                 ns_steps=cfg.ns_steps, update_scale=cfg.muon_update_scale),
+                                 ns_steps=cfg.ns_steps, update_scale=cfg.muon_update_scale,
+                                 bucket_mb=cfg.muon_bucket_mb),
                 adam_kwargs=dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                  weight_decay=cfg.weight_decay),
             )

@@ -1,0 +1,148 @@
+"""Owner-sharded NorMuon on 4 CPU ranks (gloo): equals one process, each matrix is made whole
+on exactly one rank, and the bucket size bounds what a rank holds at once.
+
+Parameters are DTensors laid out as FSDP2 and expert parallel lay them out: 2-D weights split
+in rows over 4 ranks (uneven, one rank empty), expert stacks split over a 2 x 2 mesh (experts
+over "ep", rows over "dp"), and expert stacks split by experts only (whole matrices per rank).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fusion_titan.optim import NorMuon
+from fusion_titan.optim.matrix_layout import MatrixLayout
+
+WORLD = 4
+SHAPES = {
+    "dense": (10, 6),       # rows 3,3,3,1 over 4 ranks
+    "tiny": (3, 5),         # rows 1,1,1,0: rank 3 holds nothing
+    "tall": (6, 12),
+    "experts_rows": (4, 8, 6),   # (dp, ep) mesh: Shard(1) rows over dp, Shard(0) experts over ep
+    "experts_whole": (4, 5, 7),  # Shard(0) experts over all 4 ranks: whole matrices here
+}
+STEPS = 3
+
+
+def _grads(step: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
+
+
+def _weights() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    return {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
+
+
+def _run(meshes=None, bucket_mb=512.0):
+    """STEPS NorMuon steps; returns full weights and second moments (and per-rank NS work)."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    weights = _weights()
+    params = {}
+    for name, w in weights.items():
+        if meshes is None:
+            params[name] = torch.nn.Parameter(w.clone())
+            continue
+        flat, grid = meshes
+        mesh, placements = {
+            "dense": (flat, [Shard(0)]), "tiny": (flat, [Shard(0)]), "tall": (flat, [Shard(0)]),
+            "experts_rows": (grid, [Shard(1), Shard(0)]),
+            "experts_whole": (flat, [Shard(0)]),
+        }[name]
+        params[name] = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, placements))
+    opt = NorMuon(list(params.values()), lr=0.05, weight_decay=0.1, update_scale="muon",
+                  ns_dtype=torch.float64, bucket_mb=bucket_mb)
+    for step in range(STEPS):
+        for name, g in _grads(step).items():
+            p = params[name]
+            p.grad = (distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+                      if isinstance(p, DTensor) else g)
+        opt.step()
+    full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t.detach().clone()  # noqa: E731
+    out = {}
+    for name, p in params.items():
+        out[name] = full(p)
+        out[name + "/v"] = full(opt.state[p]["second_moment"])
+        out[name + "/m"] = full(opt.state[p]["momentum_buffer"])
+    return out
+
+
+def _worker(rank, port, out_dir, bucket_mb):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        import fusion_titan.optim.normuon as normuon
+
+        flat = init_device_mesh("cpu", (WORLD,))
+        grid = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+        # Count the whole matrices this rank orthogonalizes, and the largest batch at once.
+        work = {"matrices": 0, "largest": 0}
+        real = normuon.zeropower_via_newtonschulz5
+
+        def counting(G, **kw):
+            work["matrices"] += G.shape[0]
+            work["largest"] = max(work["largest"], G.numel())
+            return real(G, **kw)
+
+        normuon.zeropower_via_newtonschulz5 = counting
+        out = _run((flat, grid), bucket_mb=bucket_mb)
+        out["work"] = torch.tensor([work["matrices"], work["largest"]])
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(bucket_mb):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(_free_port(), tmp, bucket_mb), nprocs=WORLD, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+def _matrices_per_step() -> int:
+    return sum(1 if len(s) == 2 else s[0] for s in SHAPES.values())
+
+
+@pytest.mark.parametrize("bucket_mb", [512.0, 0.0002])  # one bucket; ~one small matrix per bucket
+def test_four_ranks_equal_one_process_and_share_the_work(bucket_mb):
+    expected = _run(None)
+    ranks = _spawn(bucket_mb)
+    for out in ranks:
+        for key, want in expected.items():
+            torch.testing.assert_close(out[key], want, atol=1e-6, rtol=1e-6, msg=key)
+    assert not torch.allclose(expected["dense"], _weights()["dense"])  # it trained
+
+    # Every matrix orthogonalized once per step across all ranks (no rank repeats another's).
+    # "experts_rows": each ep half (2 experts) is shared by its 2 dp ranks -> 4 whole matrices.
+    done = [int(out["work"][0]) for out in ranks]
+    assert sum(done) == STEPS * _matrices_per_step(), done
+    assert max(done) < STEPS * _matrices_per_step()  # no rank does it all
+    if bucket_mb < 1:
+        # a bucket of 0.0002 MiB (~52 floats) fits one small matrix: batches stay single matrices
+        largest = max(int(out["work"][1]) for out in ranks)
+        assert largest <= max(s[-1] * s[-2] for s in SHAPES.values())
+
+
+def test_layout_row_ranges_follow_torch_chunk():
+    for rows, world in [(10, 4), (3, 4), (8, 2), (1, 3)]:
+        layout = MatrixLayout(1, rows, 5, group=object(), group_rank=0, group_size=world)
+        chunks = torch.arange(rows).chunk(world)
+        for r in range(world):
+            start, stop = layout.row_range(r)
+            want = chunks[r].tolist() if r < len(chunks) else []
+            assert list(range(start, stop)) == want, (rows, world, r)
