@@ -25,6 +25,8 @@ def _check_plan(job_config) -> None:
     args = fusion_titan.spec.FLAVORS[job_config.model.flavor]
     experts = job_config.model.n_routed_experts
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("NGPU", "1")))
+    if job_config.comm.mode in ("fake_backend", "local_tensor"):
+        world = int(os.environ.get("NGPU", "1"))  # one process plays rank 0 of NGPU ranks
     check_parallel_plan(job_config.parallelism, world,
                         args.n_routed_experts if experts is None else experts)
 

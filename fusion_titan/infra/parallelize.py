@@ -23,6 +23,7 @@ from torchtitan.tools.logging import logger
 
 from ..model.blocks import FusionBlock
 from . import cpu_shim
+from .fake_backend_ep import BalancedFakeExpertParallel
 
 # Selective AC keeps these ops' outputs (recomputing them is the expensive part).
 SAC_SAVE_LIST = {
@@ -54,7 +55,9 @@ def _all_blocks(model: nn.Module) -> list[FusionBlock]:
     return [m for m in model.modules() if isinstance(m, FusionBlock)]
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
+def apply_expert_parallel(model: nn.Module, ep_mesh, fake_backend: bool = False) -> None:
+    # Under the fake backend torchtitan's count exchange returns garbage split sizes.
+    style = BalancedFakeExpertParallel if fake_backend else ExpertParallel
     for block in _all_blocks(model):
         if block.moe_enabled:
             if block.moe.n_experts % ep_mesh.size():
@@ -62,7 +65,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
                     f"expert_parallel_degree {ep_mesh.size()} must divide n_routed_experts "
                     f"{block.moe.n_experts}"
                 )
-            parallelize_module(block.moe.experts, ep_mesh, ExpertParallel())
+            parallelize_module(block.moe.experts, ep_mesh, style())
 
 
 def apply_activation_checkpointing(model: nn.Module, ac_config, compile_enabled: bool,
@@ -153,7 +156,8 @@ def parallelize_fusion(model: nn.Module, parallel_dims, job_config) -> nn.Module
                 m.use_grouped_mm = False  # grouped GEMM is a CUDA kernel
 
     if parallel_dims.ep_enabled:
-        apply_expert_parallel(model, parallel_dims.get_mesh("ep"))
+        apply_expert_parallel(model, parallel_dims.get_mesh("ep"),
+                              fake_backend=job_config.comm.mode == "fake_backend")
 
     compile_model = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.activation_checkpoint.mode != "none":

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,17 @@ def matrix_layout(p: torch.Tensor) -> MatrixLayout:
     for mesh_dim, placement in enumerate(p.placements):
         if isinstance(placement, Replicate) or p.device_mesh.size(mesh_dim) == 1:
             continue
-        if not isinstance(placement, Shard):  # Partial: a parameter is never a pending sum
+        if not isinstance(placement, (Shard, _StridedShard)):  # Partial: never for a parameter
             raise NotImplementedError(
                 f"a matrix optimizer cannot handle a parameter placed as {p.placements}")
         if p.ndim >= 3 and placement.dim == 0:
-            continue  # splits the stack: whole matrices per rank
+            # splits the stack (FSDP over expert-parallel experts is a strided split of dim 0):
+            # whole matrices per rank
+            continue
+        if isinstance(placement, _StridedShard):
+            raise NotImplementedError(
+                f"parameter of shape {tuple(p.shape)} placed as {p.placements}: strided row "
+                "splits are not supported by NorMuon/Muon")
         if placement.dim >= p.ndim - 1:
             raise NotImplementedError(
                 f"parameter of shape {tuple(p.shape)} is sharded along its columns "

@@ -56,6 +56,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _matrices(t: torch.Tensor) -> torch.Tensor:
+    """[..., m, n] as a [b, m, n] *view* (in-place writes reach t, whatever its strides)."""
+    if t.ndim == 2:
+        return t.unsqueeze(0)
+    if t.ndim == 3:
+        return t
+    raise NotImplementedError(f"NorMuon handles 2-D and 3-D parameters, got shape {tuple(t.shape)}")
+
+
 class NorMuon(torch.optim.Optimizer):
     """NorMuon for matrix (2-D) and batched-matrix (3-D, MoE expert) parameters.
 
@@ -175,9 +184,16 @@ class NorMuon(torch.optim.Optimizer):
 
         # Momentum is element-wise: on the local shards, all tensors in one foreach call.
         torch._foreach_lerp_(bufs, grads, 1.0 - beta1)
-        updates = torch._foreach_lerp(grads, bufs, beta1) if group["nesterov"] else bufs
 
-        directions: list[torch.Tensor | None] = [None] * len(params)
+        def update(i: int) -> torch.Tensor:
+            """The momentum-blended update of params[i] (local), made when it is needed."""
+            return grads[i].lerp(bufs[i], beta1) if group["nesterov"] else bufs[i]
+
+        def apply(p_local: torch.Tensor, direction: torch.Tensor) -> None:
+            if wd != 0.0:
+                p_local.mul_(1.0 - lr * wd)
+            p_local.add_(direction.to(p_local.dtype), alpha=-lr)
+
         whole_here: list[int] = []
         split_by_group: dict[int, list[int]] = {}
         for i, p in enumerate(params):
@@ -188,54 +204,59 @@ class NorMuon(torch.optim.Optimizer):
                 whole_here.append(i)
 
         # Matrices this rank holds whole: orthogonalize here, in same-shape stacks.
-        if whole_here:
-            shaped = [(updates[i].reshape(-1, *updates[i].shape[-2:]),
-                       seconds[i].view(-1, seconds[i].shape[-2], 1)) for i in whole_here]
-            results = self._directions([u for u, _ in shaped], [v for _, v in shaped], group)
-            for i, (d, v_new), (_, v) in zip(whole_here, results, shaped):
-                directions[i] = d.view_as(updates[i])
+        for chunk in self._stack_chunks(whole_here, params):
+            us = [update(i).reshape(-1, *params[i].shape[-2:]) for i in chunk]
+            vs = [_matrices(seconds[i]) for i in chunk]
+            for i, (d, v_new), v in zip(chunk, self._directions(us, vs, group), vs):
                 v.copy_(v_new)
+                apply(_matrices(_local(params[i])), d)
 
         # Matrices split in rows: one owner per matrix (owner_exchange.py).
         for members in split_by_group.values():
-            self._directions_via_owners(members, params, updates, seconds, directions, group)
+            matrices = []
+            for i in members:
+                layout = self._layout(params[i])
+                p_mats, v_mats = _matrices(_local(params[i])), _matrices(seconds[i])
+                for j in range(layout.local_matrices):
+                    def rows_here(i=i, j=j, v_mats=v_mats):
+                        # rows and their second moments travel together: [rows here, cols + 1]
+                        g, buf = _matrices(grads[i])[j], _matrices(bufs[i])[j]
+                        u = g.lerp(buf, beta1) if group["nesterov"] else buf
+                        return torch.cat([u.float(), v_mats[j]], dim=-1)
 
-        locals_ = [_local(p) for p in params]
-        if wd != 0.0:
-            torch._foreach_mul_(locals_, 1.0 - lr * wd)
-        if all(d.dtype == p.dtype for d, p in zip(directions, locals_)):
-            torch._foreach_add_(locals_, directions, alpha=-lr)
-        else:
-            for p_local, d in zip(locals_, directions):
-                p_local.add_(d.to(p_local.dtype), alpha=-lr)
+                    def take_back(rows, p_j=p_mats[j], v_j=v_mats[j]):
+                        v_j.copy_(rows[:, -1:])
+                        apply(p_j, rows[:, :-1])
 
-    def _directions_via_owners(self, members, params, updates, seconds, directions, group) -> None:
-        """Directions of row-split matrices: each matrix made whole on its owner rank only."""
-        matrices, where = [], []
-        for i in members:
-            layout = self._layout(params[i])
-            u = updates[i].reshape(layout.local_matrices, -1, layout.cols)
-            v = seconds[i].view(layout.local_matrices, -1, 1)
-            for j in range(layout.local_matrices):
-                # Rows and their second moments travel together: [rows here, cols + 1].
-                matrices.append(SplitMatrix(layout, torch.cat([u[j].float(), v[j]], dim=-1)))
-                where.append((i, j))
+                    matrices.append(SplitMatrix(layout, layout.cols + 1, rows_here, take_back))
 
-        def on_owner(whole: list[torch.Tensor]) -> list[torch.Tensor]:
-            us = [w[None, :, :-1] for w in whole]
-            vs = [w[None, :, -1:].contiguous() for w in whole]
-            return [torch.cat([d[0], v_new[0]], dim=-1)
-                    for d, v_new in self._directions(us, vs, group)]
+            def on_owner(whole: list[torch.Tensor]) -> list[torch.Tensor]:
+                us = [w[None, :, :-1] for w in whole]
+                vs = [w[None, :, -1:].contiguous() for w in whole]
+                return [torch.cat([d[0], v_new[0]], dim=-1)
+                        for d, v_new in self._directions(us, vs, group)]
 
-        rows_back = exchange_with_owners(matrices, on_owner, self.bucket_bytes)
-        for i in members:
-            layout = self._layout(params[i])
-            directions[i] = torch.empty(updates[i].shape, dtype=torch.float32,
-                                        device=updates[i].device)
-        for (i, j), rows in zip(where, rows_back):
-            layout = self._layout(params[i])
-            directions[i].view(layout.local_matrices, -1, layout.cols)[j].copy_(rows[:, :-1])
-            seconds[i].view(layout.local_matrices, -1, 1)[j].copy_(rows[:, -1:])
+            exchange_with_owners(matrices, on_owner, self.bucket_bytes, grads[members[0]].device)
+
+    @staticmethod
+    def _stack_chunks(indices: list[int], params: list[torch.Tensor]) -> list[list[int]]:
+        """Indices grouped by matrix shape, each group cut at NS_BATCH_ELEMENTS local elements,
+        so a chunk's stacked copies stay bounded."""
+        by_shape: dict[tuple, list[int]] = {}
+        for i in indices:
+            by_shape.setdefault(tuple(params[i].shape[-2:]), []).append(i)
+        chunks = []
+        for members in by_shape.values():
+            chunk, size = [], 0
+            for i in members:
+                n = _local(params[i]).numel()
+                if chunk and size + n > NS_BATCH_ELEMENTS:
+                    chunks.append(chunk)
+                    chunk, size = [], 0
+                chunk.append(i)
+                size += n
+            chunks.append(chunk)
+        return chunks
 
     def _directions(self, us: list[torch.Tensor], vs: list[torch.Tensor], group: dict
                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:

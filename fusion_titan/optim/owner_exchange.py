@@ -31,10 +31,20 @@ from .matrix_layout import MatrixLayout
 
 @dataclass
 class SplitMatrix:
-    """One row-split matrix: this rank's rows of it (rows x width; width = cols + side columns)."""
+    """One row-split matrix of `width` columns (its cols plus any side columns).
+
+    Its rows are produced and consumed lazily, bucket by bucket, so only one bucket's data
+    exists at a time: `rows_here()` gives this rank's rows ([rows here, width], float32) when
+    the bucket is sent, `take_back(rows)` receives this rank's rows of the owner's result.
+    """
 
     layout: MatrixLayout
-    rows_here: torch.Tensor  # [rows this rank holds, width], float32, contiguous
+    width: int
+    rows_here: Callable[[], torch.Tensor]
+    take_back: Callable[[torch.Tensor], None]
+
+    def piece_numel(self, rank: int) -> int:
+        return self.layout.row_count(rank) * self.width
 
 
 def plan_buckets(matrices: list[SplitMatrix], bucket_bytes: int) -> list[tuple[list[int], list[int]]]:
@@ -50,7 +60,7 @@ def plan_buckets(matrices: list[SplitMatrix], bucket_bytes: int) -> list[tuple[l
     load = [0] * group_size
     owners: list[int] = []
     for i, m in enumerate(matrices):
-        size = m.layout.rows * m.rows_here.shape[-1] * 4
+        size = m.layout.rows * m.width * 4
         owner = min(range(group_size), key=lambda r: (load[r], r))
         if members and load[owner] + size > bucket_bytes:
             buckets.append((members, owners))
@@ -67,47 +77,46 @@ def exchange_with_owners(
     matrices: list[SplitMatrix],
     compute: Callable[[list[torch.Tensor]], list[torch.Tensor]],
     bucket_bytes: int,
-) -> list[torch.Tensor]:
+    device: torch.device,
+) -> None:
     """For matrices split over one process group: gather each whole on its owner, run
-    `compute(list of whole [rows, width] matrices) -> list of results of the same shape` on the
-    owner, and return this rank's rows of every result (in the order of `matrices`)."""
+    `compute(list of whole [rows, width] matrices) -> results of the same shapes` there, and
+    hand every rank its rows of each result (`take_back`)."""
     if not matrices:
-        return []
+        return
     layout0 = matrices[0].layout
     group, me, size = layout0.group, layout0.group_rank, layout0.group_size
-    device = matrices[0].rows_here.device
-    out: list[torch.Tensor | None] = [None] * len(matrices)
 
     for members, owners in plan_buckets(matrices, bucket_bytes):
         mine = [i for i, o in zip(members, owners) if o == me]
+        of_rank = [[i for i, o in zip(members, owners) if o == r] for r in range(size)]
 
-        # 1. rows to owners: send to rank o my rows of the matrices o owns, in bucket order.
-        send = [[matrices[i].rows_here.reshape(-1) for i, o in zip(members, owners) if o == dst]
-                for dst in range(size)]
-        send_sizes = [sum(t.numel() for t in parts) for parts in send]
-        recv_sizes = [sum(matrices[i].layout.row_count(src) * matrices[i].rows_here.shape[-1]
-                          for i in mine) for src in range(size)]
+        # 1. rows to owners: to rank r go my rows of the matrices r owns, in bucket order.
+        send = [[matrices[i].rows_here().reshape(-1) for i in of_rank[r]] for r in range(size)]
+        send_sizes = [sum(matrices[i].piece_numel(me) for i in of_rank[r]) for r in range(size)]
+        recv_sizes = [sum(matrices[i].piece_numel(r) for i in mine) for r in range(size)]
         received = _all_to_all(send, send_sizes, recv_sizes, group, device)
+        del send
 
-        # Whole matrices: rank src's rows come in rank order, so concatenating restores them.
-        pieces_by_src = [_split(received[src], [matrices[i].layout.row_count(src)
-                                               * matrices[i].rows_here.shape[-1] for i in mine])
-                         for src in range(size)]
-        whole = [torch.cat([pieces_by_src[src][k].view(-1, matrices[i].rows_here.shape[-1])
-                            for src in range(size)])
+        # Whole matrices: rank r's rows come in rank order, so concatenating restores them.
+        by_rank = [_split(received[r], [matrices[i].piece_numel(r) for i in mine])
+                   for r in range(size)]
+        whole = [torch.cat([by_rank[r][k].view(-1, matrices[i].width) for r in range(size)])
                  for k, i in enumerate(mine)]
+        del received, by_rank
         results = compute(whole) if whole else []
+        del whole
 
         # 3. rows back to their holders.
-        back = [[r[slice(*matrices[i].layout.row_range(dst))].reshape(-1)
-                 for i, r in zip(mine, results)] for dst in range(size)]
+        back = [[res[slice(*matrices[i].layout.row_range(r))].reshape(-1)
+                 for i, res in zip(mine, results)] for r in range(size)]
+        del results
         returned = _all_to_all(back, recv_sizes, send_sizes, group, device)
-        for src in range(size):
-            mine_of_src = [i for i, o in zip(members, owners) if o == src]
-            parts = _split(returned[src], [matrices[i].rows_here.numel() for i in mine_of_src])
-            for i, part in zip(mine_of_src, parts):
-                out[i] = part.view_as(matrices[i].rows_here)
-    return out  # type: ignore[return-value]
+        del back
+        for r in range(size):
+            parts = _split(returned[r], [matrices[i].piece_numel(me) for i in of_rank[r]])
+            for i, part in zip(of_rank[r], parts):
+                matrices[i].take_back(part.view(-1, matrices[i].width))
 
 
 def _split(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
