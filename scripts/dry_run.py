@@ -13,8 +13,8 @@ the world, TP/PP/CP) refuses it here.
 Then it reads each parameter's local shard on rank 0 and reports, per GPU: parameters (fp32
 master weights), gradients, optimizer state for the configured optimizer (AdamW: 2 fp32 moments;
 NorMuon: one fp32 momentum for matrices + CautiousAdamW's 2 moments for the rest), the transient
-buffers of one step (FSDP's bf16 all-gather of the largest unit, NorMuon's full fp32 copy of the
-largest matrix) and an activation estimate for the AC mode (stated below with its formula).
+buffers of one step (FSDP's bf16 all-gather of the largest unit; NorMuon's owner-exchange bucket
+and its stack of whole local matrices, see fusion_titan/optim/normuon.py) and an activation estimate for the AC mode (stated below with its formula).
 """
 
 from __future__ import annotations
@@ -113,13 +113,13 @@ def main() -> None:
     model = parallelize_fusion(model, parallel_dims, job_config)
 
     local = defaultdict(int)
-    largest_full_matrix = 0
+    largest_local_stack = 0
     for name, param in model.named_parameters():
         n = local_numel(param)
         kind = "routed experts" if ".moe.experts." in name else "other"
         local[kind] += n
-        if plain_name(name) in muon_names:  # NorMuon gathers these whole to orthogonalize
-            largest_full_matrix = max(largest_full_matrix, param.numel())
+        if plain_name(name) in muon_names:  # NorMuon orthogonalizes these
+            largest_local_stack = max(largest_local_stack, n)
     total_local = sum(local.values())
     optimizer = job_config.optimizer.name
     if optimizer == "NorMuon":
@@ -134,7 +134,13 @@ def main() -> None:
     # FSDP unit gathered in bf16 during forward/backward: the largest block, unsharded.
     unit_sizes = [sum(t.numel() for t in blk.parameters()) for blk in model.layers.values()]
     gather_bytes = 2 * max(unit_sizes) * 2  # current + prefetched unit
-    normuon_bytes = 4 * largest_full_matrix * 3 if optimizer == "NorMuon" else 0
+    # Owner exchange: send + receive buffers and the owner's whole matrices, NS and result
+    # (~4 x bucket, fp32); matrices already whole here go in stacks of <= NS_BATCH_ELEMENTS.
+    from fusion_titan.optim.normuon import NS_BATCH_ELEMENTS
+
+    bucket = job_config.optimizer.muon_bucket_mb * 2**20
+    normuon_bytes = (4 * bucket + 3 * 4 * min(NS_BATCH_ELEMENTS, largest_local_stack)
+                     if optimizer == "NorMuon" else 0)
 
     local_batch = job_config.training.local_batch_size
     act, act_desc = activation_bytes(args, job_config, local_batch)
@@ -144,7 +150,7 @@ def main() -> None:
         ("gradients (fp32)", 4 * total_local, "reduce-scattered, same sharding"),
         ("optimizer state", opt_bytes, opt_desc),
         ("FSDP all-gather buffers (bf16)", gather_bytes, "largest block unsharded, current + prefetched"),
-        ("NorMuon full-matrix buffers", normuon_bytes, "largest NorMuon tensor gathered whole in fp32 (update, NS input, result)"),
+        ("NorMuon transient buffers", normuon_bytes, "4 x [optimizer] muon_bucket_mb (owner exchange) + 3 x fp32 stack of whole local matrices"),
         ("activations (estimate)", act, f"local batch {local_batch} x seq {job_config.training.seq_len}; {act_desc}"),
     ]
     total = sum(b for _, b, _ in rows)

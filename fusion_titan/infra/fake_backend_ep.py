@@ -39,10 +39,16 @@ class BalancedFakeExpertParallel(ExpertParallel):
             received = num_tokens_per_expert.clone()
             self.input_splits = num_tokens_per_expert.view(ep_degree, -1).sum(dim=1).tolist()
             self.output_splits = list(self.input_splits)
-        routed_input = all_to_all_single_autograd(
-            routed_input, self.output_splits, self.input_splits, device_mesh.get_group())
-        # Uninitialized receive buffers can hold NaN/Inf bit patterns: keep the compute finite.
-        routed_input = torch.nan_to_num(routed_input, nan=0.0, posinf=0.0, neginf=0.0)
+        routed_input = _finite(all_to_all_single_autograd(
+            routed_input, self.output_splits, self.input_splits, device_mesh.get_group()))
         self.input_shape, routed_input, self.permuted_indices, received = _permute(
             routed_input, received, ep_degree, num_local_experts)
         return routed_input, received
+
+    def _token_combine(self, mod, routed_output: Tensor, device_mesh) -> Tensor:
+        return _finite(super()._token_combine(mod, routed_output, device_mesh))
+
+
+def _finite(t: Tensor) -> Tensor:
+    """Fake receive buffers are uninitialized memory and can hold NaN/Inf bit patterns."""
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)

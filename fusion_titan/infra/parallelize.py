@@ -94,18 +94,25 @@ def apply_activation_checkpointing(model: nn.Module, ac_config, compile_enabled:
 
 
 def apply_compile(model: nn.Module, backend: str) -> None:
-    """Compile per block; MoE expert dispatch (data-dependent shapes, EP hooks) stays eager."""
+    """Compile per block; MoE expert dispatch (data-dependent shapes, EP hooks) stays eager.
+
+    Static shapes (dynamic=False): a step's shapes are fixed (ramps change them at a few
+    stage boundaries, each a recompile), and FlexAttention inside a dynamic-shape graph fails
+    in inductor's lowering ("'ShapeAsConstantBuffer' object has no attribute 'dtype'"), which
+    stopped fusion_7b (sliding window -> flex) under compile.
+    """
     torch._dynamo.config.capture_scalar_outputs = True
+    static = dict(backend=backend, dynamic=False)
     for block in _all_blocks(model):
-        block.attention_norm.compile(backend=backend)
-        block.ffn_norm.compile(backend=backend)
-        block.mixer.compile(backend=backend)
+        block.attention_norm.compile(**static)
+        block.ffn_norm.compile(**static)
+        block.mixer.compile(**static)
         if block.moe_enabled:
-            block.moe.router.compile(backend=backend, fullgraph=True)
+            block.moe.router.compile(**static, fullgraph=True)
             if block.moe.shared_experts is not None:
-                block.moe.shared_experts.compile(backend=backend, fullgraph=True)
+                block.moe.shared_experts.compile(**static, fullgraph=True)
         else:
-            block.feed_forward.compile(backend=backend, fullgraph=True)
+            block.feed_forward.compile(**static, fullgraph=True)
 
 
 def apply_fsdp(model: nn.Module, parallel_dims, job_config, on_cpu: bool) -> None:
