@@ -15,23 +15,30 @@ import torch
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
+def iteration_dtype(G: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype Newton-Schulz iterates in: ``dtype``, else bf16 on CUDA and fp32 elsewhere."""
+    if dtype is not None:
+        return dtype
+    return torch.bfloat16 if G.is_cuda else torch.float32
+
+
 def zeropower_via_newtonschulz5(
     G: torch.Tensor,
     steps: int = 5,
     eps: float = 1e-7,
     dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Approximately orthogonalize the last two dims of ``G`` ([..., m, n]).
 
     Leading dims are treated as a batch (e.g. MoE experts). ``dtype`` is the
     dtype the iterations run in: default bfloat16 on CUDA (fast and accurate
     enough for this iteration) and float32 elsewhere (CPU bf16 matmul is slow).
-    The result has ``G``'s dtype.
+    The result has ``out_dtype`` (default: ``G``'s dtype; the iteration dtype skips a cast).
     """
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix, got shape {tuple(G.shape)}")
-    if dtype is None:
-        dtype = torch.bfloat16 if G.is_cuda else torch.float32
+    dtype = iteration_dtype(G, dtype)
     a, b, c = _NS_COEFFS
 
     X = G.float().reshape(-1, G.size(-2), G.size(-1))  # a batch of matrices
@@ -49,4 +56,4 @@ def zeropower_via_newtonschulz5(
         X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
     if transposed:
         X = X.mT
-    return X.reshape(G.shape).to(G.dtype)
+    return X.reshape(G.shape).to(out_dtype or G.dtype)

@@ -43,7 +43,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from .matrix_layout import MatrixLayout, matrix_layout
-from .newton_schulz import zeropower_via_newtonschulz5
+from .newton_schulz import iteration_dtype, zeropower_via_newtonschulz5
 from .owner_exchange import SplitMatrix, exchange_with_owners
 
 _UPDATE_SCALES = ("adamw", "muon")
@@ -185,14 +185,23 @@ class NorMuon(torch.optim.Optimizer):
         # Momentum is element-wise: on the local shards, all tensors in one foreach call.
         torch._foreach_lerp_(bufs, grads, 1.0 - beta1)
 
-        def update(i: int) -> torch.Tensor:
-            """The momentum-blended update of params[i] (local), made when it is needed."""
-            return grads[i].lerp(bufs[i], beta1) if group["nesterov"] else bufs[i]
+        def blend_into(i: int, out: torch.Tensor) -> None:
+            """The momentum-blended update of params[i]'s local matrices, written into `out`."""
+            g, buf = _matrices(grads[i]), _matrices(bufs[i])
+            if group["nesterov"]:
+                torch.lerp(g, buf, beta1, out=out)
+            else:
+                out.copy_(buf)
 
-        def apply(p_local: torch.Tensor, direction: torch.Tensor) -> None:
+        def apply(p_mats: torch.Tensor, O: torch.Tensor, row_factor: torch.Tensor | None) -> None:
+            """W = (1 - lr wd) W - lr * row_factor * O in place (no direction tensor);
+            row_factor None: O is the direction itself."""
             if wd != 0.0:
-                p_local.mul_(1.0 - lr * wd)
-            p_local.add_(direction.to(p_local.dtype), alpha=-lr)
+                p_mats.mul_(1.0 - lr * wd)
+            if row_factor is None:
+                p_mats.add_(O.to(p_mats.dtype), alpha=-lr)
+            else:
+                p_mats.addcmul_(O, row_factor, value=-lr)
 
         whole_here: list[int] = []
         split_by_group: dict[int, list[int]] = {}
@@ -203,13 +212,24 @@ class NorMuon(torch.optim.Optimizer):
             else:
                 whole_here.append(i)
 
-        # Matrices this rank holds whole: orthogonalize here, in same-shape stacks.
+        # Matrices this rank holds whole: orthogonalize here, in same-shape stacks written
+        # straight from the momentum (no per-parameter copies), then applied in place.
         for chunk in self._stack_chunks(whole_here, params):
-            us = [update(i).reshape(-1, *params[i].shape[-2:]) for i in chunk]
-            vs = [_matrices(seconds[i]) for i in chunk]
-            for i, (d, v_new), v in zip(chunk, self._directions(us, vs, group), vs):
-                v.copy_(v_new)
-                apply(_matrices(_local(params[i])), d)
+            counts = [_matrices(_local(params[i])).shape[0] for i in chunk]
+            m, n = params[chunk[0]].shape[-2:]
+            U = torch.empty((sum(counts), m, n), dtype=torch.float32, device=grads[chunk[0]].device)
+            V = torch.cat([_matrices(seconds[i]) for i in chunk])
+            for i, u in zip(chunk, U.split(counts)):
+                blend_into(i, u)
+            ns_dtype = iteration_dtype(U, self.ns_dtype)
+            O = zeropower_via_newtonschulz5(U, steps=group["ns_steps"], dtype=ns_dtype,
+                                            out_dtype=ns_dtype)
+            del U
+            row_factor, V = self._row_factors(O, V, group)
+            for i, o, f, v in zip(chunk, O.split(counts), row_factor.split(counts), V.split(counts)):
+                _matrices(seconds[i]).copy_(v)
+                apply(_matrices(_local(params[i])), o, f)
+            del O
 
         # Matrices split in rows: one owner per matrix (owner_exchange.py).
         for members in split_by_group.values():
@@ -226,13 +246,13 @@ class NorMuon(torch.optim.Optimizer):
 
                     def take_back(rows, p_j=p_mats[j], v_j=v_mats[j]):
                         v_j.copy_(rows[:, -1:])
-                        apply(p_j, rows[:, :-1])
+                        apply(p_j, rows[:, :-1], None)
 
                     matrices.append(SplitMatrix(layout, layout.cols + 1, rows_here, take_back))
 
             def on_owner(whole: list[torch.Tensor]) -> list[torch.Tensor]:
                 us = [w[None, :, :-1] for w in whole]
-                vs = [w[None, :, -1:].contiguous() for w in whole]
+                vs = [w[None, :, -1:] for w in whole]
                 return [torch.cat([d[0], v_new[0]], dim=-1)
                         for d, v_new in self._directions(us, vs, group)]
 
@@ -287,22 +307,34 @@ class NorMuon(torch.optim.Optimizer):
                     batch, size = [], 0
         return out
 
-    @staticmethod
-    def _normuon_direction(O: torch.Tensor, v: torch.Tensor, group: dict
+    @classmethod
+    def _normuon_direction(cls, O: torch.Tensor, v: torch.Tensor, group: dict
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Update direction (before -lr) from orthogonalized ``O`` [b, m, n] and the new second
         moment, from the old one ``v`` [b, m, 1]."""
+        row_factor, v = cls._row_factors(O, v, group)
+        return O.float() * row_factor, v
+
+    @staticmethod
+    def _row_factors(O: torch.Tensor, v: torch.Tensor, group: dict
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row factors f with direction = f * O, and the new second moment.
+
+        NorMuon's O_hat = O / (sqrt(v) + eps) and the per-matrix rescale both act per row, so
+        they fold into one factor per row; the norms they need come from the rows' sums of
+        squares, so O is read once here and once when applied (no O_hat tensor).
+        """
         m, n = O.shape[-2], O.shape[-1]
-        O = O.float()
-
+        acc = torch.promote_types(O.dtype, torch.float32)  # bf16 O: accumulate in fp32
+        row_sq = torch.linalg.vector_norm(O, dim=-1, keepdim=True, dtype=acc).float().square()
         # Per-row (per output neuron) EMA of the mean squared update.
-        v = v.lerp(O.square().mean(dim=-1, keepdim=True), 1.0 - group["beta2"])
-        O_hat = O / (v.sqrt() + group["eps"])
-
-        # Per matrix (per expert for 3-D) rescale of the whole update.
-        hat_norm = O_hat.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        v = v.lerp(row_sq / n, 1.0 - group["beta2"])
+        inv = 1.0 / (v.sqrt() + group["eps"])
+        # Per matrix (per expert for 3-D) rescale of the whole update: ||O_hat||_F from rows.
+        hat_norm = (row_sq * inv.square()).sum(dim=(-2, -1), keepdim=True).sqrt().clamp_min(1e-12)
         if group["update_scale"] == "adamw":
             scale = 0.2 * math.sqrt(m * n) / hat_norm
         else:
-            scale = O.norm(dim=(-2, -1), keepdim=True) / hat_norm * math.sqrt(max(1.0, m / n))
-        return O_hat * scale, v
+            o_norm = row_sq.sum(dim=(-2, -1), keepdim=True).sqrt()
+            scale = o_norm / hat_norm * math.sqrt(max(1.0, m / n))
+        return inv * scale, v
