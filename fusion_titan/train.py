@@ -8,7 +8,9 @@ load errors).
 """
 
 from fusion_titan.infra import cpu_shim
+from fusion_titan.infra.torchtitan_version import require_supported_torchtitan
 
+require_supported_torchtitan()  # before anything of torchtitan is imported or patched
 cpu_shim.install()
 
 import os  # noqa: E402

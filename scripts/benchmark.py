@@ -151,9 +151,11 @@ def optimizer_micro(flavor: str) -> dict:
     out = {}
     for name in ("AdamW", "NorMuon"):
         cfg = SimpleNamespace(name=name, lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8,
-                              weight_decay=0.1, implementation="foreach", muon_lr=0.02,
+                              weight_decay=0.1, muon_lr=0.02,
+                              # NorMuon refuses torch's kernel choice, torchtitan's default excepted
+                              implementation="foreach" if name == "AdamW" else "fused",
                               muon_momentum=0.95, muon_beta2=0.95, muon_weight_decay=0.0,
-                              ns_steps=5, muon_update_scale="muon")
+                              ns_steps=5, muon_update_scale="muon", muon_bucket_mb=512.0)
         opt = _optimizer_factory(cfg)(model)
         out[f"{name}_step_ms"] = _cuda_time(opt.step) * 1e3
         del opt

@@ -1,11 +1,12 @@
-"""Measure the decoding cache of one MLA layer against plain multi-head attention (MHA).
+"""Measure the decoding cache of one MLA layer against caching its uncompressed keys and values.
 
     python scripts/kv_cache_bytes.py [--tokens 1024] [--flavor fusion_7b ...]
 
 For each flavor: one MLA layer with the flavor's dims (bf16, random init, CPU) prefills N tokens
-through its latent cache; the bytes its cache tensors hold are divided by N. The MHA figure is
-the bytes of the keys (nope + the shared rope key copied to every head) and values that the same
-layer would have to cache without latent compression, materialized from the same tokens. Both
+through its latent cache; the bytes its cache tensors hold are divided by N. The K/V figure is
+the bytes of the keys (nope + the shared rope key copied to every K/V head) and values that the
+same layer would have to cache without latent compression, materialized from the same tokens:
+one K/V head per `mla_kv_groups` group (MHA when it is 0, GQA otherwise). Both
 are tensor.nbytes of real tensors, not formulas. Sliding windows are ignored here (N < window).
 """
 
@@ -35,7 +36,8 @@ def measure(flavor: str, n_tokens: int) -> dict:
     mla = cache.nbytes() / n_tokens
     mha = (keys.nbytes + v.nbytes) / n_tokens
     n_attn = args.block_kinds().count("attn")
-    return {"flavor": flavor, "mla": mla, "mha": mha, "ratio": mha / mla, "attn_layers": n_attn}
+    return {"flavor": flavor, "mla": mla, "mha": mha, "ratio": mha / mla, "attn_layers": n_attn,
+            "kv_heads": k_nope.shape[2]}
 
 
 def main() -> None:
@@ -43,12 +45,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--flavor", action="append", choices=list(FLAVORS))
     opts = parser.parse_args()
-    print("| flavor | MLA bytes/token/layer | MHA bytes/token/layer | MHA / MLA | attention layers | "
-          "MLA KiB/token (all layers) | MHA KiB/token (all layers) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| flavor | K/V heads | MLA bytes/token/layer | K/V bytes/token/layer | K/V / MLA | "
+          "attention layers | MLA KiB/token (all layers) | K/V KiB/token (all layers) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in opts.flavor or ["fusion_1b", "fusion_7b"]:
         r = measure(name, opts.tokens)
-        print(f"| {name} | {r['mla']:.0f} | {r['mha']:.0f} | {r['ratio']:.1f}x | {r['attn_layers']} | "
+        print(f"| {name} | {r['kv_heads']} | {r['mla']:.0f} | {r['mha']:.0f} | {r['ratio']:.1f}x | {r['attn_layers']} | "
               f"{r['mla'] * r['attn_layers'] / 1024:.1f} | {r['mha'] * r['attn_layers'] / 1024:.1f} |")
 
 

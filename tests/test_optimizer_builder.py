@@ -3,6 +3,7 @@
 import copy
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
@@ -14,7 +15,7 @@ from fusion_titan.training.optimizer import FusionOptimizersContainer, _optimize
 
 def config(name="NorMuon"):
     return SimpleNamespace(name=name, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
-                           implementation="for-loop", muon_lr=0.02, muon_momentum=0.95,
+                           implementation="fused", muon_lr=0.02, muon_momentum=0.95,
                            muon_beta2=0.95, muon_weight_decay=0.01, ns_steps=5,
                            muon_update_scale="muon", muon_bucket_mb=512.0,
                            early_step_in_backward=False)
@@ -88,3 +89,14 @@ def test_adamw_baseline_has_the_same_groups():
     assert isinstance(opt, torch.optim.AdamW)
     assert {g["name"] for g in opt.param_groups} == {"embedding", "adam_hidden", "vectors"}
     train_steps(model, opt, 1)
+
+
+@pytest.mark.parametrize("implementation", ["for-loop", "foreach"])
+def test_normuon_refuses_a_kernel_choice_it_cannot_honour(implementation):
+    cfg = config()
+    cfg.implementation = implementation
+    with pytest.raises(ValueError, match=f"implementation = '{implementation}' has no effect with "
+                       "name = \"NorMuon\".*--optimizer.implementation fused"):
+        _optimizer_factory(cfg)
+    cfg.name = "AdamW"  # AdamW honours it: torch's foreach kernels
+    assert bool(_optimizer_factory(cfg)(tiny_model()).defaults["foreach"]) is (implementation == "foreach")

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from fusion_titan.optim import CautiousAdamW, NorMuon, zeropower_via_newtonschulz5
+from newton_schulz_reference import reference_newton_schulz
 
 # --------------------------------------------------------------------------- NS5
 
@@ -54,7 +55,7 @@ def test_newton_schulz_keeps_singular_vectors_and_dtypes():
 
 
 def _ref_normuon(W, grads, lr, wd, beta1, beta2, eps, nesterov=True, update_scale="adamw"):
-    """NorMuon written out from the paper's formulas, one 2-D matrix."""
+    """NorMuon written out from the paper's formulas, one 2-D matrix (independent float64 NS5)."""
     W = W.clone()
     m, n = W.shape
     M = torch.zeros_like(W)
@@ -62,7 +63,7 @@ def _ref_normuon(W, grads, lr, wd, beta1, beta2, eps, nesterov=True, update_scal
     for G in grads:
         M = beta1 * M + (1 - beta1) * G
         U = (1 - beta1) * G + beta1 * M if nesterov else M
-        O = zeropower_via_newtonschulz5(U)
+        O = reference_newton_schulz(U, steps=5).to(U.dtype)
         row_ms = (O * O).sum(dim=1, keepdim=True) / n
         v = beta2 * v + (1 - beta2) * row_ms
         O_hat = O / (torch.sqrt(v) + eps)

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.tools.logging import logger
 
+from ..infra.torchtitan_version import require_supported_torchtitan
 from .folders import (
     CORRUPT,
     FULL,
@@ -174,6 +175,7 @@ class FusionCheckpointManager(CheckpointManager):
 
 def use_fusion_checkpointing(manager: CheckpointManager) -> CheckpointManager:
     """Switch a constructed torchtitan CheckpointManager to FusionCheckpointManager (methods only)."""
+    require_supported_torchtitan()  # the methods overridden are 0.2.2's private ones
     if type(manager) is CheckpointManager:
         manager.__class__ = FusionCheckpointManager
     return manager

@@ -14,6 +14,7 @@ torchtitan 0.2.2 assumes a GPU (its issue 1661). Four things stand in the way on
 `install()` fixes 1 and 4 by patching torchtitan's module attributes (every copy of
 `device_type` / `device_module`), best before the trainer modules are imported; 2 is handled
 where FSDP is applied (`force_sum_reduction_for_cpu`). Nothing in torch or torchtitan is edited on disk.
+These are 0.2.2's internals: `install()` first stops on any other torchtitan (torchtitan_version.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import sys
 import types
 
 import torch
+
+from .torchtitan_version import require_supported_torchtitan
 
 _installed = False
 
@@ -70,6 +73,7 @@ def install() -> bool:
         return True
     if accelerator_available():
         return False
+    require_supported_torchtitan()  # the attributes patched below are 0.2.2's
     import torchtitan.tools.utils as tt_utils
 
     # torchtitan modules copy these two names at import time (`from ...utils import device_type`):

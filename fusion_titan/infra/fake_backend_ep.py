@@ -22,12 +22,12 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torchtitan.distributed.expert_parallel import ExpertParallel
 from torchtitan.models.moe.utils import _permute
 
-from .torchtitan_version import require_torchtitan_version
+from .torchtitan_version import require_supported_torchtitan
 
 
 class BalancedFakeExpertParallel(ExpertParallel):
     def __init__(self):
-        require_torchtitan_version("the fake-backend expert-parallel dispatch")
+        require_supported_torchtitan()  # overrides ExpertParallel._token_dispatch of 0.2.2
         super().__init__()
 
     def _token_dispatch(self, mod, inputs: tuple, device_mesh) -> tuple[Tensor, Tensor]:

@@ -58,6 +58,7 @@ FLAVORS = Flavors({
         dim=2048, n_layers=30, vocab_size=152064, layer_schedule="5:1", ffn_hidden_dim=6144,
         n_heads=32, q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64,
         v_head_dim=128, max_seq_len=4096, sliding_window=2048,
+        mla_kv_groups=8,  # the seed's n_kv_groups: 4 query heads share each decompressed K/V
         n_routed_experts=64, n_activated_experts=6, n_shared_experts=4, n_expert_groups=8,
         n_limited_groups=3, moe_inter_dim=1536,
         gdn_n_heads=16, gdn_head_k_dim=64, gdn_head_v_dim=128, gdn_conv_size=4,

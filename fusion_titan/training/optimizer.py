@@ -59,6 +59,19 @@ def _groups(model: nn.Module, cfg, muon_separate: bool) -> tuple[list[dict], lis
 def _optimizer_factory(cfg):
     name = cfg.name
     if name == "NorMuon":
+        # torch's for-loop / foreach / fused kernels exist only for AdamW / Adam; NorMuon and its
+        # CautiousAdamW have one implementation. torchtitan's default cannot be told from unset.
+        from torchtitan.config.job_config import Optimizer as TorchtitanOptimizer
+
+        if cfg.implementation != TorchtitanOptimizer.implementation:
+            raise ValueError(
+                f"[optimizer] implementation = {cfg.implementation!r} has no effect with name = "
+                "\"NorMuon\" (NorMuon and CautiousAdamW have a single implementation of their own): "
+                "remove the implementation key from the TOML (or pass --optimizer.implementation "
+                f"{TorchtitanOptimizer.implementation}, torchtitan's default), or use name = "
+                "\"AdamW\" / \"Adam\", whose torch for-loop / foreach / fused kernels it selects"
+            )
+
         def make(model):
             muon, adam = _groups(model, cfg, muon_separate=True)
             return NorMuonCautiousAdamW(

@@ -1,0 +1,217 @@
+"""Two GPUs against one: same losses, per-GPU throughput, and checkpoints under kill -9.
+
+    python scripts/two_gpu_checks.py [--config train_configs/fusion_1b.toml] [--steps 20]
+        [--parts same,throughput,faults] [--out outputs/two_gpu] [-- extra overrides]
+
+Every run starts from one seed checkpoint (torchtitan's `--checkpoint.create_seed_checkpoint`,
+written by one process and copied in as `step-0`) and trains the same global batch: 2 x the
+local batch, as 2 micro-batches on one GPU or one per GPU on two.
+
+- same: 1 GPU, FSDP 2 and FSDP 2 x EP 2 (the TOML's optimizer); per-step losses compared with
+  the 1-GPU run (max relative difference) and plotted (same_losses.png).
+- throughput: the same three runs with NorMuon; per-GPU tokens/s of every run vs its 1-GPU run.
+- faults: FSDP 2 with asynchronous checkpoints every `steps/4` steps; a second identical run is
+  killed with SIGKILL (torchrun and both ranks) as soon as the second checkpoint's folder
+  appears, i.e. during its asynchronous save, then restarted with the same command: it must
+  resume from the last complete checkpoint and log the uninterrupted run's losses. Then the
+  uninterrupted run's middle checkpoint resumes on 1 GPU, and the 1-GPU run's on 2 GPUs, each
+  compared with the run that wrote it.
+
+Writes report.json and same_losses.png under --out; prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fusion_titan.bench.train_log import parse_steps, strip_ansi  # noqa: E402
+from fusion_titan.training.tb_scalars import read_scalars  # noqa: E402
+
+
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.out = ROOT / args.out
+        self.seed = self.out / "seed" / "checkpoint" / "step-0"
+
+    def command(self, dump: Path, extra: list[str]) -> list[str]:
+        a = self.args
+        return ["./run_train.sh", "--job.dump_folder", str(dump), "--training.steps", str(a.steps),
+                "--metrics.log_freq", "1", "--training.local_batch_size", str(a.local_batch),
+                "--training.global_batch_size", str(2 * a.local_batch), *a.extra, *extra]
+
+    def env(self, ngpu: int) -> dict:
+        return dict(os.environ, CONFIG_FILE=self.args.config, NGPU=str(ngpu), PYTHONUNBUFFERED="1")
+
+    def make_seed(self) -> None:
+        if (self.seed / ".metadata").is_file():
+            return
+        dump = self.out / "seed"
+        cmd = ["./run_train.sh", "--job.dump_folder", str(dump), "--checkpoint.enable",
+               "--checkpoint.create_seed_checkpoint", "--checkpoint.last_save_model_only",
+               "--checkpoint.async_mode", "disabled", "--compile.no-enable", *self.args.extra]
+        proc = subprocess.run(cmd, cwd=ROOT, env=self.env(1), capture_output=True, text=True)
+        (self.out / "seed.log").write_text(strip_ansi(proc.stdout + proc.stderr))
+        if proc.returncode != 0 or not (self.seed / ".metadata").is_file():
+            sys.exit(f"seed checkpoint failed: see {self.out / 'seed.log'}")
+
+    def prepare(self, name: str, from_checkpoint: Path | None = None) -> Path:
+        dump = self.out / name
+        shutil.rmtree(dump, ignore_errors=True)
+        src = from_checkpoint or self.seed
+        shutil.copytree(src, dump / "checkpoint" / src.name)
+        return dump
+
+    def train(self, name: str, ngpu: int, extra: list[str], dump: Path | None = None,
+              kill_at: Path | None = None) -> dict:
+        """One run; with kill_at, SIGKILL the whole run as soon as that folder appears."""
+        dump = dump or self.prepare(name)
+        t0 = time.time()
+        proc = subprocess.Popen(self.command(dump, extra), cwd=ROOT, env=self.env(ngpu),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        killed = None
+        if kill_at is not None:
+            while proc.poll() is None and not kill_at.exists():
+                time.sleep(0.02)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank, no cleanup
+                killed = {"metadata_written": (kill_at / ".metadata").exists()}
+        log = strip_ansi(proc.communicate()[0])
+        (dump / f"{name}.log").write_text(log)
+        steps = parse_steps(log)
+        measured = [v["tps"] for s, v in steps.items() if s > self.args.warmup]
+        result = {"name": name, "ngpu": ngpu, "extra": " ".join(extra), "rc": proc.returncode,
+                  "wall_s": round(time.time() - t0, 1),
+                  "losses": {int(k): v for k, v in
+                             read_scalars(dump, "loss_metrics/global_avg_loss").items()},
+                  "tps_per_gpu": statistics.mean(measured) if measured else None,
+                  "peak_gib": max((v["mem_gib"] for v in steps.values()), default=None)}
+        resumed = [ln for ln in log.splitlines() if "Training starts at step" in ln]
+        result["starts_at"] = resumed[-1].split("step")[-1].strip(" .") if resumed else None
+        if killed is not None:
+            result["killed"] = killed
+        if proc.returncode not in (0, -signal.SIGKILL) and killed is None:
+            result["error"] = " | ".join(log.splitlines()[-8:])[-1000:]
+        print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
+        return result
+
+
+def max_rel(a: dict, b: dict, steps) -> float | None:
+    common = [s for s in steps if s in a and s in b]
+    if not common:
+        return None
+    return max(abs(a[s] - b[s]) / abs(b[s]) for s in common)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        steps = sorted(r["losses"])
+        ax.plot(steps, [r["losses"][s] for s in steps], marker=".", label=r["name"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title("same global batch on 1 and 2 GPUs, one seed checkpoint")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="train_configs/fusion_1b.toml")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5, help="steps excluded from tokens/s")
+    ap.add_argument("--local-batch", type=int, default=4)
+    ap.add_argument("--parts", default="same,throughput,faults")
+    ap.add_argument("--out", default="outputs/two_gpu")
+    ap.add_argument("extra", nargs="*", help="overrides added to every run")
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    runner = Runner(args)
+    runner.out.mkdir(parents=True, exist_ok=True)
+    runner.make_seed()
+    report: dict = {"config": args.config, "steps": args.steps, "local_batch": args.local_batch,
+                    "runs": []}
+    save = lambda: (runner.out / "report.json").write_text(json.dumps(report, indent=1))  # noqa: E731
+    all_steps = range(1, args.steps + 1)
+    no_ckpt = ["--checkpoint.no-enable"]
+    ep2 = ["--parallelism.expert_parallel_degree", "2"]
+
+    if "same" in parts or "throughput" in parts:
+        optimizers = ([[]] if "same" in parts else []) + \
+            ([["--optimizer.name", "NorMuon"]] if "throughput" in parts else [])
+        for opt in optimizers:
+            tag = "_normuon" if opt else ""
+            one = runner.train(f"one_gpu{tag}", 1, no_ckpt + opt)
+            rows = [one]
+            for name, extra in ((f"fsdp2{tag}", []), (f"fsdp2_ep2{tag}", ep2)):
+                r = runner.train(name, 2, no_ckpt + opt + extra)
+                r["max_rel_loss_vs_1gpu"] = max_rel(r["losses"], one["losses"], all_steps)
+                if r["tps_per_gpu"] and one["tps_per_gpu"]:
+                    r["tps_per_gpu_vs_1gpu"] = r["tps_per_gpu"] / one["tps_per_gpu"]
+                rows.append(r)
+            report["runs"] += rows
+            save()
+            if not opt:
+                plot(rows, runner.out / "same_losses.png")
+
+    if "faults" in parts:
+        every = max(1, args.steps // 4)
+        ckpt = ["--checkpoint.enable", "--checkpoint.interval", str(every),
+                "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "0",
+                "--compile.no-enable"]
+        ref = runner.train("async_ref", 2, ckpt)
+        dump = runner.prepare("async_killed")
+        killed = runner.train("async_killed", 2, ckpt, dump=dump,
+                              kill_at=dump / "checkpoint" / f"step-{2 * every}")
+        again = runner.train("async_restart", 2, ckpt, dump=dump)
+        again["max_rel_loss_vs_uninterrupted"] = max_rel(again["losses"], ref["losses"],
+                                                         range(every + 1, args.steps + 1))
+        report["runs"] += [ref, killed, again]
+        save()
+        mid = runner.out / "async_ref" / "checkpoint" / f"step-{2 * every}"
+        to_one = runner.train("resume_2to1", 1, ckpt, dump=runner.prepare("resume_2to1", mid))
+        to_one["max_rel_loss_vs_writer"] = max_rel(to_one["losses"], ref["losses"],
+                                                   range(2 * every + 1, args.steps + 1))
+        one_ref = runner.train("one_gpu_ckpt", 1, ckpt)
+        mid1 = runner.out / "one_gpu_ckpt" / "checkpoint" / f"step-{2 * every}"
+        to_two = runner.train("resume_1to2", 2, ckpt, dump=runner.prepare("resume_1to2", mid1))
+        to_two["max_rel_loss_vs_writer"] = max_rel(to_two["losses"], one_ref["losses"],
+                                                   range(2 * every + 1, args.steps + 1))
+        report["runs"] += [to_one, one_ref, to_two]
+        save()
+
+    save()
+    print("\n| run | GPUs | starts at | tokens/s per GPU | x 1 GPU | peak GiB | max rel loss diff |")
+    print("|---|---|---|---|---|---|---|")
+    for r in report["runs"]:
+        diff = next((r[k] for k in ("max_rel_loss_vs_1gpu", "max_rel_loss_vs_uninterrupted",
+                                    "max_rel_loss_vs_writer") if r.get(k) is not None), None)
+        tps = f"{r['tps_per_gpu']:.0f}" if r.get("tps_per_gpu") else "n/a"
+        ratio = f"{r['tps_per_gpu_vs_1gpu']:.2f}" if r.get("tps_per_gpu_vs_1gpu") else ""
+        print(f"| {r['name']} | {r['ngpu']} | {r.get('starts_at')} | {tps} | {ratio} | "
+              f"{r.get('peak_gib')} | {'' if diff is None else f'{diff:.2e}'} |"
+              + (f" killed: {r['killed']}" if "killed" in r else "")
+              + (f" ERROR {r['error']}" if "error" in r else ""))
+
+
+if __name__ == "__main__":
+    main()
