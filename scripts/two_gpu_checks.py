@@ -79,18 +79,26 @@ class Runner:
         """One run; with kill_at, SIGKILL the whole run as soon as that folder appears."""
         dump = dump or self.prepare(name)
         t0 = time.time()
-        proc = subprocess.Popen(self.command(dump, extra), cwd=ROOT, env=self.env(ngpu),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        killed = None
-        if kill_at is not None:
-            while proc.poll() is None and not kill_at.exists():
-                time.sleep(0.02)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank, no cleanup
-                killed = {"metadata_written": (kill_at / ".metadata").exists()}
-        log = strip_ansi(proc.communicate()[0])
-        (dump / f"{name}.log").write_text(log)
+        log_path = dump / f"{name}.log"
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(self.command(dump, extra), cwd=ROOT, env=self.env(ngpu),
+                                    stdout=log_file, stderr=subprocess.STDOUT)
+            killed = None
+            if kill_at is not None:
+                while proc.poll() is None and not kill_at.exists():
+                    time.sleep(0.01)
+                if proc.poll() is None:
+                    # every rank and torchrun at once, no cleanup: what a node failure leaves
+                    victims = descendants(proc.pid) + [proc.pid]
+                    for pid in victims:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                    killed = {"processes": len(victims),
+                              "metadata_written": (kill_at / ".metadata").exists()}
+            proc.wait()
+        log = strip_ansi(log_path.read_text())
         steps = parse_steps(log)
         measured = [v["tps"] for s, v in steps.items() if s > self.args.warmup]
         result = {"name": name, "ngpu": ngpu, "extra": " ".join(extra), "rc": proc.returncode,
@@ -109,6 +117,24 @@ class Runner:
         return result
 
 
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (torchrun's workers run in their own process groups)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def max_rel(a: dict, b: dict, steps) -> float | None:
     common = [s for s in steps if s in a and s in b]
     if not common:
@@ -117,7 +143,11 @@ def max_rel(a: dict, b: dict, steps) -> float | None:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no {path.name}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
