@@ -2,7 +2,7 @@
 
   DCP step folder -> one torch.save file (everything, or the model only)
   DCP step folder -> Hugging Face folder: safetensors shards, model.safetensors.index.json,
-                     config.json (names from FusionStateDictAdapter)
+                     config.json (names and the interleaved rope layout of FusionStateDictAdapter)
   HF folder       -> DCP folder holding the model only, which the trainer loads as initial
                      weights (--checkpoint.initial_load_path DIR --checkpoint.initial_load_model_only)
 
@@ -24,7 +24,9 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from ..model.args import FusionModelArgs
 from .folders import HF_INDEX, METADATA, read_metadata, verify_files
 from .manager import STATE_GROUPS
-from .state_dict_adapter import FusionStateDictAdapter, native_keys, read_config, write_config
+from .state_dict_adapter import (
+    FusionStateDictAdapter, native_keys, read_config, read_rope_interleave, write_config,
+)
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # the HF hub's usual shard size
 
@@ -120,7 +122,8 @@ def load_hf(hf_dir: str) -> dict[str, torch.Tensor]:
 def hf_to_dcp(hf_dir: str, out_dir: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """An HF folder written by dcp_to_hf (config.json + safetensors) -> a model-only DCP folder."""
     args = read_config(hf_dir)
-    state = FusionStateDictAdapter(args).from_hf(load_hf(hf_dir))
+    adapter = FusionStateDictAdapter(args, rope_interleave=read_rope_interleave(hf_dir))
+    state = adapter.from_hf(load_hf(hf_dir))
     _check_model_keys(state, args, hf_dir)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
