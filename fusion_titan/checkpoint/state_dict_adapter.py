@@ -45,6 +45,7 @@ from torchtitan.protocols.state_dict_adapter import StateDictAdapter
 
 from ..model.args import FusionModelArgs
 from .folders import HF_INDEX
+from .hf_export import AUTO_MAP
 
 CONFIG_FILE = "config.json"
 
@@ -181,6 +182,7 @@ def write_config(args: FusionModelArgs, folder: str, dtype: torch.dtype | None =
         "qk_rope_head_dim": args.qk_rope_head_dim,
         "rope_theta": args.rope_theta,
         "rope_interleave": True,  # rope rows exported in DeepSeek-V3's interleaved order
+        "auto_map": AUTO_MAP,  # transformers' trust_remote_code entry points (hf_export.py)
         "torch_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
         # the exact arguments our model is built from; read back by read_config
         "fusion_model_args": dataclasses.asdict(args),
