@@ -59,13 +59,15 @@ def base_shapes(model: nn.Module, args: FusionModelArgs | None = None) -> dict[s
     return shapes
 
 
-def fan_in_multipliers(model: nn.Module, args: FusionModelArgs | None = None) -> dict[str, float]:
-    """{parameter name: fan_in / base fan_in} for matrices, 1 for vectors; all 1 when muP is off."""
+def fan_in_multipliers(model: nn.Module, args: FusionModelArgs | None = None,
+                       base: dict[str, torch.Size] | None = None) -> dict[str, float]:
+    """{parameter name: fan_in / base fan_in} for matrices, 1 for vectors; all 1 when muP is off.
+    `base`: `base_shapes(model, args)` when the caller already has them."""
     args = args or model.model_args
     params = list(model.named_parameters())
     if not args.mup:
         return {name: 1.0 for name, _ in params}
-    base = base_shapes(model, args)
+    base = base or base_shapes(model, args)
     return {name: fan_in(name, p.shape) / fan_in(name, base[name]) if p.ndim >= 2 else 1.0
             for name, p in params}
 

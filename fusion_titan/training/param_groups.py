@@ -61,8 +61,8 @@ def lr_multipliers(model: nn.Module, muon_update_scale: str | None = None) -> di
     mults = {name: 1.0 for params in named.values() for name, _ in params}
     if args is None or not args.mup:
         return mults
-    fan_in = fan_in_multipliers(model, args)
     base = base_shapes(model, args)
+    fan_in = fan_in_multipliers(model, args, base)
     for name, p in named["adam_matrix"] + named["muon"]:
         if muon_update_scale is not None and role(name, p) == "muon":
             mults[name] = spectral_lr_multiplier(p.shape, base[name], muon_update_scale)
