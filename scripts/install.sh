@@ -11,8 +11,8 @@ if [[ "${1:-}" != "--gpu" ]] && ! python -c "import torch" 2>/dev/null; then
     python -m pip install "torch==2.13.0"
 fi
 if [[ "${1:-}" == "--gpu" ]]; then
-    python -m pip install -e ".[dev,eval,kernels]"  # fused loss kernels (CUDA only)
+    python -m pip install -e ".[dev,eval,hf,kernels]"  # fused loss kernels (CUDA only)
 else
-    python -m pip install -e ".[dev,eval]"  # eval: lm-eval-harness (~35 s, no transformers)
+    python -m pip install -e ".[dev,eval,hf]"  # eval: lm-eval-harness (~35 s); hf: transformers (~30 s)
 fi
 python -c "import torch, torchtitan, triton, tiktoken; print('torch', torch.__version__, '| torchtitan', torchtitan.__version__, '| cuda', torch.cuda.is_available())"

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from fusion_titan.checkpoint.convert import load_dcp, load_hf
-from fusion_titan.checkpoint.state_dict_adapter import FusionStateDictAdapter, read_config, write_config
+from fusion_titan.checkpoint.state_dict_adapter import (
+    FusionStateDictAdapter, read_config, read_rope_interleave, write_config,
+)
 from fusion_titan.model.flavors import FLAVORS
 from fusion_titan.model.model import FusionModel
 from trainer_runs import ROOT, async_run, run_train, tb_losses  # noqa: F401  (async_run: fixture)
@@ -119,3 +121,84 @@ def test_trainer_starts_from_a_converted_checkpoint(async_run, tmp_path):
     assert f"Loading the checkpoint from {back}" in log and "Training starts at step 1" in log
     # the trained weights see the first batch with a much lower loss than a fresh init
     assert tb_losses(fresh)[1] < tb_losses(dump)[1] - 1.0
+
+
+# DeepSeek-V3's checkpoint names -> torchtitan deepseek_v3 Attention's parameter names
+DEEPSEEK_TO_TORCHTITAN = {"q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b",
+                          "q_proj": "wq", "kv_a_proj_with_mqa": "wkv_a",
+                          "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b", "o_proj": "wo"}
+
+
+def torchtitan_attention(hf: dict, prefix: str, args):
+    """torchtitan 0.2.2's DeepSeek-V3 MLA with the exported tensors under `prefix`, and its
+    rope table (same theta and length, no YaRN: max_seq_len <= original_seq_len)."""
+    from torchtitan.models.deepseek_v3.model.args import DeepSeekV3ModelArgs
+    from torchtitan.models.deepseek_v3.model.model import Attention, precompute_freqs_cis
+
+    tt_args = DeepSeekV3ModelArgs(
+        dim=args.dim, n_heads=args.n_heads, q_lora_rank=args.q_lora_rank,
+        kv_lora_rank=args.kv_lora_rank, qk_nope_head_dim=args.qk_nope_head_dim,
+        qk_rope_head_dim=args.qk_rope_head_dim, v_head_dim=args.v_head_dim,
+        norm_eps=args.norm_eps, max_seq_len=args.max_seq_len, original_seq_len=args.max_seq_len,
+        rope_theta=args.rope_theta, attn_type="sdpa")
+    attention = Attention(tt_args)
+    state = {}
+    for name, tensor in hf.items():
+        if name.startswith(prefix):
+            module, leaf = name[len(prefix):].split(".")
+            state[f"{DEEPSEEK_TO_TORCHTITAN[module]}.{leaf}"] = tensor
+    attention.load_state_dict(state)  # strict: every tensor of the layer, nothing else
+    return attention, precompute_freqs_cis(tt_args)
+
+
+@pytest.mark.parametrize("q_lora_rank", [64, 0])
+def test_exported_mla_matches_torchtitan_deepseek_v3_attention(q_lora_rank):
+    """Our half-split RoPE exported in the interleaved layout: torchtitan's deepseek_v3
+    Attention (interleaved complex rotation) computes our layer's output from the HF tensors,
+    for the trunk's MLA and the MTP block's; the unpermuted tensors do not."""
+    args = small_args(q_lora_rank=q_lora_rank, mtp_depth=1, max_seq_len=64)
+    torch.manual_seed(0)
+    model = FusionModel(args)
+    model.init_weights()
+    with torch.no_grad():  # O(1) weights, so the attention pattern is far from uniform
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randn(2, 24, args.dim)
+    for native, prefix in (("layers.0.mixer", "model.layers.0.self_attn."),
+                           ("mtp.0.block.mixer", "model.mtp.0.self_attn.")):
+        ours = model.get_submodule(native)(x, model.rope)
+        for interleave in (True, False):
+            hf = FusionStateDictAdapter(args, rope_interleave=interleave).to_hf(model.state_dict())
+            attention, freqs_cis = torchtitan_attention(hf, prefix, args)
+            theirs = attention(x, freqs_cis, None)
+            if interleave:
+                torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+            else:
+                assert (theirs - ours).abs().max() > 1e-2
+
+
+def test_rope_layout_is_recorded_and_undone_on_import(tmp_path):
+    args = small_args()
+    write_config(args, str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rope_interleave"] is True and config["qk_rope_head_dim"] == args.qk_rope_head_dim
+    model = FusionModel(args)
+    model.init_weights()
+    state = model.state_dict()
+    hf = FusionStateDictAdapter(args).to_hf(state)
+    q_b, rope, nope = hf["model.layers.0.self_attn.q_b_proj.weight"], args.qk_rope_head_dim, args.qk_nope_head_dim
+    head1 = slice(args.qk_nope_head_dim + rope, 2 * (nope + rope))  # head 1's rows
+    ours_rope = state["layers.0.mixer.wq_b.weight"][head1][nope:]
+    # interleaved pairs: exported row 2i is our row i, row 2i+1 our row i + rope/2
+    assert torch.equal(q_b[head1][nope:][0::2], ours_rope[: rope // 2])
+    assert torch.equal(q_b[head1][nope:][1::2], ours_rope[rope // 2:])
+    assert torch.equal(q_b[head1][:nope], state["layers.0.mixer.wq_b.weight"][head1][:nope])
+    kv_a = hf["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    ours_k = state["layers.0.mixer.wkv_a.weight"][args.kv_lora_rank:]
+    assert torch.equal(kv_a[args.kv_lora_rank:][1::2], ours_k[rope // 2:])
+    back = FusionStateDictAdapter(args).from_hf(hf)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    # folders exported before the layout was recorded hold our order and load unpermuted
+    del config["rope_interleave"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert read_rope_interleave(str(tmp_path)) is False

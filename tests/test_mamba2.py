@@ -138,7 +138,7 @@ def make_layer(dtype=torch.float64, seed=0, **kw):
     cfg = dict(dim=32, n_heads=4, head_dim=8, d_state=6, n_groups=2, conv_size=4, chunk_size=8)
     cfg.update(kw)
     layer = Mamba2(**cfg)
-    layer.init_weights(init_std=0.02)
+    layer.init_weights(0.02, 0.02)
     with torch.no_grad():
         # Larger output weights and decays than the default init, so differences are not hidden
         # by tiny outputs and the state really carries information across chunks.
@@ -174,7 +174,7 @@ def test_layer_shapes_backward_and_meta_init():
     with torch.device("meta"):
         layer = Mamba2(**cfg)
     layer.to_empty(device="cpu")
-    layer.init_weights(init_std=0.01)
+    layer.init_weights(0.01, 0.01)
     for name, p in layer.named_parameters():
         assert torch.isfinite(p).all(), name
     A = layer.A_log.exp()

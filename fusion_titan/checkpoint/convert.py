@@ -2,7 +2,8 @@
 
   DCP step folder -> one torch.save file (everything, or the model only)
   DCP step folder -> Hugging Face folder: safetensors shards, model.safetensors.index.json,
-                     config.json (names from FusionStateDictAdapter)
+                     config.json (names and the interleaved rope layout of FusionStateDictAdapter),
+                     the transformers remote code and the tokenizer (checkpoint/hf_export.py)
   HF folder       -> DCP folder holding the model only, which the trainer loads as initial
                      weights (--checkpoint.initial_load_path DIR --checkpoint.initial_load_model_only)
 
@@ -23,8 +24,11 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from ..model.args import FusionModelArgs
 from .folders import HF_INDEX, METADATA, read_metadata, verify_files
+from .hf_export import make_readable, write_remote_code, write_tokenizer
 from .manager import STATE_GROUPS
-from .state_dict_adapter import FusionStateDictAdapter, native_keys, read_config, write_config
+from .state_dict_adapter import (
+    FusionStateDictAdapter, native_keys, read_config, read_rope_interleave, write_config,
+)
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # the HF hub's usual shard size
 
@@ -67,8 +71,11 @@ def _check_model_keys(state: dict, args: FusionModelArgs, path: str) -> None:
 
 
 def dcp_to_hf(path: str, out_dir: str, args: FusionModelArgs, dtype: torch.dtype | None = None,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, torch.Tensor]:
-    """Write the model of a DCP checkpoint as HF safetensors shards + index + config.json."""
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+              tokenizer: str | None = None) -> dict[str, torch.Tensor]:
+    """Write the model of a DCP checkpoint as HF safetensors shards + index + config.json, the
+    transformers remote code (configuration_fusion.py, modeling_fusion.py) and, given
+    `tokenizer` (`[data] tokenizer`) and transformers installed, the tokenizer files; all 0644."""
     from safetensors.torch import save_file
 
     state = load_dcp(path, model_only=True)
@@ -97,6 +104,10 @@ def dcp_to_hf(path: str, out_dir: str, args: FusionModelArgs, dtype: torch.dtype
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     stored = {t.dtype for t in hf.values() if t.is_floating_point()}
     write_config(args, out_dir, dtype=stored.pop() if len(stored) == 1 else None)
+    write_remote_code(out_dir)
+    if tokenizer is not None and write_tokenizer(out_dir, tokenizer) is None:
+        print("tokenizer files not written: they need transformers (pip install -e '.[hf]')")
+    make_readable(out_dir)
     return hf
 
 
@@ -120,7 +131,8 @@ def load_hf(hf_dir: str) -> dict[str, torch.Tensor]:
 def hf_to_dcp(hf_dir: str, out_dir: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """An HF folder written by dcp_to_hf (config.json + safetensors) -> a model-only DCP folder."""
     args = read_config(hf_dir)
-    state = FusionStateDictAdapter(args).from_hf(load_hf(hf_dir))
+    adapter = FusionStateDictAdapter(args, rope_interleave=read_rope_interleave(hf_dir))
+    state = adapter.from_hf(load_hf(hf_dir))
     _check_model_keys(state, args, hf_dir)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -21,9 +21,13 @@ Names follow DeepSeek-V3 for the parts it has (MLA, DeepSeekMoE, MTP) and Qwen3-
   mtp.{k}.hidden_norm, embed_norm,      model.mtp.{k}.hnorm, enorm, eh_proj, shared_head.norm,
          proj, norm, block.*            and the block's names directly under model.mtp.{k}
 
-No tensor is transposed or permuted: the layout is ours (e.g. our rope convention), so these
-files are for exchange and inspection, not for transformers' DeepseekV3 classes. `config.json`
-carries every FusionModelArgs field (under "fusion_model_args") plus the usual HF keys.
+RoPE layout: our `apply_rope` rotates half-split pairs (x[i], x[i + rope/2]); DeepSeek-V3's
+reference code, torchtitan's deepseek_v3 and transformers' DeepseekV3 (rope_interleave = true)
+rotate interleaved pairs (x[2i], x[2i + 1]) with the same frequencies. The exported rope rows of
+`q_b_proj` (or `q_proj`), per head, and of `kv_a_proj_with_mqa` are therefore permuted into the
+interleaved order those names imply (`rope_interleave: true` in config.json), and permuted back
+on import; nothing else is transposed or permuted. `config.json` carries every FusionModelArgs
+field (under "fusion_model_args") plus the usual HF keys.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from torchtitan.protocols.state_dict_adapter import StateDictAdapter
 
 from ..model.args import FusionModelArgs
 from .folders import HF_INDEX
+from .hf_export import AUTO_MAP
 
 CONFIG_FILE = "config.json"
 
@@ -107,6 +112,41 @@ def expert_hf_names(key: str, n_experts: int) -> list[str]:
     return [f"model.{layer}.mlp.experts.{e}.{_EXPERT_PROJ[w]}.weight" for e in range(n_experts)]
 
 
+def interleave_order(rope_dim: int) -> torch.Tensor:
+    """Index order taking a half-split rope vector to the interleaved layout:
+    out[2i] = x[i], out[2i + 1] = x[rope_dim / 2 + i]."""
+    half = rope_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
+
+
+def _rope_rows(key: str, args: FusionModelArgs) -> torch.Tensor | None:
+    """Row indices holding rope features in an MLA weight (None: no rope rows)."""
+    rope, kind = args.qk_rope_head_dim, key.rsplit(".", 2)[-2]
+    if ".mixer." not in key or kind not in ("wq", "wq_b", "wkv_a"):
+        return None
+    if kind == "wkv_a":  # [kv_lora_rank + rope, dim]: one shared rope key
+        return torch.arange(args.kv_lora_rank, args.kv_lora_rank + rope)
+    head = args.qk_nope_head_dim + rope  # [n_heads * (nope + rope), in]: per head
+    return (torch.arange(args.n_heads)[:, None] * head + args.qk_nope_head_dim
+            + torch.arange(rope)).flatten()
+
+
+def permute_rope_rows(key: str, value, args: FusionModelArgs, to_interleaved: bool):
+    """`value` with its rope rows in the interleaved (to_interleaved) or our half-split order."""
+    rows = _rope_rows(key, args)
+    if rows is None:
+        return value
+    layout = (value.device_mesh, value.placements) if isinstance(value, DTensor) else None
+    full = value.full_tensor() if layout else value
+    order = interleave_order(args.qk_rope_head_dim)
+    if not to_interleaved:
+        order = torch.argsort(order)
+    rows_in_order = rows.view(-1, args.qk_rope_head_dim)[:, order].flatten()
+    out = full.clone()
+    out[rows.to(full.device)] = full[rows_in_order.to(full.device)]
+    return distribute_tensor(out, *layout) if layout else out
+
+
 def native_keys(args: FusionModelArgs) -> list[str]:
     """The model's state dict keys for these args (built on the meta device: no memory)."""
     from ..model.model import FusionModel
@@ -139,6 +179,10 @@ def write_config(args: FusionModelArgs, folder: str, dtype: torch.dtype | None =
         "max_position_embeddings": args.max_seq_len,
         "layer_types": ["full_attention" if k == "attn" else "linear_attention" for k in kinds],
         "tie_word_embeddings": True,
+        "qk_rope_head_dim": args.qk_rope_head_dim,
+        "rope_theta": args.rope_theta,
+        "rope_interleave": True,  # rope rows exported in DeepSeek-V3's interleaved order
+        "auto_map": AUTO_MAP,  # transformers' trust_remote_code entry points (hf_export.py)
         "torch_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
         # the exact arguments our model is built from; read back by read_config
         "fusion_model_args": dataclasses.asdict(args),
@@ -149,10 +193,20 @@ def write_config(args: FusionModelArgs, folder: str, dtype: torch.dtype | None =
     return path
 
 
-def read_config(folder: str) -> FusionModelArgs:
+def _load_config(folder: str) -> tuple[str, dict]:
     path = os.path.join(folder, CONFIG_FILE)
     with open(path) as f:
-        config = json.load(f)
+        return path, json.load(f)
+
+
+def read_rope_interleave(folder: str) -> bool:
+    """Whether the folder's rope rows are interleaved; exports written before the layout was
+    recorded (no `rope_interleave` key) hold our half-split order."""
+    return bool(_load_config(folder)[1].get("rope_interleave", False))
+
+
+def read_config(folder: str) -> FusionModelArgs:
+    path, config = _load_config(folder)
     if "fusion_model_args" not in config:
         raise ValueError(f"{path} was not written by fusion_titan (no 'fusion_model_args')")
     fields = {f.name for f in dataclasses.fields(FusionModelArgs)}
@@ -167,13 +221,18 @@ def read_config(folder: str) -> FusionModelArgs:
 
 
 class FusionStateDictAdapter(StateDictAdapter):
-    def __init__(self, model_args: FusionModelArgs, hf_assets_path: str | None = None):
+    """rope_interleave: the HF side holds the rope rows in the interleaved order (what we export);
+    False reads (and writes) our half-split order unchanged, for folders written before."""
+
+    def __init__(self, model_args: FusionModelArgs, hf_assets_path: str | None = None,
+                 rope_interleave: bool = True):
         # torchtitan's base reads a shard layout from hf_assets_path/model.safetensors.index.json
         # and warns on every run when the (tokenizer) folder has none: only look when it exists.
         has_index = bool(hf_assets_path) and os.path.isfile(os.path.join(hf_assets_path, HF_INDEX))
         super().__init__(model_args, hf_assets_path if has_index else None)
         self.hf_assets_path = hf_assets_path
         self.model_args = model_args
+        self.rope_interleave = rope_interleave
         self.n_experts = model_args.n_routed_experts
         # hf name -> (native key, expert index or None), for every key of this configuration
         self._from_hf: dict[str, tuple[str, int | None]] = {}
@@ -200,6 +259,8 @@ class FusionStateDictAdapter(StateDictAdapter):
                 for name, expert in zip(expert_hf_names(key, value.shape[0]), value.unbind(0)):
                     out[name] = expert
             else:
+                if self.rope_interleave:
+                    value = permute_rope_rows(key, value, self.model_args, to_interleaved=True)
                 out[native_to_hf_name(key, self.model_args)] = value
         return out
 
@@ -211,6 +272,8 @@ class FusionStateDictAdapter(StateDictAdapter):
                 raise KeyError(f"{name!r} is not a tensor of this model configuration")
             key, e = self._from_hf[name]
             if e is None:
+                if self.rope_interleave:
+                    value = permute_rope_rows(key, value, self.model_args, to_interleaved=False)
                 out[key] = value
             else:
                 experts.setdefault(key, {})[e] = value

@@ -58,6 +58,7 @@ class TiktokenTokenizer(BaseTokenizer):
                     "or the path of a tiktoken ranks file"
                 )
         self.name = name_or_path
+        self.ranks_file = path  # the BPE ranks (checkpoint/hf_export.py converts them for HF)
         self.encoding = _encoding(str(path))
         self.eos_id = self.encoding.encode_single_token(ENDOFTEXT)
         self.bos_id = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -18,6 +19,11 @@ OVERRIDABLE_FIELDS = (
     "moe_bias_update_rate", "use_grouped_mm", "ssm_type", "moe_seq_aux_weight",
     "moe_capacity_factor",
 )
+
+# Fields that grow with the width (dim): muP's base model has them scaled by mup_base_dim / dim.
+# Everything else (head dims, q/kv LoRA ranks, expert count, vocabulary, conv size) is a fixed
+# dimension, the same in the base model.
+MUP_WIDTH_FIELDS = ("n_heads", "ffn_hidden_dim", "moe_inter_dim", "gdn_n_heads")
 
 
 def parse_schedule(schedule: str, n_layers: int) -> list[str]:
@@ -98,7 +104,8 @@ class FusionModelArgs(BaseModelArgs):
     ce_impl: str = "auto"
     z_loss: bool = False
 
-    # initialization (muP: width-scaled init and multipliers relative to mup_base_dim)
+    # initialization (muP: per-matrix init std and Adam lr from each matrix's fan-in relative to the
+    # same matrix in the base model, `mup_base()`; the head's logits times mup_base_dim / dim)
     mup: bool = True
     mup_base_dim: int = 256
     init_std: float = 0.02
@@ -112,7 +119,21 @@ class FusionModelArgs(BaseModelArgs):
 
     @property
     def width_mult(self) -> float:
+        """dim / mup_base_dim: the tied head's muP output multiplier is 1 / width_mult."""
         return self.dim / self.mup_base_dim if self.mup else 1.0
+
+    def mup_base(self) -> "FusionModelArgs":
+        """The muP base model: this flavor at dim = mup_base_dim (docs/model.md, "muP").
+
+        Each width field is scaled by mup_base_dim / dim (rounded, at least 1); heads grow in
+        number, not in size, so head dims stay. MLA's KV groups (when set) scale like the heads
+        and are made to divide the base head count. Mamba-2's heads follow dim by construction.
+        """
+        ratio = self.mup_base_dim / self.dim
+        base = {name: max(1, round(getattr(self, name) * ratio)) for name in MUP_WIDTH_FIELDS}
+        if self.mla_kv_groups:
+            base["mla_kv_groups"] = math.gcd(max(1, round(self.mla_kv_groups * ratio)), base["n_heads"])
+        return self.replace(dim=self.mup_base_dim, **base)
 
     def validate(self) -> None:
         self.block_kinds()  # raises on a bad schedule
@@ -129,6 +150,8 @@ class FusionModelArgs(BaseModelArgs):
             raise ValueError(f"ssm_type {self.ssm_type!r} must be 'gdn' or 'mamba2'")
         if self.logit_softcap < 0:
             raise ValueError("logit_softcap must be >= 0 (0 turns it off)")
+        if self.mup and self.mup_base_dim <= 0:
+            raise ValueError(f"mup_base_dim must be > 0 with mup = true, got {self.mup_base_dim}")
 
     def update_from_config(self, job_config, **kwargs) -> None:
         model_cfg = job_config.model

@@ -21,14 +21,14 @@ from .moe import DeepSeekMoE
 
 
 def init_stds(args: FusionModelArgs) -> tuple[float, float]:
-    """(std of input-side matrices, std of residual-output matrices).
+    """(std of input-side matrices, std of residual-output matrices) in the muP base model.
 
-    muP (Tensor Programs V): hidden weights have variance ~ 1/fan_in, i.e. the base std shrinks by
-    sqrt(width_mult) as the model widens past mup_base_dim. Residual outputs are further scaled by
-    1/sqrt(2 * n_layers) (GPT-2) so the residual stream's scale does not grow with depth.
+    Residual outputs are scaled by 1/sqrt(2 * n_layers) (GPT-2) so the residual stream's scale
+    does not grow with depth. muP's per-matrix width scaling is applied afterwards, by
+    FusionModel.init_weights (fusion_titan/model/mup.py): every matrix here is drawn as the base
+    model would draw it.
     """
-    std = args.init_std / math.sqrt(args.width_mult)
-    return std, std / math.sqrt(2 * args.n_layers)
+    return args.init_std, args.init_std / math.sqrt(2 * args.n_layers)
 
 
 class FusionBlock(nn.Module):
@@ -94,10 +94,7 @@ class FusionBlock(nn.Module):
         std, out_std = init_stds(args)
         self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
-        if self.kind == "attn":
-            self.mixer.init_weights(std, out_std)
-        else:
-            self.mixer.init_weights(out_std)
+        self.mixer.init_weights(std, out_std)
         if self.moe_enabled:
             self.moe.init_weights(std, out_std, buffer_device)
         else:

@@ -144,10 +144,11 @@ class GatedDeltaNet(nn.Module):
         return self.o_proj(o)
 
     @torch.no_grad()
-    def init_weights(self, init_std: float):
+    def init_weights(self, std: float, out_std: float):
+        """Input projections ~ N(0, std), the residual output ~ N(0, out_std), truncated at 3 std."""
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj):
-            nn.init.normal_(lin.weight, mean=0.0, std=0.02)
-        nn.init.normal_(self.o_proj.weight, mean=0.0, std=init_std)
+            nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.o_proj.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
         for conv in (self.q_conv, self.k_conv, self.v_conv):
             conv.reset_parameters()
         self.o_norm.reset_parameters()

@@ -155,9 +155,10 @@ class Mamba2(nn.Module):
         return self.out_proj(y)
 
     @torch.no_grad()
-    def init_weights(self, init_std: float):
-        nn.init.normal_(self.in_proj.weight, mean=0.0, std=0.02)
-        nn.init.normal_(self.out_proj.weight, mean=0.0, std=init_std)
+    def init_weights(self, std: float, out_std: float):
+        """in_proj ~ N(0, std), the residual output ~ N(0, out_std), truncated at 3 std."""
+        nn.init.trunc_normal_(self.in_proj.weight, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.out_proj.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
         self.conv.reset_parameters()
         self.norm.reset_parameters()
         nn.init.ones_(self.D)

@@ -25,6 +25,7 @@ from .blocks import FusionBlock
 from .decoding import ModelCache
 from .moe import DeepSeekMoE
 from .mtp import MTPModule
+from .mup import rescale_init_
 from .rope import rope_cache
 
 
@@ -39,7 +40,7 @@ class FusionModel(ModelProtocol):
         )
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.mtp = nn.ModuleList(MTPModule(args) for _ in range(args.mtp_depth))
-        # muP: logits shrink as 1/width_mult so their scale stays width-independent in training.
+        # muP (mup's MuSharedReadout): the tied head's logits times 1/width_mult.
         self.logit_scale = 1.0 / args.width_mult
         self.register_buffer("rope", self._rope_table(), persistent=False)
 
@@ -174,5 +175,6 @@ class FusionModel(ModelProtocol):
         self.norm.reset_parameters()
         for module in self.mtp:
             module.init_weights(args, buffer_device)
+        rescale_init_(self, args)  # muP: each matrix by its own fan-in multiplier
         device = buffer_device or self.tok_embeddings.weight.device
         self.rope = self._rope_table(device=device)

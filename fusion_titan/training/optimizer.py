@@ -20,7 +20,7 @@ import torch
 from torchtitan.components.optimizer import OptimizersContainer
 
 from ..optim.hybrid import NorMuonCautiousAdamW
-from .param_groups import split_params
+from .param_groups import groups_by_multiplier, lr_multipliers, split_named_params
 
 from .loss import STEP_LOSSES, check_finite
 from .moe_balance import ExpertBiasUpdater
@@ -40,18 +40,19 @@ class FusionOptimizersContainer(OptimizersContainer):
 
 
 def _groups(model: nn.Module, cfg, muon_separate: bool) -> tuple[list[dict], list[dict]]:
-    args = getattr(model, "model_args", None)
-    width_mult = args.width_mult if args is not None else 1.0
-    parts = split_params(model)
-    hidden = parts["adam_matrix"] + ([] if muon_separate else parts["muon"])
+    """(NorMuon groups, Adam groups); muP's per-matrix lr in groups by multiplier (param_groups)."""
+    named = split_named_params(model)
+    mults = lr_multipliers(model, getattr(cfg, "muon_update_scale", "muon") if muon_separate else None)
+    hidden = named["adam_matrix"] + ([] if muon_separate else named["muon"])
     adam = [
-        {"params": parts["embedding"], "lr": cfg.lr, "weight_decay": 0.0, "name": "embedding"},
-        {"params": hidden, "lr": cfg.lr / width_mult, "weight_decay": cfg.weight_decay,
-         "name": "adam_hidden"},
-        {"params": parts["no_decay"], "lr": cfg.lr, "weight_decay": 0.0, "name": "vectors"},
+        {"params": [p for _, p in named["embedding"]], "lr": cfg.lr, "weight_decay": 0.0,
+         "name": "embedding"},
+        *groups_by_multiplier(hidden, mults, cfg.lr, cfg.weight_decay, "adam_hidden"),
+        {"params": [p for _, p in named["no_decay"]], "lr": cfg.lr, "weight_decay": 0.0,
+         "name": "vectors"},
     ]
-    muon = [{"params": parts["muon"], "lr": cfg.muon_lr, "weight_decay": cfg.muon_weight_decay,
-             "name": "normuon"}] if muon_separate else []
+    muon = groups_by_multiplier(named["muon"], mults, cfg.muon_lr, cfg.muon_weight_decay,
+                                "normuon") if muon_separate else []
     keep = lambda gs: [g for g in gs if g["params"]]  # noqa: E731
     return keep(muon), keep(adam)
 
