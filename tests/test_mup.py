@@ -45,7 +45,8 @@ def optimizer_config(name: str, lr: float = 1e-2, muon_lr: float = 0.02, weight_
         "--optimizer.lr", str(lr), "--optimizer.muon_lr", str(muon_lr),
         "--optimizer.weight_decay", str(weight_decay), "--optimizer.muon_weight_decay",
         str(weight_decay), "--optimizer.muon_update_scale", update_scale,
-        "--optimizer.implementation", "for-loop"]).optimizer
+        # AdamW's plain for-loop kernels for the comparisons; NorMuon has one implementation
+        *(["--optimizer.implementation", "for-loop"] if name != "NorMuon" else [])]).optimizer
 
 
 # ----------------------------------------------------------------------------------------------
