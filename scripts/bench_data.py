@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fusion_titan.data.global_batch import BatchPlan  # noqa: E402
 from fusion_titan.data.mixture import build_curriculum  # noqa: E402
 from fusion_titan.data.prepare import PrepareParams, prepare  # noqa: E402
 from fusion_titan.data.shard_loader import ShardLoader, SourceStream  # noqa: E402
@@ -59,7 +60,8 @@ def main() -> None:
         streams = [SourceStream("stdlib", m, m.shards_of("stdlib"), 0)]
         cur = build_curriculum([], [], ["stdlib"], {"stdlib": streams[0].total})
         for prefetch in (0, 4):
-            ld = ShardLoader(streams, cur, 0, 8, Ramp.constant(4096), Ramp.constant(4), prefetch=prefetch)
+            plan = BatchPlan(0, 8, 1, Ramp.constant(4096), Ramp.constant(4 * 8))  # rank 0 of 8
+            ld = ShardLoader(streams, cur, plan, prefetch=prefetch)
             it = iter(ld)
             next(it)
             t = time.perf_counter()

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="prepared directory (created; resumed if it exists)")
     ap.add_argument("--source", action="append", required=True, metavar="[NAME=]SPEC",
-                    help="file, directory, 'stdlib' or 'hf:NAME?split=...'; repeat for several")
+                    help="file, directory, 'stdlib' or 'hf:NAME?name=CONFIG&split=...' (plus our "
+                         "text=COL,... and swh=COL keys, docs/data.md); repeat for several")
     ap.add_argument("--tokenizer", default=d.tokenizer, help="'qwen2.5' or a .tiktoken ranks file")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     ap.add_argument("--shard-tokens", type=int, default=d.shard_tokens, help="tokens per shard (about)")

@@ -21,7 +21,8 @@ from fusion_titan.data import shards as shards_mod
 from fusion_titan.data.dataloader import build_dataloader, build_validation_dataloader
 from fusion_titan.data.mixture import build_curriculum
 from fusion_titan.data.prepare import PrepareParams, prepare
-from fusion_titan.data.shard_loader import ShardLoader, SourceStream, document_ids
+from fusion_titan.data.global_batch import BatchPlan, document_ids
+from fusion_titan.data.shard_loader import ShardLoader, SourceStream
 from fusion_titan.data.shards import (MANIFEST, append_record, read_manifest, token_dtype,
                                       tokenizer_fingerprint, write_shard)
 from fusion_titan.data.tokenizer import TiktokenTokenizer
@@ -146,6 +147,47 @@ def test_hf_datasets_streaming_path(corpus, tmp_path, tok):
     assert shard_docs(tmp_path, "web", tok) == corpus["unique"]
 
 
+def test_hf_spec_text_columns_and_software_heritage_contents(tmp_path, monkeypatch):
+    """text=COL,COL joins columns (list columns item by item, chat turns by content); swh=COL
+    downloads each row's gzip blob from the Software Heritage bucket (here a local HTTP server
+    with the same layout), skipping blobs the archive lacks, in the dataset's order."""
+    import gzip
+    import http.server
+    import threading
+    from functools import partial
+
+    from fusion_titan.data import sources
+
+    rows = [{"problem": "1+1?", "solution": "2", "messages": [{"role": "user", "content": "1+1?"},
+                                                              {"role": "assistant", "content": "<think>2</think> 2"}]},
+            {"problem": "2+2?", "solution": "4", "messages": []}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = f"hf:json?data_files={data}"
+    assert list(sources.iter_documents(spec + "&text=problem,solution")) == ["1+1?\n\n2", "2+2?\n\n4"]
+    assert list(sources.iter_documents(spec + "&text=messages"))[0] == "1+1?\n\n<think>2</think> 2"
+    with pytest.raises(KeyError, match="no 'answer' column"):
+        list(sources.iter_documents(spec + "&text=answer"))
+
+    blobs = [f"{i:040x}" for i in range(70)]  # more than the downloads kept in flight
+    (tmp_path / "content").mkdir()
+    for i, b in enumerate(blobs):
+        if i != 3:  # blob 3 is missing from the archive
+            (tmp_path / "content" / b).write_bytes(gzip.compress(f"def f{i}(): pass\n".encode()))
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text("".join(json.dumps({"blob_id": b, "language": "Python"}) + "\n" for b in blobs))
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(sources, "SWH_CONTENT_URL", f"http://127.0.0.1:{server.server_port}/content/{{}}")
+        docs = list(sources.iter_documents(f"hf:json?data_files={ids}&swh=blob_id"))
+    finally:
+        server.shutdown()
+    assert docs == [f"def f{i}(): pass\n" for i in range(70) if i != 3]
+
+
 def test_stdlib_is_a_source_and_val_split_is_held_out(tmp_path, tok):
     stats = prepare(tmp_path, [("stdlib", "stdlib")], PrepareParams(max_documents=40, val_fraction=0.2),
                     progress=False)
@@ -259,7 +301,7 @@ def test_vocab_larger_than_the_model_is_refused(broken, tok):
 
 
 def test_missing_manifest_and_config_errors(tmp_path, prepared, tok):
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*prepare_data.py"):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*prepare_data.py --out {tmp_path} --source stdlib"):
         build_dataloader(1, 0, tok, job(tmp_path))
     out = prepared[0]
     with pytest.raises(ValueError, match="'nope'.*sources are"):
@@ -303,13 +345,15 @@ def synthetic(tmp_path_factory, tok):
 
 def loader(path, tok, weights=("a=1 b=1",), steps=(0,), rank=0, world=1, seq=16, batch=2, mb=1,
            prefetch=2, seq_ramp=None, batch_ramp=None, seed=0, doc_ids=False, infinite=True):
+    """`batch` rows per micro-batch per rank; `batch_ramp` in sequences per optimizer step."""
     m = read_manifest(path)
     names = m.sources()
     streams = [SourceStream(n, m, m.shards_of(n), seed) for n in names]
     cur = build_curriculum(list(weights), list(steps), names, {s.name: s.total for s in streams})
-    return ShardLoader(streams, cur, rank, world, seq_ramp or Ramp.constant(seq),
-                       batch_ramp or Ramp.constant(batch), microbatches_per_step=mb, seed=seed,
-                       prefetch=prefetch, eos_id=tok.eos_id, document_ids=doc_ids, infinite=infinite)
+    plan = BatchPlan(rank, world, mb, seq_ramp or Ramp.constant(seq),
+                     batch_ramp or Ramp.constant(batch * world * mb))
+    return ShardLoader(streams, cur, plan, seed=seed, prefetch=prefetch, eos_id=tok.eos_id,
+                       document_ids=doc_ids, infinite=infinite)
 
 
 def take(ld, n):
@@ -371,7 +415,7 @@ def _resume_check(make, consumed, total):
 def test_resume_is_batch_exact_with_prefetch_ramps_and_stages(synthetic, tok, prefetch):
     def make():
         return loader(synthetic, tok, weights=["a=3 b=1", "a=1 b=3"], steps=[0, 4], mb=2, prefetch=prefetch,
-                      seq_ramp=Ramp((0, 2), (8, 16)), batch_ramp=Ramp((0, 3), (1, 3)))
+                      seq_ramp=Ramp((0, 2), (8, 16)), batch_ramp=Ramp((0, 3), (2, 6)))
 
     shapes = [tuple(y.shape) for _, y in take(make(), 8)]
     assert shapes == [(1, 8)] * 4 + [(1, 16)] * 2 + [(3, 16)] * 2
@@ -390,13 +434,13 @@ def test_resume_on_another_number_of_ranks(synthetic, tok):
     # a position saved mid-step cannot be moved to another rank count
     mid = loader(synthetic, tok, rank=0, world=2, mb=2)
     take(mid, 3)
-    with pytest.raises(ValueError, match="mid-step"):
+    with pytest.raises(ValueError, match="middle of optimizer step"):
         loader(synthetic, tok, world=1, batch=4, mb=2).load_state_dict(mid.state_dict())
 
 
 def test_resume_on_other_data_is_refused(synthetic, tok, prepared):
     state = loader(synthetic, tok).state_dict()
-    with pytest.raises(ValueError, match="other prepared data or another seed"):
+    with pytest.raises(ValueError, match="other data or another seed"):
         loader(synthetic, tok, seed=1).load_state_dict(state)
 
 
@@ -430,16 +474,6 @@ def test_validation_batches_are_finite_deterministic_and_rank_disjoint(synthetic
     assert len(r0) == len(r1) > 0
     assert not {x[0]["input"][i, 0].item() for x in r0 for i in range(4)} & {
         x[0]["input"][i, 0].item() for x in r1 for i in range(4)}
-
-
-def test_validation_on_stdlib_uses_held_out_test_files(tok):
-    from fusion_titan.data.stdlib_corpus import stdlib_files, stdlib_test_files
-
-    assert not set(stdlib_test_files()) & set(stdlib_files())
-    cfg = ConfigManager().parse_args(["--job.config_file", str(ROOT / "train_configs/debug_model.toml"),
-                                      "--validation.seq_len", "128", "--validation.local_batch_size", "2"])
-    batches = list(itertools.islice(build_validation_dataloader(1, 0, tok, cfg), 3))
-    assert batches[0][0]["input"].shape == (2, 128) and set(batches[0][0]) == {"input", "labels"}
 
 
 # ---- end to end ------------------------------------------------------------------------------
@@ -498,3 +532,42 @@ def test_run_train_from_shards_with_curriculum_resumes_bit_exactly(tmp_path, pre
     log, again = run(resumed)
     assert "Training starts at step 5" in log
     assert [again[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
+
+
+# ---- fusion_7b's data ------------------------------------------------------------------------
+
+
+FUSION_7B = ROOT / "train_configs/fusion_7b.toml"
+
+
+def test_fusion_7b_without_its_shards_stops_naming_the_prepare_command(tmp_path, tok):
+    missing = tmp_path / "not-prepared"
+    cfg = ConfigManager().parse_args(["--job.config_file", str(FUSION_7B), "--data.path", str(missing)])
+    with pytest.raises(FileNotFoundError) as err:
+        build_dataloader(8, 0, tok, cfg)
+    message = str(err.value)
+    assert f"python scripts/prepare_data.py --out {missing} --source fineweb_edu=" in message
+    for name in ("finemath", "stack_edu", "cosmopedia", "openr1_math"):
+        assert f"--source {name}=\"hf:" in message
+    assert "never falls back" in message and not missing.exists()
+
+
+def test_the_documented_prepare_command_is_the_configs():
+    """README and docs/data.md print fusion_7b's prepare command exactly as its TOML header does."""
+    from fusion_titan.data.dataloader import prepare_command
+
+    command = prepare_command(str(FUSION_7B))
+    assert command.count("--source") == 5 and "hf:HuggingFaceTB/stack-edu?name=Python&swh=blob_id" in command
+    for doc in ("README.md", "docs/data.md"):
+        text = (ROOT / doc).read_text().replace("\\\n", " ")
+        assert command in " ".join(text.split()), f"{doc} does not show {command}"
+
+
+@pytest.mark.slow
+def test_run_train_on_fusion_7b_without_shards_fails_at_start(tmp_path):
+    """The real trainer stops before building the model, with the one message."""
+    missing = tmp_path / "data"
+    log = launch(tmp_path / "run", "--data.path", str(missing), config="train_configs/fusion_7b.toml",
+                 timeout=600, expect_ok=False)
+    assert f"python scripts/prepare_data.py --out {missing}" in log
+    assert "Building fusion fusion_7b" not in log  # the model is never built

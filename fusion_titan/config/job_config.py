@@ -45,7 +45,7 @@ class Optimizer:
 
 @dataclass
 class Training:
-    """Ramps (fusion_titan/training/ramp.py); unset = constant seq_len / local_batch_size."""
+    """Ramps (fusion_titan/training/ramp.py); unset = constant seq_len / global batch."""
 
     seq_len_ramp: list[int] = field(default_factory=list)
     seq_len_ramp_steps: list[int] = field(default_factory=list)

@@ -8,8 +8,12 @@ A source spec is one string:
     hf:NAME?split=train&name=CONFIG&...     datasets.load_dataset(NAME, streaming=True, **query)
 
 A .txt (or .md) file is one document (or several, split on `txt_separator` lines); .jsonl and .parquet rows
-carry the text in `text_field`. Every source yields documents in a fixed order: the order is part
-of what makes a prepare run resumable.
+carry the text in `text_field`. Two query keys of an `hf:` spec are ours, not load_dataset's:
+`text=COL[,COL...]` names the row's text column(s) for this source (several are joined with a
+blank line; a list column joins its items, a chat `messages` list their `content`), and
+`swh=COL` reads each row's text from Software Heritage's public S3 bucket by the blob id in COL
+(Stack-Edu ships ids, not contents). Every source yields documents in a fixed order: the order is
+part of what makes a prepare run resumable.
 """
 
 from __future__ import annotations
@@ -64,19 +68,77 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
                 yield str(value)
 
 
+# Stack-Edu's contents, gzip-compressed, by blob id (public; the dataset card's own download).
+SWH_CONTENT_URL = "https://softwareheritage.s3.amazonaws.com/content/{}"
+_SWH_THREADS = 32  # downloads in flight; results keep the dataset's order
+
+
+def _row_text(spec: str, row: dict, columns: list[str]) -> str:
+    parts = []
+    for col in columns:
+        if col not in row:
+            raise KeyError(f"{spec}: rows have no {col!r} column (columns: {sorted(row)}); set "
+                           "text=COLUMN in the spec (or --text-field)")
+        value = row[col]
+        if isinstance(value, list):  # e.g. several generations, or chat turns {"role", "content"}
+            parts += [str(v["content"]) if isinstance(v, dict) and "content" in v else str(v) for v in value]
+        elif value is not None:
+            parts.append(str(value))
+    return "\n\n".join(parts)
+
+
+def _swh_content(blob_id: str) -> str | None:
+    """A Software Heritage blob's text; None when the archive does not have it."""
+    import gzip
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(SWH_CONTENT_URL.format(blob_id), timeout=60) as response:
+            data = response.read()
+    except urllib.error.HTTPError as e:
+        if e.code in (403, 404):  # S3 answers 403 for a missing key without list rights
+            return None
+        raise
+    return gzip.decompress(data).decode("utf-8", errors="replace")
+
+
+def _iter_swh(spec: str, rows: Iterator[dict], column: str) -> Iterator[str]:
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(_SWH_THREADS) as pool:
+        pending: deque = deque()
+        for row in rows:
+            if column not in row:
+                raise KeyError(f"{spec}: rows have no {column!r} column for swh= (columns: {sorted(row)})")
+            pending.append(pool.submit(_swh_content, str(row[column])))
+            if len(pending) >= 2 * _SWH_THREADS:
+                text = pending.popleft().result()
+                if text is not None:
+                    yield text
+        while pending:
+            text = pending.popleft().result()
+            if text is not None:
+                yield text
+
+
 def _iter_hf(spec: str, text_field: str) -> Iterator[str]:
     import datasets
 
     name, _, query = spec[len("hf:"):].partition("?")
     kwargs: dict = dict(parse_qsl(query))
+    columns = kwargs.pop("text", text_field).split(",")
+    swh = kwargs.pop("swh", None)
     if "data_files" in kwargs:  # several files: comma-separated
         kwargs["data_files"] = kwargs["data_files"].split(",")
     kwargs.setdefault("split", "train")
     ds = datasets.load_dataset(name, streaming=True, **kwargs)
+    if swh:
+        yield from _iter_swh(spec, iter(ds), swh)
+        return
     for row in ds:
-        if text_field not in row:
-            raise KeyError(f"{spec}: rows have no {text_field!r} field (set --text-field)")
-        yield str(row[text_field])
+        yield _row_text(spec, row, columns)
 
 
 def _iter_file(path: Path, text_field: str, txt_separator: str) -> Iterator[str]:

@@ -2,12 +2,14 @@
 
 Every Python install has them, they are real text (code, docstrings, comments, prose), and no
 network or hub is needed. Used by `[data] source = "stdlib"` so a fresh machine trains on real
-tokens; the prepared-shard pipeline can also pack it like any other source.
+tokens (minus a held-out tenth, `stdlib_split`, that only validation reads); the prepared-shard
+pipeline can also pack it like any other source.
 """
 
 from __future__ import annotations
 
 import sysconfig
+import zlib
 from pathlib import Path
 
 # Generated tables, vendored test data and GUI assets add size, not language.
@@ -37,20 +39,31 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     if not files:
         raise FileNotFoundError(
             f"no Python standard-library sources under {root}; this Python install ships none. "
-            "Prepare shards with scripts/prepare_data.py and set [data] source to their folder."
+            "Prepare shards with scripts/prepare_data.py and train with [data] source = 'shards' "
+            "and [data] path = their folder."
         )
     return files
 
 
-def stdlib_test_files(root: Path | None = None) -> list[Path]:
-    """Sorted test modules of the stdlib (Lib/test/test_*.py): excluded from stdlib_files, so
-    held-out text for validation."""
-    root = (root or stdlib_root()) / "test"
-    files = [p for p in sorted(root.glob("test_*.py")) if _MIN_BYTES <= p.stat().st_size <= _MAX_BYTES]
-    if not files:
-        raise FileNotFoundError(f"no stdlib test modules under {root}: this Python install ships "
-                                "none; validate on prepared shards ([data] val_path)")
-    return files
+# Enough held-out text for 8 ranks x 8 rows x 2048 tokens (torchtitan's [validation] defaults)
+# with room to spare: ~200K tokens of the ~2M in CPython 3.11's stdlib.
+HELD_OUT_FRACTION = 0.10
+
+
+def stdlib_split(files: list[Path], root: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files), each in the input order. Held out: the first files in
+    crc32(path relative to the stdlib) order until they hold HELD_OUT_FRACTION of the bytes, so
+    the split is the same on every machine with the same stdlib and the fraction holds whatever
+    the file sizes. Training never reads a held-out file."""
+    root = root or stdlib_root()
+    sizes = {p: p.stat().st_size for p in files}
+    target, held, total = HELD_OUT_FRACTION * sum(sizes.values()), set(), 0
+    for p in sorted(files, key=lambda p: (zlib.crc32(p.relative_to(root).as_posix().encode()), p)):
+        if total >= target:
+            break
+        held.add(p)
+        total += sizes[p]
+    return [p for p in files if p not in held], [p for p in files if p in held]
 
 
 def read_document(path: Path) -> str:

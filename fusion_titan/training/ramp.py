@@ -2,8 +2,9 @@
 
 `[training] seq_len_ramp = [512, 1024, 4096]` with `seq_len_ramp_steps = [0, 1000, 3000]`
 trains steps 1-1000 at 512 tokens, 1001-3000 at 1024, then 4096 (optimizer steps, 1-based;
-a boundary s means "from the step after s on"). `batch_ramp` does the same for the rows of
-each micro-batch. Unset = constant `seq_len` / `local_batch_size`.
+a boundary s means "from the step after s on"). `batch_ramp` does the same for the global batch
+(sequences per optimizer step, split over ranks and micro-batches by fusion_titan/data/
+global_batch.py). Unset = constant `seq_len` / `global_batch_size`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,73 @@
+"""The whole trainer does not depend on the number of ranks: from one seed checkpoint, 2 CPU ranks
+with local batch 1 (FSDP 2, and FSDP 2 x expert parallel 2) log the per-step losses of 1 rank with
+local batch 2, i.e. the same global batch (same rows, same gradient, same updates).
+
+The seed checkpoint is torchtitan's `--checkpoint.create_seed_checkpoint` (written by one process,
+torchtitan 0.2.2 docs/checkpoint.md); each run finds it as `step-0` in its own checkpoint folder
+and loads it model-only before training."""
+
+import shutil
+
+import pytest
+
+from trainer_runs import QUICK, launch, tb_losses
+
+STEPS = 6
+REL = 2e-4
+# 2 ranks x local batch 1 and 1 rank x local batch 2: global batch 2 either way
+ONE_RANK = dict(nproc=1, args=("--training.local_batch_size", "2"))
+SPLITS = {
+    "fsdp2": dict(nproc=2, args=("--training.local_batch_size", "1")),
+    "fsdp2_ep2": dict(nproc=2, args=("--training.local_batch_size", "1",
+                                     "--parallelism.expert_parallel_degree", "2")),
+}
+CASES = [pytest.param(opt, split, id=f"{opt}-{split}") for opt in ("AdamW", "NorMuon") for split in SPLITS]
+
+
+def _optimizer_args(optimizer: str) -> tuple[str, ...]:
+    return ("--optimizer.name", optimizer, *QUICK, "--training.steps", str(STEPS),
+            "--checkpoint.interval", "1000", "--checkpoint.keep_latest_k", "0")
+
+
+@pytest.fixture(scope="module")
+def seed_checkpoint(tmp_path_factory):
+    """step-0 of the debug model on 64-token rows, written by one process."""
+    dump = tmp_path_factory.mktemp("seed")
+    launch(dump, *QUICK, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint",
+           "--checkpoint.last_save_model_only", nproc=1)
+    step0 = dump / "checkpoint" / "step-0"
+    assert (step0 / ".metadata").is_file()
+    return step0
+
+
+def _run(dump, seed_checkpoint, optimizer: str, nproc: int, args: tuple[str, ...]) -> list[float]:
+    shutil.copytree(seed_checkpoint, dump / "checkpoint" / "step-0")
+    log = launch(dump, *_optimizer_args(optimizer), *args, nproc=nproc, timeout=1200)
+    assert "Training starts at step 1" in log and "step-0" in log
+    losses = tb_losses(dump)
+    assert sorted(losses) == list(range(1, STEPS + 1)), losses
+    return [losses[s] for s in range(1, STEPS + 1)]
+
+
+@pytest.fixture(scope="module")
+def one_rank(seed_checkpoint, tmp_path_factory):
+    cache = {}
+
+    def losses(optimizer: str) -> list[float]:
+        if optimizer not in cache:
+            dump = tmp_path_factory.mktemp(f"one-rank-{optimizer}")
+            cache[optimizer] = _run(dump, seed_checkpoint, optimizer, ONE_RANK["nproc"], ONE_RANK["args"])
+        return cache[optimizer]
+
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer,split", CASES)
+def test_two_ranks_log_the_losses_of_one(optimizer, split, one_rank, seed_checkpoint, tmp_path):
+    reference = one_rank(optimizer)
+    assert len(set(reference)) == STEPS  # every step differs: the comparison is not between constants
+    got = _run(tmp_path, seed_checkpoint, optimizer, SPLITS[split]["nproc"], SPLITS[split]["args"])
+    rel = [abs(a - b) / abs(b) for a, b in zip(got, reference)]
+    assert max(rel) < REL, (f"{split} vs 1 rank, per step: {got} vs {reference} "
+                            f"(relative differences {rel})")
