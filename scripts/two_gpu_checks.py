@@ -68,10 +68,15 @@ class Runner:
             sys.exit(f"seed checkpoint failed: see {self.out / 'seed.log'}")
 
     def prepare(self, name: str, from_checkpoint: Path | None = None) -> Path:
+        """A fresh dump folder holding the seed (copied) or `from_checkpoint` (moved: a full
+        fusion_1b checkpoint is ~17 GB, and the writer's losses stay in its TensorBoard)."""
         dump = self.out / name
         shutil.rmtree(dump, ignore_errors=True)
-        src = from_checkpoint or self.seed
-        shutil.copytree(src, dump / "checkpoint" / src.name)
+        (dump / "checkpoint").mkdir(parents=True)
+        if from_checkpoint is None:
+            shutil.copytree(self.seed, dump / "checkpoint" / self.seed.name)
+        else:
+            shutil.move(from_checkpoint, dump / "checkpoint" / from_checkpoint.name)
         return dump
 
     def train(self, name: str, ngpu: int, extra: list[str], dump: Path | None = None,
@@ -206,7 +211,7 @@ def main() -> None:
     if "faults" in parts:
         every = max(1, args.steps // 4)
         ckpt = ["--checkpoint.enable", "--checkpoint.interval", str(every),
-                "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "0",
+                "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "3",
                 "--compile.no-enable"]
         ref = runner.train("async_ref", 2, ckpt)
         dump = runner.prepare("async_killed")
@@ -217,6 +222,7 @@ def main() -> None:
                                                          range(every + 1, args.steps + 1))
         report["runs"] += [ref, killed, again]
         save()
+        shutil.rmtree(dump / "checkpoint", ignore_errors=True)  # disk: only the tb events stay
         mid = runner.out / "async_ref" / "checkpoint" / f"step-{2 * every}"
         to_one = runner.train("resume_2to1", 1, ckpt, dump=runner.prepare("resume_2to1", mid))
         to_one["max_rel_loss_vs_writer"] = max_rel(to_one["losses"], ref["losses"],
