@@ -71,3 +71,37 @@ def test_two_ranks_log_the_losses_of_one(optimizer, split, one_rank, seed_checkp
     rel = [abs(a - b) / abs(b) for a, b in zip(got, reference)]
     assert max(rel) < REL, (f"{split} vs 1 rank, per step: {got} vs {reference} "
                             f"(relative differences {rel})")
+
+
+@pytest.mark.slow
+def test_four_ranks_fsdp2_ep2_normuon_log_the_losses_of_one(seed_checkpoint, tmp_path):
+    """4 ranks, FSDP 2 x expert parallel 2 (experts over "ep", their FSDP over 2 more ranks):
+    owner-sharded NorMuon gives each of 4 ranks its share of the matrices; the losses are those
+    of 1 rank holding the whole global batch of 4."""
+    reference = _run(tmp_path / "one", seed_checkpoint, "NorMuon", 1,
+                     ("--training.local_batch_size", "4"))
+    got = _run(tmp_path / "four", seed_checkpoint, "NorMuon", 4,
+               ("--training.local_batch_size", "1", "--parallelism.expert_parallel_degree", "2"))
+    rel = [abs(a - b) / abs(b) for a, b in zip(got, reference)]
+    assert max(rel) < REL, f"4 ranks vs 1 rank, per step: {got} vs {reference} ({rel})"
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_on_one_rank(seed_checkpoint, tmp_path):
+    """A checkpoint written by 2 ranks (FSDP 2, local batch 1) resumes at its step boundary on
+    1 rank (local batch 2): model, NorMuon state and data position reshard, and the resumed run
+    logs the 2-rank run's remaining losses."""
+    two = tmp_path / "two"
+    shutil.copytree(seed_checkpoint, two / "checkpoint" / "step-0")
+    launch(two, *_optimizer_args("NorMuon"), "--checkpoint.interval", "3",
+           "--training.local_batch_size", "1", nproc=2, timeout=1200)
+    written = tb_losses(two)
+    one = tmp_path / "one"
+    shutil.copytree(two / "checkpoint" / "step-3", one / "checkpoint" / "step-3")
+    log = launch(one, *_optimizer_args("NorMuon"), "--training.local_batch_size", "2",
+                 nproc=1, timeout=1200)
+    assert "Training starts at step 4" in log
+    resumed = tb_losses(one)
+    assert sorted(resumed) == list(range(4, STEPS + 1))
+    rel = [abs(resumed[s] - written[s]) / abs(written[s]) for s in range(4, STEPS + 1)]
+    assert max(rel) < REL, (resumed, written, rel)
