@@ -93,7 +93,9 @@ def main() -> None:
     for i, arg in enumerate(args.extra[:-1]):
         if arg == "--training.seq_len":
             args.seq_len = int(args.extra[i + 1])
-    common = ["--training.local_batch_size", str(args.local_batch),
+    # the stdlib corpus: no prepared shards needed to measure memory and compute (later
+    # overrides win, so `-- --data.source shards` measures with the TOML's data)
+    common = ["--data.source", "stdlib", "--training.local_batch_size", str(args.local_batch),
               "--training.global_batch_size", str(args.local_batch * args.ngpu), *args.extra]
     results = []
     for name, overrides in VARIANTS.items():
