@@ -14,7 +14,8 @@ else
 fi
 CONFIG_FILE=${CONFIG_FILE:-"./train_configs/debug_model.toml"}
 if [[ -z "${NGPU:-}" ]]; then
-    NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 1)")
+    NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 1)" 2>/dev/null) \
+        || { echo "run_train.sh: $PYTHON cannot import torch; run bash scripts/install.sh (it makes .venv)" >&2; exit 1; }
 fi
 LOG_RANK=${LOG_RANK:-0}
 TRAIN_MODULE=${TRAIN_MODULE:-"fusion_titan.train"}
