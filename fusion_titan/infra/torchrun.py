@@ -5,7 +5,7 @@ arguments, same process). When a worker exits with an error, torchrun logs the f
 ChildFailedError and prints its traceback and a framed report, below the worker's own output,
 which already says what went wrong: a config error (fusion_titan.train's preflight, exit code 2)
 is one message, a crash its Python traceback. Here that report becomes one line naming the rank
-and its exit code (or signal), and the exit code is the worker's.
+and its exit code (or signal), and the exit code is the worker's; Ctrl-C ends with one line too.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
@@ -38,6 +39,9 @@ def main(argv: list[str]) -> int:
                else f"exited with code {failure.exitcode}")
         print(f"{error.name}: rank {rank} {how} (its output is above)", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as stop:  # Ctrl-C / kill of the launcher: workers were stopped
+        print(f"stopped by {stop.sigval.name}", file=sys.stderr)
+        return 128 + stop.sigval.value
     return 0
 
 
