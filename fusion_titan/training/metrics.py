@@ -49,9 +49,14 @@ class FusionMetricsProcessor(MetricsProcessor):
         # (step, time) when each optimizer step ended; torchtitan asks should_log once per step
         self._step_ends: collections.deque = collections.deque(maxlen=RECENT_STEPS + 1)
         self._step_ends.append((None, time.perf_counter()))
+        self._next_lrs: dict[str, float] | None = None
 
     def should_log(self, step: int) -> bool:
         self._step_ends.append((step, time.perf_counter()))
+        # The scheduler has stepped: the groups hold the next step's lr. This step's are the
+        # ones seen one call earlier (the first step of a process: the next ones, for lack of them).
+        current = self._learning_rates()
+        self._step_lrs, self._next_lrs = self._next_lrs or current, current
         return super().should_log(step)
 
     def seconds_per_step(self) -> float:
@@ -98,7 +103,7 @@ class FusionMetricsProcessor(MetricsProcessor):
     def log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
         extra = dict(extra_metrics or {})
         extra.update(self._loss_parts())
-        extra.update(self._learning_rates())
+        extra.update(self._step_lrs)
         updater = getattr(getattr(self, "optimizers", None), "expert_bias_updater", None)
         if updater is not None:
             extra.update(updater.metrics())
