@@ -49,6 +49,7 @@ class FusionMetricsProcessor(MetricsProcessor):
         # (step, time) when each optimizer step ended; torchtitan asks should_log once per step
         self._step_ends: collections.deque = collections.deque(maxlen=RECENT_STEPS + 1)
         self._step_ends.append((None, time.perf_counter()))
+        self._step_lrs: dict[str, float] = {}
         self._next_lrs: dict[str, float] | None = None
 
     def should_log(self, step: int) -> bool:
