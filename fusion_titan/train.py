@@ -2,45 +2,69 @@
 
 It is torchtitan's own Trainer and main(); we only make sure the CPU mode is in place before
 torchtitan's trainer modules are imported (they copy the device type at import time), that the
-"fusion" spec is registered, and that checkpointing uses our guards (fusion_titan/checkpoint/
+"fusion" spec is registered, that checkpointing uses our guards (fusion_titan/checkpoint/
 manager.py: resume only from full checkpoints, keep_latest_k never purges the last one, clear
-load errors).
+load errors), and that the console reads well (fusion_titan/infra/log_patches.py). Before
+torchtitan starts, the configuration is checked (fusion_titan/training/preflight.py): a bad
+setting, or a run that has nothing left to train, stops with one message and exit code 2.
 """
 
-from fusion_titan.infra import cpu_shim
 from fusion_titan.infra.torchtitan_version import require_supported_torchtitan
 
 require_supported_torchtitan()  # before anything of torchtitan is imported or patched
-cpu_shim.install()
 
-import os  # noqa: E402
+from fusion_titan.infra import cpu_shim  # noqa: E402
+
+ON_CPU = cpu_shim.install()
+
+import sys  # noqa: E402
+
+from fusion_titan.infra import log_patches  # noqa: E402
+
+log_patches.install(cpu=ON_CPU)  # before torchtitan parses the config (its HF-assets warning)
 
 import fusion_titan.spec  # noqa: E402  (registers the "fusion" TrainSpec)
-from fusion_titan.infra.plan_check import check_parallel_plan  # noqa: E402
 from fusion_titan.checkpoint.manager import use_fusion_checkpointing  # noqa: E402
+from fusion_titan.model.flops import count_params  # noqa: E402
+from fusion_titan.training.preflight import ConfigError, preflight  # noqa: E402
+from torchtitan.config import ConfigManager  # noqa: E402
+from torchtitan.tools.logging import init_logger, logger  # noqa: E402
 from torchtitan.train import Trainer, main  # noqa: E402
 
 
-def _check_plan(job_config) -> None:
-    if job_config.model.name != fusion_titan.spec.SPEC_NAME:
-        return
-    args = fusion_titan.spec.FLAVORS[job_config.model.flavor]
-    experts = job_config.model.n_routed_experts
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("NGPU", "1")))
-    if job_config.comm.mode in ("fake_backend", "local_tensor"):
-        world = int(os.environ.get("NGPU", "1"))  # one process plays rank 0 of NGPU ranks
-    check_parallel_plan(job_config.parallelism, world,
-                        args.n_routed_experts if experts is None else experts)
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 class FusionTrainer(Trainer):
     def __init__(self, job_config):
-        _check_plan(job_config)  # a plan that cannot shard stops here, naming the key to change
+        log_patches.apply_log_level()  # torchtitan's main has just reset the logger to INFO
         super().__init__(job_config)
         # torchtitan's __init__ builds its CheckpointManager by name; our subclass only
         # overrides methods, so switching the instance's class is enough.
         use_fusion_checkpointing(self.checkpointer)
+        if job_config.model.name == fusion_titan.spec.SPEC_NAME:
+            counts = count_params(self.model_parts[0], self.model_args)
+            flops = self.metrics_processor.num_flops_per_token
+            logger.info(
+                f"Model {job_config.model.flavor}: {_count(counts.total)} parameters, "
+                f"{_count(counts.active)} active per token, {flops / 1e9:.2f} GFLOP per token "
+                f"(training, seq {job_config.training.seq_len}); all arguments: FUSION_LOG_LEVEL=DEBUG"
+            )
+
+
+def check_config() -> None:
+    """Parse the command line as torchtitan will and run the preflight checks; exit 2 on an error."""
+    init_logger()
+    sys.argv[0] = "python -m fusion_titan.train"  # tyro's "For full helptext, run ... --help"
+    config = ConfigManager().parse_args()  # unknown keys: tyro's message and exit code 2
+    try:
+        logger.info(preflight(config))
+    except ConfigError as error:
+        logger.error(str(error))
+        sys.exit(2)
 
 
 if __name__ == "__main__":
+    check_config()
     main(FusionTrainer)

@@ -71,7 +71,8 @@ def test_bad_schedule_and_expert_groups_are_explained():
 
 def test_every_key_of_ours_is_documented():
     doc = (ROOT / "docs/config.md").read_text()
-    for section in (ours.Model, ours.Optimizer, ours.Loss, ours.Data):
+    for section in (ours.Model, ours.Optimizer, ours.Training, ours.LRScheduler, ours.Loss, ours.Data,
+                    ours.Metrics):
         for f in dataclasses.fields(section):
             assert f"`{f.name}`" in doc, f"{section.__name__}.{f.name} is not in docs/config.md"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fusion_titan.training.tb_scalars import read_all_scalars
 from trainer_runs import launch, tb_losses
 
 pytestmark = pytest.mark.slow
@@ -37,8 +38,11 @@ def test_loss_falls_and_checkpoints_are_written(first_run):
     assert late < early - 1.5, (early, late)
     for step in (10, 20, 30):
         assert (dump / "checkpoint" / f"step-{step}" / ".metadata").is_file()
-    for part in ("ce", "mtp_1", "mtp_1_acc", "tokens_per_step", "max_over_mean_load"):
-        assert re.search(rf"\b{part}: [\d.]+", log), part  # loss parts and stats are logged
+    assert re.search(r"step: 30/30  loss:\s+[\d.]+  ce:\s+[\d.]+", log)  # the console line
+    tb = read_all_scalars(dump)
+    for tag in ("loss_metrics/ce", "loss_metrics/mtp_1", "loss_metrics/mtp_1_acc", "data/tokens_per_step",
+                "moe/max_over_mean_load"):
+        assert sorted(tb[tag]) == list(range(1, 31)), tag  # loss parts and stats go to TensorBoard
 
 
 def test_resume_reproduces_the_uninterrupted_run(first_run, tmp_path):

@@ -1,11 +1,14 @@
-"""Per-step metrics read back from torchtitan's console log (scripts/benchmark.py, resume_check.py)."""
+"""Per-step metrics read back from the console log (scripts/benchmark.py, resume_check.py).
+
+Both torchtitan's step lines and ours (`step: 5/60  loss: ...`, fusion_titan/training/metrics.py).
+"""
 
 from __future__ import annotations
 
 import re
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([\d.]+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+)"
+STEP_LINE = re.compile(r"step:\s*(\d+)(?:/\d+)?\s+loss:\s*([\d.]+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+)"
                        r"(?:.*?tflops:\s*([\d.]+))?(?:.*?mfu:\s*([\d.]+)%)?")
 
 

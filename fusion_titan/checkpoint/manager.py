@@ -51,7 +51,7 @@ def _fresh_run_hint(path: str) -> str:
             f"--checkpoint.initial_load_path {path} --checkpoint.initial_load_model_only")
 
 
-def resume_step(folder: str) -> int:
+def resume_step(folder: str, warn: bool = True) -> int:
     """The step auto-resume should load from `folder` (-1: start fresh); warns about skipped folders."""
     steps = step_folders(folder)
     # A step-0 model-only folder is torchtitan's seed checkpoint: loading it model-only is intended.
@@ -60,7 +60,7 @@ def resume_step(folder: str) -> int:
     for f in steps:
         if f.step > best and f.kind == CORRUPT:
             read_metadata(f.path)  # raises the error that names the file and the way out
-        if f.step > best:
+        if f.step > best and warn:
             reason = {
                 MODEL_ONLY: "a model-only export (no optimizer / dataloader / train state)",
                 HF_EXPORT: "a Hugging Face safetensors export (model only)",

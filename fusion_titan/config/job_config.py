@@ -86,6 +86,13 @@ class Data:
 
 
 @dataclass
+class Metrics:
+    """What the console shows besides the one line per logged step (fusion_titan/training/metrics.py)."""
+
+    console_extras_freq: int = 0
+
+
+@dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
     optimizer: Optimizer = field(default_factory=Optimizer)
@@ -93,3 +100,4 @@ class JobConfig:
     training: Training = field(default_factory=Training)
     loss: Loss = field(default_factory=Loss)
     data: Data = field(default_factory=Data)
+    metrics: Metrics = field(default_factory=Metrics)
