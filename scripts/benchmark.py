@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusion_titan.bench.train_log import parse_steps, strip_ansi  # noqa: E402
+from fusion_titan.bench.train_log import parse_steps, run_captured, strip_ansi  # noqa: E402
 
 PEER = ["--experimental.custom_import", "fusion_titan.bench.deepseek_peer",
         "--model.name", "deepseek_v3_peer"]
@@ -67,12 +66,7 @@ def train_run(name: str, config: str, overrides: list[str], steps: int, warmup: 
                 "--profiling.save_traces_folder", "prof"]
     env = dict(os.environ, CONFIG_FILE=config, NGPU=os.environ.get("NGPU", "1"))
     t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        log, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        log, rc = (e.stdout or b"").decode() + (e.stderr or b"").decode(), "timeout"
+    log, rc = run_captured(cmd, ROOT, env, timeout)
     dump.mkdir(parents=True, exist_ok=True)
     (dump / "bench.log").write_text(log)
     result = {"name": name, "overrides": " ".join(overrides), "rc": rc,

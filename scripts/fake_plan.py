@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusion_titan.bench.train_log import parse_steps, strip_ansi  # noqa: E402
+from fusion_titan.bench.train_log import parse_steps, run_captured, strip_ansi  # noqa: E402
 
 VARIANTS = {
     "adamw_ep1": ["--optimizer.name", "AdamW", "--parallelism.expert_parallel_degree", "1"],
@@ -50,12 +49,7 @@ def run(name: str, args, overrides: list[str]) -> dict:
     env = dict(os.environ, NGPU=str(args.ngpu), LOCAL_RANK="0", RANK="0", WORLD_SIZE="1",
                LOCAL_WORLD_SIZE="1", PYTHONUNBUFFERED="1")
     t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=args.timeout)
-        log, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        log, rc = (e.stdout or b"").decode() + (e.stderr or b"").decode(), "timeout"
+    log, rc = run_captured(cmd, ROOT, env, args.timeout)
     dump.mkdir(parents=True, exist_ok=True)
     (dump / "fake_plan.log").write_text(log)
     result = {"name": name, "overrides": " ".join(overrides), "rc": rc,

@@ -6,6 +6,7 @@ Both torchtitan's step lines and ours (`step: 5/60  loss: ...`, fusion_titan/tra
 from __future__ import annotations
 
 import re
+import subprocess
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STEP_LINE = re.compile(r"step:\s*(\d+)(?:/\d+)?\s+loss:\s*([\d.]+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+)"
@@ -26,3 +27,16 @@ def parse_steps(log: str) -> dict[int, dict]:
                                 "tps": float(m[4].replace(",", "")),
                                 "mfu": float(m[6]) if m[6] else None}
     return steps
+
+
+def run_captured(cmd: list[str], cwd, env: dict, timeout: float) -> tuple[str, int | str]:
+    """Run a trainer command; its combined output and return code ("timeout" if it ran out)."""
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        return proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout or b""
+        err = e.stderr or b""
+        as_text = lambda b: b.decode() if isinstance(b, bytes) else b  # noqa: E731
+        return as_text(out) + as_text(err), "timeout"

@@ -27,9 +27,7 @@ from typing import Callable, Iterable
 import torch
 from torch.distributed.tensor import DTensor, Partial
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+from .local_shards import local, params_with_grads
 
 
 class CautiousAdamW(torch.optim.Optimizer):
@@ -84,12 +82,7 @@ class CautiousAdamW(torch.optim.Optimizer):
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         params, ps, gs, ms, vs, steps = [], [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = p.grad
-            if isinstance(p, DTensor) and grad.placements != p.placements:
-                grad = grad.redistribute(p.device_mesh, p.placements)
+        for p, grad in params_with_grads(group):
             state = self.state[p]
             if not state:
                 # Float step on CPU, like torch.optim.AdamW (checkpoint friendly).
@@ -98,10 +91,10 @@ class CautiousAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
             params.append(p)
-            ps.append(_local(p))
-            gs.append(_local(grad))
-            ms.append(_local(state["exp_avg"]))
-            vs.append(_local(state["exp_avg_sq"]))
+            ps.append(local(p))
+            gs.append(local(grad))
+            ms.append(local(state["exp_avg"]))
+            vs.append(local(state["exp_avg_sq"]))
             steps.append(state["step"].item())
         if not params:
             return
@@ -159,8 +152,7 @@ class CautiousAdamW(torch.optim.Optimizer):
                 by_mesh.setdefault(id(p.device_mesh), []).append(i)
         for members in by_mesh.values():
             p0 = params[members[0]]
-            local = sums[members]
-            part = DTensor.from_local(local, p0.device_mesh, [Partial()] * p0.device_mesh.ndim,
+            part = DTensor.from_local(sums[members], p0.device_mesh, [Partial()] * p0.device_mesh.ndim,
                                       run_check=False)
             sums[members] = part.full_tensor()
         counts = torch.tensor([float(p.numel()) for p in params], device=sums.device)

@@ -42,6 +42,7 @@ from typing import Callable, Iterable
 import torch
 from torch.distributed.tensor import DTensor
 
+from .local_shards import local, params_with_grads
 from .matrix_layout import MatrixLayout, matrix_layout
 from .newton_schulz import iteration_dtype, zeropower_via_newtonschulz5
 from .owner_exchange import SplitMatrix, exchange_with_owners
@@ -49,11 +50,6 @@ from .owner_exchange import SplitMatrix, exchange_with_owners
 _UPDATE_SCALES = ("adamw", "muon")
 # Largest stack of same-shape matrices orthogonalized in one call (elements; 1 GiB in fp32).
 NS_BATCH_ELEMENTS = 1 << 28
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds (the tensor itself when not distributed)."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _matrices(t: torch.Tensor) -> torch.Tensor:
@@ -144,8 +140,8 @@ class NorMuon(torch.optim.Optimizer):
             v_shape = (*p.shape[:-1], 1)
             if isinstance(p, DTensor):
                 # One value per row, sharded like the rows of p (see module docstring).
-                local = p.to_local()
-                zeros = torch.zeros((*local.shape[:-1], 1), dtype=torch.float32, device=local.device)
+                shard = p.to_local()
+                zeros = torch.zeros((*shard.shape[:-1], 1), dtype=torch.float32, device=shard.device)
                 state["second_moment"] = DTensor.from_local(
                     zeros, p.device_mesh, p.placements, run_check=False, shape=v_shape,
                     stride=torch.empty(v_shape, device="meta").stride(),
@@ -168,17 +164,12 @@ class NorMuon(torch.optim.Optimizer):
         lr, wd = group["lr"], group["weight_decay"]
         beta1 = group["momentum"]
         params, grads, bufs, seconds = [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = p.grad
-            if isinstance(p, DTensor) and grad.placements != p.placements:
-                grad = grad.redistribute(p.device_mesh, p.placements)
+        for p, grad in params_with_grads(group):
             state = self._init_state(p)
             params.append(p)
-            grads.append(_local(grad))
-            bufs.append(_local(state["momentum_buffer"]))
-            seconds.append(_local(state["second_moment"]))
+            grads.append(local(grad))
+            bufs.append(local(state["momentum_buffer"]))
+            seconds.append(local(state["second_moment"]))
         if not params:
             return
 
@@ -215,7 +206,7 @@ class NorMuon(torch.optim.Optimizer):
         # Matrices this rank holds whole: orthogonalize here, in same-shape stacks written
         # straight from the momentum (no per-parameter copies), then applied in place.
         for chunk in self._stack_chunks(whole_here, params):
-            counts = [_matrices(_local(params[i])).shape[0] for i in chunk]
+            counts = [_matrices(local(params[i])).shape[0] for i in chunk]
             m, n = params[chunk[0]].shape[-2:]
             U = torch.empty((sum(counts), m, n), dtype=torch.float32, device=grads[chunk[0]].device)
             V = torch.cat([_matrices(seconds[i]) for i in chunk])
@@ -228,7 +219,7 @@ class NorMuon(torch.optim.Optimizer):
             row_factor, V = self._row_factors(O, V, group)
             for i, o, f, v in zip(chunk, O.split(counts), row_factor.split(counts), V.split(counts)):
                 _matrices(seconds[i]).copy_(v)
-                apply(_matrices(_local(params[i])), o, f)
+                apply(_matrices(local(params[i])), o, f)
             del O
 
         # Matrices split in rows: one owner per matrix (owner_exchange.py).
@@ -236,7 +227,7 @@ class NorMuon(torch.optim.Optimizer):
             matrices = []
             for i in members:
                 layout = self._layout(params[i])
-                p_mats, v_mats = _matrices(_local(params[i])), _matrices(seconds[i])
+                p_mats, v_mats = _matrices(local(params[i])), _matrices(seconds[i])
                 for j in range(layout.local_matrices):
                     def rows_here(i=i, j=j, v_mats=v_mats):
                         # rows and their second moments travel together: [rows here, cols + 1]
@@ -269,7 +260,7 @@ class NorMuon(torch.optim.Optimizer):
         for members in by_shape.values():
             chunk, size = [], 0
             for i in members:
-                n = _local(params[i]).numel()
+                n = local(params[i]).numel()
                 if chunk and size + n > NS_BATCH_ELEMENTS:
                     chunks.append(chunk)
                     chunk, size = [], 0
