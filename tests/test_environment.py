@@ -58,7 +58,7 @@ def test_install_puts_cpu_torch_into_the_project_venv(tmp_path, reachable):
     expected = f"-m pip install torch==2.13.0 --extra-index-url {CPU_INDEX}" if reachable \
         else "-m pip install torch==2.13.0"
     assert torch_install == [expected]
-    assert "-m pip install -e .[dev,eval]" in calls(repo)
+    assert "-m pip install -e .[dev,eval,hf]" in calls(repo)
     assert ("not reachable" in proc.stdout) != reachable
 
 
@@ -68,7 +68,7 @@ def test_install_leaves_torch_to_pip_on_a_gpu_machine(tmp_path):
     proc = run(repo, ["bash", "scripts/install.sh", "--gpu"], tmp_path / "bin")
     assert proc.returncode == 0, proc.stderr
     assert not any("torch==" in c for c in calls(repo))  # the CUDA build, from pyproject's torch>=2.11
-    assert "-m pip install -e .[dev,eval,kernels]" in calls(repo)
+    assert "-m pip install -e .[dev,eval,hf,kernels]" in calls(repo)
 
 
 def test_run_train_uses_the_project_venv_and_no_colours_in_a_pipe(tmp_path):

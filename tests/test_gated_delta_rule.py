@@ -141,7 +141,7 @@ def make_layer(dtype=torch.float64, seed=0, **kw):
     cfg = dict(dim=32, n_heads=2, head_k_dim=8, head_v_dim=16, conv_size=4)
     cfg.update(kw)
     layer = GatedDeltaNet(**cfg)
-    layer.init_weights(init_std=0.02)
+    layer.init_weights(0.02, 0.02)
     # Larger output weights than the default init so differences are not hidden by tiny outputs.
     with torch.no_grad():
         layer.o_proj.weight.normal_(0, 0.2)
@@ -173,7 +173,7 @@ def test_layer_shapes_backward_and_meta_init():
     with torch.device("meta"):
         layer = GatedDeltaNet(dim=32, n_heads=2, head_k_dim=8, head_v_dim=16)
     layer.to_empty(device="cpu")
-    layer.init_weights(init_std=0.01)
+    layer.init_weights(0.01, 0.01)
     for name, p in layer.named_parameters():
         assert torch.isfinite(p).all(), name
     A = layer.A_log.exp()
