@@ -248,6 +248,16 @@ class FusionStateDictAdapter(StateDictAdapter):
         self.n_experts = model_args.n_routed_experts
         # hf name -> (native key, expert index or None), for every key of this configuration
         self._from_hf: dict[str, tuple[str, int | None]] = {}
+        # DTensor layout of grouped expert tensors seen by to_hf, to rebuild them in from_hf
+        self._expert_layout: dict[str, tuple[Any, Any]] = {}
+        # torchtitan builds the adapter for every run: a model the HF side cannot hold trains,
+        # and only a conversion says why
+        self._unsupported: str | None = None
+        try:
+            check_hf_exportable(model_args)
+        except ValueError as e:
+            self._unsupported = str(e)
+            return
         for key in native_keys(model_args):
             if _EXPERTS.fullmatch(key):
                 names = [(n, e) for e, n in enumerate(expert_hf_names(key, self.n_experts))]
@@ -257,10 +267,10 @@ class FusionStateDictAdapter(StateDictAdapter):
                 if name in self._from_hf:  # the mapping must be one-to-one to round-trip
                     raise AssertionError(f"{key} and {self._from_hf[name][0]} both map to {name}")
                 self._from_hf[name] = (key, e)
-        # DTensor layout of grouped expert tensors seen by to_hf, to rebuild them in from_hf
-        self._expert_layout: dict[str, tuple[Any, Any]] = {}
 
     def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        if self._unsupported:
+            raise ValueError(self._unsupported)
         out = {}
         for key, value in state_dict.items():
             if _EXPERTS.fullmatch(key):
@@ -277,6 +287,8 @@ class FusionStateDictAdapter(StateDictAdapter):
         return out
 
     def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
+        if self._unsupported:
+            raise ValueError(self._unsupported)
         out: dict[str, Any] = {}
         experts: dict[str, dict[int, torch.Tensor]] = {}
         for name, value in hf_state_dict.items():
