@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from fusion_titan.model.flavors import FLAVORS
-from fusion_titan.model.mla import MultiHeadLatentAttention
+from fusion_titan.model.mixers.mla import MultiHeadLatentAttention
 from fusion_titan.model.rope import rope_cache
 
 
@@ -35,7 +35,7 @@ def measure(flavor: str, n_tokens: int) -> dict:
         keys = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
     mla = cache.nbytes() / n_tokens
     mha = (keys.nbytes + v.nbytes) / n_tokens
-    n_attn = args.block_kinds().count("attn")
+    n_attn = args.block_kinds().count("mla")
     return {"flavor": flavor, "mla": mla, "mha": mha, "ratio": mha / mla, "attn_layers": n_attn,
             "kv_heads": k_nope.shape[2]}
 

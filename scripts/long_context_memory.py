@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusion_titan.inference.loading import DTYPES, build_model  # noqa: E402
 from fusion_titan.model.decoding import cache_nbytes, new_model_cache  # noqa: E402
 from fusion_titan.model.flavors import FLAVORS  # noqa: E402
-from fusion_titan.model.mla import MLACache, MultiHeadLatentAttention  # noqa: E402
+from fusion_titan.model.mixers.mla import MLACache, MultiHeadLatentAttention  # noqa: E402
 
 MiB = 2 ** 20
 
@@ -165,7 +165,7 @@ def main(argv=None) -> list[dict]:
         args = base_args.replace(layer_schedule=schedules[name])
         model = build_model(args, device=device, dtype=DTYPES[opts.dtype])
         kinds = args.block_kinds()
-        desc = f"{kinds.count('attn')} MLA + {kinds.count('gdn')} {args.ssm_type.upper()}"
+        desc = f"{kinds.count('mla')} MLA + {len(kinds) - kinds.count('mla')} {args.ssm_type.upper()}"
         for variant in want:
             for length in lengths:
                 row = measure(model, length, opts, device, plain_mha=variant == "plain-MHA")

@@ -1,4 +1,7 @@
-"""Checks every recurrent token mixer (Gated DeltaNet, Mamba-2) must pass, shared by their tests."""
+"""Checks every token mixer (fusion_titan/model/mixers) must pass, shared by their tests.
+
+Mixers are called as the blocks call them: `layer(x)` for training, `layer(x, cache=cache)` for
+prefill / decode. A mixer that needs a rope table takes it as `rope=` (MLA) or owns it (the rest)."""
 
 import torch
 
@@ -23,7 +26,7 @@ def assert_prefill_in_pieces(layer, cache, dim: int, seq_len: int, split: int) -
     """Two multi-token calls continuing through a cache equal one full-sequence call."""
     x = torch.randn(1, seq_len, dim, dtype=torch.float64)
     full = layer(x)
-    inc = torch.cat([layer(x[:, :split], cache), layer(x[:, split:], cache)], dim=1)
+    inc = torch.cat([layer(x[:, :split], cache=cache), layer(x[:, split:], cache=cache)], dim=1)
     assert rel_err(inc, full) < 1e-10
 
 
@@ -31,6 +34,6 @@ def assert_prefill_then_decode(layer, cache, dim: int, prefill: int, batch: int 
     """Prefill `prefill` tokens (0 = none), then decode one token at a time: equals the full forward."""
     x = torch.randn(batch, seq_len, dim, dtype=torch.float64)
     full = layer(x)
-    outs = [layer(x[:, :prefill], cache)] if prefill else []
-    outs += [layer(x[:, t : t + 1], cache) for t in range(prefill, seq_len)]
+    outs = [layer(x[:, :prefill], cache=cache)] if prefill else []
+    outs += [layer(x[:, t : t + 1], cache=cache) for t in range(prefill, seq_len)]
     assert rel_err(torch.cat(outs, dim=1), full) < 1e-10

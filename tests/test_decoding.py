@@ -6,9 +6,9 @@ import torch
 from fusion_titan.model.decoding import (
     ModelCache, cache_nbytes, greedy_generate, layer_nbytes, new_model_cache,
 )
-from fusion_titan.model.gated_deltanet import GDNCache
-from fusion_titan.model.mamba2 import Mamba2Cache
-from fusion_titan.model.mla import MLACache
+from fusion_titan.model.mixers.gdn import GDNCache
+from fusion_titan.model.mixers.mamba2 import Mamba2Cache
+from fusion_titan.model.mixers.mla import MLACache
 from tiny_models import tiny_model
 
 SEQ = 12
@@ -89,7 +89,7 @@ def test_cache_nbytes_growth_5to1():
     batch, prefill = 2, 5
     tokens = tokens_for(model, batch=batch)
     kinds = [layer.kind for layer in model.layers.values()]
-    n_mla = kinds.count("attn")
+    n_mla = kinds.count("mla")
     assert n_mla == 5 and kinds.count("gdn") == 1
     per_token = batch * (args.kv_lora_rank + args.qk_rope_head_dim) * 8  # float64, per MLA layer
     assert model.layers["0"].mixer.cache_bytes_per_token().mla * batch == per_token
@@ -103,11 +103,11 @@ def test_cache_nbytes_growth_5to1():
             model(tokens[:, t:t + 1], cache=cache)
             now = layer_nbytes(cache)
             for kind, b, n in zip(kinds, before, now):
-                assert n - b == (per_token if kind == "attn" else 0)
+                assert n - b == (per_token if kind == "mla" else 0)
             before = now
     assert cache_nbytes(cache) == sum(before)
     for kind, layer_cache, n in zip(kinds, cache.layers, before):
-        if kind == "attn":
+        if kind == "mla":
             assert n == SEQ * per_token == layer_cache.nbytes()
         else:
             assert n > 0  # conv states + delta-rule state, constant in the sequence length

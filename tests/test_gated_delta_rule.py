@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion_titan.model.gated_deltanet import GatedDeltaNet, GDNCache
+from fusion_titan.model.mixers.gdn import GatedDeltaNet, GDNCache
 from fusion_titan.ops.gated_delta_rule import (
     chunk_gated_delta_rule,
     fla_is_safe,

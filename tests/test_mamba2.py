@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion_titan.model.mamba2 import Mamba2, Mamba2Cache
+from fusion_titan.model.mixers.mamba2 import Mamba2, Mamba2Cache
 from fusion_titan.ops.ssd import segsum, ssd_chunked, ssd_recurrent, ssd_step
 from mixer_checks import assert_causal, assert_prefill_in_pieces, assert_prefill_then_decode, rel_err
 

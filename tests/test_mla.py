@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fusion_titan.model.args import FusionModelArgs
-from fusion_titan.model.mla import MLACache, MultiHeadLatentAttention
+from fusion_titan.model.mixers.mla import MLACache, MultiHeadLatentAttention
 from fusion_titan.model.rope import rope_cache
 from fusion_titan.ops import attention as attn_ops
 from fusion_titan.ops.attention import causal_attention, flash_available, flex_block_mask
@@ -371,7 +371,7 @@ def test_block_call_signature_still_works():
     from fusion_titan.model.blocks import FusionBlock
 
     args = small_args(n_routed_experts=0, ffn_hidden_dim=64, attn_backend="sdpa")
-    block = FusionBlock("attn", args)
+    block = FusionBlock("mla", args)
     block.init_weights(args)
     rope = rope_cache(args.qk_rope_head_dim, args.max_seq_len, args.rope_theta)
     out = block(torch.randn(2, 10, args.dim), rope)

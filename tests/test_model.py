@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fusion_titan.model.args import SCHEDULES, parse_schedule
+from fusion_titan.model.layer_pattern import SCHEDULE_PRESETS
 from fusion_titan.model.flavors import FLAVORS
 from fusion_titan.model.model import FusionModel
 from fusion_titan.model.moe import DeepSeekMoE
@@ -21,21 +21,18 @@ def build(args, seed=0):
     return model
 
 
-def test_schedule_parsing():
-    assert parse_schedule("5:1", 12) == (["attn"] * 5 + ["gdn"]) * 2
-    assert parse_schedule("8:1", 9) == ["attn"] * 8 + ["gdn"]
-    assert parse_schedule("mha", 3) == ["attn"] * 3
-    assert parse_schedule("ssm", 3) == ["gdn"] * 3
-    with pytest.raises(ValueError, match="layer_schedule"):
-        parse_schedule("five-to-one", 6)
+EXPECTED_KINDS = {  # 6 layers of each preset, written out by hand
+    "5:1": ["mla"] * 5 + ["gdn"], "6:1": ["mla"] * 6, "8:1": ["mla"] * 6,
+    "mha": ["mla"] * 6, "ssm": ["gdn"] * 6,
+}
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", SCHEDULE_PRESETS)
 def test_forward_backward_shapes(schedule):
     args = tiny_args(layer_schedule=schedule)
     model = build(args)
     kinds = [layer.kind for layer in model.layers.values()]
-    assert kinds == parse_schedule(schedule, args.n_layers)
+    assert kinds == EXPECTED_KINDS[schedule]
     tokens = torch.randint(0, args.vocab_size, (2, 24))
     logits = model(tokens)
     assert logits.shape == (2, 24, args.vocab_size)
@@ -121,10 +118,10 @@ def test_meta_device_build_and_param_counts():
 
 
 def test_mamba2_blocks_replace_gdn():
-    from fusion_titan.model.mamba2 import Mamba2
+    from fusion_titan.model.mixers.mamba2 import Mamba2
 
     model = build(tiny_args(ssm_type="mamba2", mamba_d_state=16, mamba_head_dim=32))
-    mixers = [layer.mixer for layer in model.layers.values() if layer.kind == "gdn"]
+    mixers = [layer.mixer for layer in model.layers.values() if layer.kind == "mamba2"]
     assert mixers and all(isinstance(m, Mamba2) for m in mixers)
     tokens = torch.randint(0, 256, (2, 16))
     out = model(tokens, labels=tokens)

@@ -33,7 +33,7 @@ def matched_args(flavor: str) -> DeepSeekV3ModelArgs:
     return DeepSeekV3ModelArgs(
         vocab_size=ours.vocab_size, dim=ours.dim, n_layers=ours.n_layers,
         inter_dim=ours.ffn_hidden_dim, moe_inter_dim=ours.moe_inter_dim,
-        n_dense_layers=ours.block_kinds().count("gdn"), n_heads=ours.n_heads,
+        n_dense_layers=len(ours.block_kinds()) - ours.block_kinds().count("mla"), n_heads=ours.n_heads,
         q_lora_rank=ours.q_lora_rank, kv_lora_rank=ours.kv_lora_rank,
         qk_nope_head_dim=ours.qk_nope_head_dim, qk_rope_head_dim=ours.qk_rope_head_dim,
         v_head_dim=ours.v_head_dim, max_seq_len=ours.max_seq_len, attn_type="sdpa",

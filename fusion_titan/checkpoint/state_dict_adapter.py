@@ -68,7 +68,7 @@ def _block_to_hf(rest: str, mixer: str) -> str:
         return f"post_attention_layernorm.{tail}"
     if head == "mixer":
         sub, _, leaf = tail.partition(".")
-        if mixer == "attn":
+        if mixer == "mla":
             return f"self_attn.{_MLA.get(sub, sub)}" + (f".{leaf}" if leaf else "")
         if mixer == "gdn":
             return f"linear_attn.{_GDN.get(sub, sub)}" + (f".{leaf}" if leaf else "")
@@ -96,12 +96,11 @@ def native_to_hf_name(key: str, args: FusionModelArgs) -> str:
     parts = key.split(".")
     if parts[0] == "layers":
         kind = args.block_kinds()[int(parts[1])]
-        mixer = "attn" if kind == "attn" else ("mamba" if args.ssm_type == "mamba2" else "gdn")
-        return f"model.layers.{parts[1]}." + _block_to_hf(".".join(parts[2:]), mixer)
+        return f"model.layers.{parts[1]}." + _block_to_hf(".".join(parts[2:]), kind)
     if parts[0] == "mtp":
         prefix, leaf = f"model.mtp.{parts[1]}.", ".".join(parts[3:])
         if parts[2] == "block":
-            return prefix + _block_to_hf(leaf, "attn")
+            return prefix + _block_to_hf(leaf, "mla")
         return prefix + f"{_MTP.get(parts[2], parts[2])}.{leaf}"
     raise KeyError(f"no Hugging Face name for {key!r}")
 
@@ -160,7 +159,20 @@ def native_keys(args: FusionModelArgs) -> list[str]:
 # config.json
 
 
+def check_hf_exportable(args: FusionModelArgs) -> None:
+    """The HF remote code (checkpoint/hf_remote) knows the schedule presets' blocks only."""
+    specs = args.layer_specs()
+    odd = sorted({s.mixer for s in specs} - {"mla", "gdn", "mamba2"})
+    if odd or any(s.ffn is not None for s in specs) or args.residual != "plain":
+        raise ValueError(
+            "Hugging Face export supports MLA / Gated DeltaNet / Mamba-2 blocks with their default "
+            f"FFNs and the plain residual; this model has mixers {odd or 'ok'}, explicit FFNs "
+            f"{any(s.ffn is not None for s in specs)}, residual {args.residual!r}. Use the DCP or "
+            "one torch file (scripts/convert_checkpoint.py dcp-to-torch) instead.")
+
+
 def write_config(args: FusionModelArgs, folder: str, dtype: torch.dtype | None = None) -> str:
+    check_hf_exportable(args)
     kinds = args.block_kinds()
     config = {
         "architectures": ["FusionForCausalLM"],
@@ -177,7 +189,7 @@ def write_config(args: FusionModelArgs, folder: str, dtype: torch.dtype | None =
         "num_nextn_predict_layers": args.mtp_depth,
         "rms_norm_eps": args.norm_eps,
         "max_position_embeddings": args.max_seq_len,
-        "layer_types": ["full_attention" if k == "attn" else "linear_attention" for k in kinds],
+        "layer_types": ["full_attention" if k == "mla" else "linear_attention" for k in kinds],
         "tie_word_embeddings": True,
         "qk_rope_head_dim": args.qk_rope_head_dim,
         "rope_theta": args.rope_theta,
@@ -236,6 +248,16 @@ class FusionStateDictAdapter(StateDictAdapter):
         self.n_experts = model_args.n_routed_experts
         # hf name -> (native key, expert index or None), for every key of this configuration
         self._from_hf: dict[str, tuple[str, int | None]] = {}
+        # DTensor layout of grouped expert tensors seen by to_hf, to rebuild them in from_hf
+        self._expert_layout: dict[str, tuple[Any, Any]] = {}
+        # torchtitan builds the adapter for every run: a model the HF side cannot hold trains,
+        # and only a conversion says why
+        self._unsupported: str | None = None
+        try:
+            check_hf_exportable(model_args)
+        except ValueError as e:
+            self._unsupported = str(e)
+            return
         for key in native_keys(model_args):
             if _EXPERTS.fullmatch(key):
                 names = [(n, e) for e, n in enumerate(expert_hf_names(key, self.n_experts))]
@@ -245,10 +267,10 @@ class FusionStateDictAdapter(StateDictAdapter):
                 if name in self._from_hf:  # the mapping must be one-to-one to round-trip
                     raise AssertionError(f"{key} and {self._from_hf[name][0]} both map to {name}")
                 self._from_hf[name] = (key, e)
-        # DTensor layout of grouped expert tensors seen by to_hf, to rebuild them in from_hf
-        self._expert_layout: dict[str, tuple[Any, Any]] = {}
 
     def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        if self._unsupported:
+            raise ValueError(self._unsupported)
         out = {}
         for key, value in state_dict.items():
             if _EXPERTS.fullmatch(key):
@@ -265,6 +287,8 @@ class FusionStateDictAdapter(StateDictAdapter):
         return out
 
     def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
+        if self._unsupported:
+            raise ValueError(self._unsupported)
         out: dict[str, Any] = {}
         experts: dict[str, dict[int, torch.Tensor]] = {}
         for name, value in hf_state_dict.items():

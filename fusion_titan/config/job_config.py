@@ -14,6 +14,8 @@ class Model:
     """Overrides of the flavor's architecture. Unset (None) keeps the flavor's value."""
 
     layer_schedule: str | None = None
+    layer_pattern: str | None = None
+    residual: str | None = None
     n_layers: int | None = None
     n_routed_experts: int | None = None
     n_activated_experts: int | None = None

@@ -10,14 +10,12 @@ import torch.nn as nn
 
 from torchtitan.protocols.model import BaseModelArgs
 
-SCHEDULES = ("5:1", "6:1", "8:1", "mha", "ssm")
-
 # `[model]` keys that override a flavor field of the same name when set in the TOML (None = keep).
 OVERRIDABLE_FIELDS = (
     "layer_schedule", "n_layers", "n_routed_experts", "n_activated_experts", "mtp_depth",
     "logit_softcap", "mup", "sliding_window", "attn_backend", "gdn_backend",
     "moe_bias_update_rate", "use_grouped_mm", "ssm_type", "moe_seq_aux_weight",
-    "moe_capacity_factor",
+    "moe_capacity_factor", "layer_pattern", "residual",
 )
 
 # Fields that grow with the width (dim): muP's base model has them scaled by mup_base_dim / dim.
@@ -26,34 +24,15 @@ OVERRIDABLE_FIELDS = (
 MUP_WIDTH_FIELDS = ("n_heads", "ffn_hidden_dim", "moe_inter_dim", "gdn_n_heads")
 
 
-def parse_schedule(schedule: str, n_layers: int) -> list[str]:
-    """Block kinds, one per layer: "attn" (MLA + FFN) or "gdn" (Gated DeltaNet + dense FFN).
-
-    "A:B" means A attention blocks followed by B GDN blocks, repeated ("5:1" = 5 MLA, 1 GDN).
-    """
-    if schedule == "mha":
-        return ["attn"] * n_layers
-    if schedule == "ssm":
-        return ["gdn"] * n_layers
-    try:
-        n_attn, n_gdn = (int(x) for x in schedule.split(":"))
-        assert n_attn >= 0 and n_gdn >= 0 and n_attn + n_gdn > 0
-    except (ValueError, AssertionError):
-        raise ValueError(
-            f"layer_schedule {schedule!r} is not understood: use one of {SCHEDULES} or any 'A:B' "
-            "with A attention blocks then B Gated DeltaNet blocks, repeated."
-        ) from None
-    period = n_attn + n_gdn
-    return ["attn" if i % period < n_attn else "gdn" for i in range(n_layers)]
-
-
 @dataclass
 class FusionModelArgs(BaseModelArgs):
     # trunk
     dim: int = 2048
     n_layers: int = 30
     vocab_size: int = 152064
-    layer_schedule: str = "5:1"
+    layer_schedule: str = "5:1"  # a preset period of MLA / recurrent blocks (model/layer_pattern.py)
+    layer_pattern: str = ""  # per-layer block kinds, e.g. "(gdn,gdn,csa,attn)*4"; replaces layer_schedule
+    residual: str = "plain"  # plain | scaled (model/residual.py)
     norm_eps: float = 1e-6
     ffn_hidden_dim: int = 6144  # dense SwiGLU width (GDN blocks, and attention blocks without MoE)
 
@@ -69,6 +48,16 @@ class FusionModelArgs(BaseModelArgs):
     sliding_window: int = 0  # 0 = full causal attention
     attn_backend: str = "auto"  # auto | sdpa | flex | flash | reference (fusion_titan/ops/attention.py)
     mla_kv_groups: int = 0  # 0 = n_heads: every head decompresses its own K/V from the latent
+
+    # Softmax-attention mixers other than MLA (attn, swa, block_sparse, csa; model/mixers/).
+    # They share n_heads with MLA; each head is head_dim wide.
+    n_kv_heads: int = 0  # 0 = n_heads (MHA); fewer = GQA (must divide n_heads)
+    head_dim: int = 128
+    qk_norm: bool = False  # RMSNorm on q and k per head
+    attn_gate: str = "none"  # none | output | query: sigmoid gate from the block input
+    rope_fraction: float = 1.0  # share of each head's dims that RoPE rotates (partial RoPE)
+    attn_rope_theta: float = 10000.0
+    attn_window: int = 0  # swa: sliding window in tokens (0 = not set)
 
     # DeepSeekMoE
     n_routed_experts: int = 64  # 0 = every attention block gets a dense FFN
@@ -110,8 +99,15 @@ class FusionModelArgs(BaseModelArgs):
     mup_base_dim: int = 256
     init_std: float = 0.02
 
+    def layer_specs(self) -> list:
+        """Each trunk layer's LayerSpec (mixer kind, FFN kind or None = the family default)."""
+        from .layer_pattern import resolve_layers
+
+        return resolve_layers(self.layer_pattern, self.layer_schedule, self.n_layers, self.ssm_type)
+
     def block_kinds(self) -> list[str]:
-        return parse_schedule(self.layer_schedule, self.n_layers)
+        """Each trunk layer's mixer kind ("mla", "gdn", "mamba2", ...)."""
+        return [spec.mixer for spec in self.layer_specs()]
 
     @property
     def qk_head_dim(self) -> int:
@@ -136,7 +132,7 @@ class FusionModelArgs(BaseModelArgs):
         return self.replace(dim=self.mup_base_dim, **base)
 
     def validate(self) -> None:
-        self.block_kinds()  # raises on a bad schedule
+        self._check_layers()
         if self.n_routed_experts:
             if self.n_activated_experts > self.n_routed_experts:
                 raise ValueError("n_activated_experts cannot exceed n_routed_experts")
@@ -152,6 +148,27 @@ class FusionModelArgs(BaseModelArgs):
             raise ValueError("logit_softcap must be >= 0 (0 turns it off)")
         if self.mup and self.mup_base_dim <= 0:
             raise ValueError(f"mup_base_dim must be > 0 with mup = true, got {self.mup_base_dim}")
+
+    def _check_layers(self) -> None:
+        """Every layer's mixer and FFN name exists; one error names the offending item."""
+        from .ffn import FFNS
+        from .layer_pattern import parse_layer_pattern
+        from .mixers import MIXERS
+        from .residual import RESIDUALS
+
+        # names first (a typo is the likelier mistake), then the length against n_layers
+        specs = parse_layer_pattern(self.layer_pattern) if self.layer_pattern else self.layer_specs()
+        for i, spec in enumerate(specs):
+            where = f"layer {i} ({spec.mixer}{'+' + spec.ffn if spec.ffn else ''}) of layer_pattern {self.layer_pattern or self.layer_schedule!r}"
+            if spec.mixer not in MIXERS:
+                raise ValueError(f"unknown mixer {spec.mixer!r} at {where}; valid mixers: {sorted(MIXERS)}")
+            if spec.ffn is not None and spec.ffn not in FFNS:
+                raise ValueError(f"unknown FFN {spec.ffn!r} at {where}; valid FFNs: {sorted(FFNS)}")
+            if spec.ffn == "moe" and self.n_routed_experts <= 0:
+                raise ValueError(f"'+moe' at {where} needs n_routed_experts > 0")
+        self.layer_specs()
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"residual {self.residual!r} must be one of {sorted(RESIDUALS)}")
 
     def update_from_config(self, job_config, **kwargs) -> None:
         model_cfg = job_config.model

@@ -1,7 +1,9 @@
-"""One pre-norm residual block of the hybrid trunk: a token mixer then a feed-forward.
+"""One pre-norm residual block of the trunk: a token mixer, then a feed-forward.
 
-kind "attn": Multi-head Latent Attention + DeepSeekMoE (dense SwiGLU when n_routed_experts = 0).
-kind "gdn":  Gated DeltaNet (or Mamba-2 when ssm_type = "mamba2") + dense SwiGLU.
+The block is composed from three tables, never an if/else on kinds: the mixer from the mixer
+registry (fusion_titan/model/mixers), the FFN from fusion_titan/model/ffn.py, the residual form
+from fusion_titan/model/residual.py. `[model] layer_pattern` (model/layer_pattern.py) says
+which mixer and FFN each layer gets.
 """
 
 from __future__ import annotations
@@ -11,13 +13,11 @@ import math
 import torch
 import torch.nn as nn
 
-from torchtitan.models.moe.moe import FeedForward
-
 from .args import FusionModelArgs
-from .gated_deltanet import GatedDeltaNet
-from .mamba2 import Mamba2
-from .mla import MultiHeadLatentAttention
-from .moe import DeepSeekMoE
+from .ffn import FFNS, default_ffn
+from .layer_pattern import LayerSpec
+from .mixers import mixer_kind
+from .residual import build_residual
 
 
 def init_stds(args: FusionModelArgs) -> tuple[float, float]:
@@ -32,69 +32,51 @@ def init_stds(args: FusionModelArgs) -> tuple[float, float]:
 
 
 class FusionBlock(nn.Module):
-    def __init__(self, kind: str, args: FusionModelArgs, use_moe: bool | None = None):
+    def __init__(self, spec: LayerSpec | str, args: FusionModelArgs):
         super().__init__()
-        self.kind = kind
+        spec = LayerSpec(spec) if isinstance(spec, str) else spec
+        kind = mixer_kind(spec.mixer)
+        self.kind = spec.mixer
+        self.ffn_kind = spec.ffn or default_ffn(kind.family, args)
+        if self.ffn_kind not in FFNS:
+            raise ValueError(f"unknown FFN kind {self.ffn_kind!r} in block {spec.mixer}+{spec.ffn}; "
+                             f"valid FFN kinds: {sorted(FFNS)}")
         self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        if kind == "attn":
-            self.mixer = MultiHeadLatentAttention(args)
-        elif kind == "gdn" and args.ssm_type == "mamba2":
-            self.mixer = Mamba2(
-                args.dim, n_heads=2 * args.dim // args.mamba_head_dim, head_dim=args.mamba_head_dim,
-                d_state=args.mamba_d_state, conv_size=args.gdn_conv_size, norm_eps=args.norm_eps,
-            )
-        elif kind == "gdn":
-            self.mixer = GatedDeltaNet(
-                args.dim, args.gdn_n_heads, head_k_dim=args.gdn_head_k_dim,
-                head_v_dim=args.gdn_head_v_dim, conv_size=args.gdn_conv_size,
-                norm_eps=args.norm_eps, backend=args.gdn_backend,
-            )
-        else:
-            raise ValueError(f"unknown block kind {kind!r}")
-        if use_moe is None:
-            use_moe = kind == "attn" and args.n_routed_experts > 0
+        self.mixer = kind.build(args)
         # `moe_enabled` / `moe` are the names torchtitan's MoE helpers look for.
-        self.moe_enabled = use_moe
-        if use_moe:
-            self.moe = DeepSeekMoE(
-                args.dim, args.n_routed_experts, args.n_activated_experts, args.n_shared_experts,
-                args.moe_inter_dim, args.n_expert_groups, args.n_limited_groups, args.route_scale,
-                args.moe_bias_update_rate, use_grouped_mm=args.use_grouped_mm and torch.cuda.is_available(),
-                seq_aux_loss_weight=args.moe_seq_aux_weight, capacity_factor=args.moe_capacity_factor,
-            )
+        self.moe_enabled = self.ffn_kind == "moe"
+        ffn = FFNS[self.ffn_kind](args)
+        if self.moe_enabled:
+            self.moe = ffn
         else:
-            self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+            self.feed_forward = ffn
+        self.mixer_residual = build_residual(args)
+        self.ffn_residual = build_residual(args)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, dim] -> [B, T, dim].
 
-        `cache` (decoding only) is this block's mixer cache: an MLACache for kind "attn" (x is then
-        the next chunk after cache.length; MLA takes its rope positions from the cache), a
-        GDNCache / Mamba2Cache for kind "gdn". It is updated in place. The FFN / MoE is per-token
-        and needs none. See fusion_titan.model.decoding.
+        `cache` (decoding only) is this block's mixer cache (mixer.new_cache(); see
+        fusion_titan.model.decoding); x is then the next chunk and the cache is updated in place.
+        The FFN / MoE is per-token and needs none.
 
         `document_ids` [B, T] (training on packed documents): no token mixes with another
-        document — attention is masked, the recurrent mixer restarts at each boundary.
+        document — attention is masked, the recurrent mixers restart at each boundary.
         """
-        h = self.attention_norm(x)
-        if cache is None:
-            mixed = (self.mixer(h, rope, document_ids=document_ids) if self.kind == "attn"
-                     else self.mixer(h, document_ids=document_ids))
-        elif self.kind == "attn":
-            mixed = self.mixer(h, rope, cache=cache)
-        else:
-            mixed = self.mixer(h, cache)
-        x = x + mixed
-        h = self.ffn_norm(x)
-        return x + (self.moe(h) if self.moe_enabled else self.feed_forward(h))
+        x = self.mixer_residual(x, lambda h: self.mixer(
+            self.attention_norm(h), rope, cache=cache, document_ids=document_ids))
+        ffn = self.moe if self.moe_enabled else self.feed_forward
+        return self.ffn_residual(x, lambda h: ffn(self.ffn_norm(h)))
 
     def init_weights(self, args: FusionModelArgs, buffer_device: torch.device | None = None) -> None:
         std, out_std = init_stds(args)
         self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
         self.mixer.init_weights(std, out_std)
+        self.mixer_residual.init_weights()
+        self.ffn_residual.init_weights()
         if self.moe_enabled:
             self.moe.init_weights(std, out_std, buffer_device)
         else:

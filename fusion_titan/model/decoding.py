@@ -1,12 +1,13 @@
 """Prefill + decode for the whole hybrid (DeepSeek-style incremental inference).
 
-A `ModelCache` holds one mixer cache per trunk block, chosen by the block's kind:
+A `ModelCache` holds one mixer cache per trunk block, made by the block's mixer (`new_cache`):
 
-  kind "attn" -> MLACache    the compressed latent c_kv + rotated rope key per kept token; grows by
+  kind "mla"  -> MLACache    the compressed latent c_kv + rotated rope key per kept token; grows by
                              (kv_lora_rank + qk_rope_head_dim) elements per token (per batch row)
                              until a sliding window (if any) caps it at `sliding_window` tokens
   kind "gdn"  -> GDNCache    conv states + delta-rule state: constant size (after the first chunk)
-              -> Mamba2Cache (ssm_type = "mamba2") conv state + SSD state: constant size
+  kind "mamba2" -> Mamba2Cache conv state + SSD state: constant size
+  other kinds: see each mixer in fusion_titan/model/mixers
 
 plus `position`, the number of tokens consumed so far (= absolute position of the next token).
 The feed-forwards (dense SwiGLU and DeepSeekMoE) are per-token and need no cache; MoE routing is
@@ -28,18 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .gated_deltanet import GDNCache
-from .mamba2 import Mamba2, Mamba2Cache
-from .mla import MLACache, MultiHeadLatentAttention
 
 if TYPE_CHECKING:  # model.py imports this module
     from .model import FusionModel
 
-LayerCache = Union[MLACache, GDNCache, Mamba2Cache]
+LayerCache = Any  # whatever the layer's mixer.new_cache() returns (a dataclass of tensors)
 
 
 @dataclass
@@ -57,13 +55,8 @@ class ModelCache:
 
 
 def new_layer_cache(block, batch_size: int, dtype: torch.dtype | None = None, device=None) -> LayerCache:
-    """An empty cache for one FusionBlock (by its mixer type)."""
-    mixer = block.mixer
-    if isinstance(mixer, MultiHeadLatentAttention):
-        return mixer.new_cache(batch_size, dtype=dtype, device=device)
-    if isinstance(mixer, Mamba2):
-        return Mamba2Cache()
-    return GDNCache()  # GatedDeltaNet (and anything taking `mixer(h, cache)` with a GDN-style cache)
+    """An empty cache for one FusionBlock (its mixer makes it)."""
+    return block.mixer.new_cache(batch_size, dtype=dtype, device=device)
 
 
 def new_model_cache(

@@ -1,12 +1,9 @@
 """Parameter counts and training FLOPs per token for the hybrid, counted from the built model.
 
 FLOPs convention (what MFU divides by): 6 x (parameters a token touches) for the matmuls, plus
-the sequence-mixing work that has no parameters:
-- causal MLA: 2 * H * (d_qk + d_v) * (average number of keys a query sees) forward, x3 for
-  forward + backward; the average honours the sliding window and counts only the causal half;
-- Gated DeltaNet (chunked form, chunk C): per head and token C*(3*d_k + 2*d_v) for the
-  lower-triangular intra-chunk products (counted at half, like causal attention) plus 6*d_k*d_v for
-  the state read/update; x3 for forward + backward;
+the sequence-mixing work that has no parameters, which each mixer kind counts itself
+(`flops_per_token` in its registry entry, fusion_titan/model/mixers: e.g. causal MLA
+2 * H * (d_qk + d_v) per key a query sees, x3 for forward + backward);
 - the tied output head (V x D) once for the trunk and once per MTP depth.
 Only the top-k routed experts count as touched, the shared experts always do.
 """
@@ -64,26 +61,19 @@ def average_keys_per_query(seq_len: int, window: int) -> float:
 
 def flops_breakdown(args, seq_len: int, counts: ParamCounts) -> dict[str, float]:
     """Training FLOPs per token (forward + backward) by kind of work; they sum to flops_per_token."""
+    from .mixers import mixer_kind  # the mixers import this module's helpers
+
     head_uses = 1 + args.mtp_depth  # the tied head is a V x D matmul per use...
-    kinds = args.block_kinds()
-    n_attn = kinds.count("attn") + args.mtp_depth
-    n_gdn = kinds.count("gdn")
-    keys = average_keys_per_query(seq_len, args.sliding_window)
-    if args.ssm_type == "mamba2":
-        # SSD, chunk C: intra-chunk C*B^T and its product with x (causal half), plus the state
-        # write and read (2 * p * n each); heads = 2 * dim / head_dim
-        p, n = args.mamba_head_dim, args.mamba_d_state
-        heads, per_head = 2 * args.dim // p, GDN_CHUNK * (n + p) + 4 * p * n
-    else:
-        dk, dv = args.gdn_head_k_dim, args.gdn_head_v_dim
-        heads, per_head = args.gdn_n_heads, GDN_CHUNK * (3 * dk + 2 * dv) + 6 * dk * dv
-    return {
+    out = {
         # ...while the embedding lookup is free
         "matmuls (active params, no embedding)": 6 * (counts.active - counts.embedding),
         "output head (trunk + MTP)": 6 * head_uses * args.vocab_size * args.dim,
-        "attention (causal, windowed)": 3 * n_attn * 2 * args.n_heads * (args.qk_head_dim + args.v_head_dim) * keys,
-        "recurrent mixer (GDN / SSD)": 3 * n_gdn * heads * per_head,
     }
+    # the MTP modules' blocks are MLA blocks
+    kinds = args.block_kinds() + ["mla"] * args.mtp_depth
+    for kind in dict.fromkeys(kinds):
+        out[f"sequence mixing: {kind}"] = kinds.count(kind) * mixer_kind(kind).flops_per_token(args, seq_len)
+    return out
 
 
 def flops_per_token(args, seq_len: int, counts: ParamCounts) -> int:

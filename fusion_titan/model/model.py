@@ -1,4 +1,4 @@
-"""The fusion hybrid: tied embedding -> scheduled MLA/GDN blocks -> norm -> tied head (+ MTP).
+"""The fusion hybrid: tied embedding -> blocks of the layer pattern -> norm -> tied head (+ MTP).
 
 With `labels` the forward returns the loss *sums* it needs (the head is fused with softcap and
 cross entropy so full-vocabulary logits never exist); without labels it returns logits.
@@ -36,7 +36,7 @@ class FusionModel(ModelProtocol):
         self.model_args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict(
-            {str(i): FusionBlock(kind, args) for i, kind in enumerate(args.block_kinds())}
+            {str(i): FusionBlock(spec, args) for i, spec in enumerate(args.layer_specs())}
         )
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.mtp = nn.ModuleList(MTPModule(args) for _ in range(args.mtp_depth))

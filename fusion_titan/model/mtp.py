@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .args import FusionModelArgs
 from .blocks import FusionBlock, init_stds
+from .layer_pattern import LayerSpec
 
 
 class MTPModule(nn.Module):
@@ -22,7 +23,7 @@ class MTPModule(nn.Module):
         self.hidden_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.embed_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.proj = nn.Linear(2 * args.dim, args.dim, bias=False)
-        self.block = FusionBlock("attn", args, use_moe=False)
+        self.block = FusionBlock(LayerSpec("mla", "dense"), args)
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, rope: torch.Tensor,

@@ -22,9 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusion_titan.model.short_conv import ShortConv
-from fusion_titan.model.ssm_init import init_decay_
-from fusion_titan.ops.ssd import ssd_chunked, ssd_step
+from ...ops.ssd import ssd_chunked, ssd_step
+from ..flops import GDN_CHUNK
+from ..short_conv import ShortConv
+from ..ssm_init import init_decay_
+from .registry import register_mixer
 
 
 @dataclass
@@ -113,7 +115,11 @@ class Mamba2(nn.Module):
         self.norm = GroupedGatedRMSNorm(self.inner, n_groups, eps=norm_eps, norm_before_gate=norm_before_gate)
         self.out_proj = nn.Linear(self.inner, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: Mamba2Cache | None = None,
+    def new_cache(self, batch_size: int, dtype=None, device=None) -> Mamba2Cache:
+        return Mamba2Cache()  # states are created by the first forward, in the activations' dtype
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
+                cache: Mamba2Cache | None = None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         if document_ids is not None:
             raise NotImplementedError(
@@ -164,3 +170,18 @@ class Mamba2(nn.Module):
         nn.init.ones_(self.D)
 
         init_decay_(self.A_log, self.dt_bias)  # Mamba-2 / Qwen3-Next ranges
+
+
+def mamba2_flops_per_token(args, seq_len: int) -> float:
+    """SSD, chunk C, per head (2 * dim / head_dim heads): the intra-chunk C*B^T and its product
+    with x (causal half), plus the state write and read (2 * p * n each); x3 for fwd + bwd."""
+    p, n = args.mamba_head_dim, args.mamba_d_state
+    return 3 * (2 * args.dim // p) * (GDN_CHUNK * (n + p) + 4 * p * n)
+
+
+@register_mixer("mamba2", family="recurrent", flops_per_token=mamba2_flops_per_token)
+def build_mamba2(args) -> Mamba2:
+    return Mamba2(
+        args.dim, n_heads=2 * args.dim // args.mamba_head_dim, head_dim=args.mamba_head_dim,
+        d_state=args.mamba_d_state, conv_size=args.gdn_conv_size, norm_eps=args.norm_eps,
+    )

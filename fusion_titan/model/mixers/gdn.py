@@ -17,9 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusion_titan.model.short_conv import ShortConv
-from fusion_titan.model.ssm_init import init_decay_
-from fusion_titan.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
+from ...ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
+from ..flops import GDN_CHUNK
+from ..short_conv import ShortConv
+from ..ssm_init import init_decay_
+from .registry import register_mixer
 
 
 @dataclass
@@ -98,7 +100,10 @@ class GatedDeltaNet(nn.Module):
         self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: GDNCache | None = None,
+    def new_cache(self, batch_size: int, dtype=None, device=None) -> GDNCache:
+        return GDNCache()  # states are created by the first forward, in the activations' dtype
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, cache: GDNCache | None = None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, dim] -> [B, T, dim]; document_ids [B, T] (training on packed documents): the
         short convs and the recurrent state restart at every document boundary."""
@@ -154,3 +159,19 @@ class GatedDeltaNet(nn.Module):
         self.o_norm.reset_parameters()
 
         init_decay_(self.A_log, self.dt_bias)  # Mamba-2 / Qwen3-Next ranges
+
+
+def gdn_flops_per_token(args, seq_len: int) -> float:
+    """Chunked form, chunk C, per head: C*(3*d_k + 2*d_v) for the lower-triangular intra-chunk
+    products (counted at half, like causal attention) plus 6*d_k*d_v for the state read/update;
+    x3 for forward + backward."""
+    dk, dv = args.gdn_head_k_dim, args.gdn_head_v_dim
+    return 3 * args.gdn_n_heads * (GDN_CHUNK * (3 * dk + 2 * dv) + 6 * dk * dv)
+
+
+@register_mixer("gdn", family="recurrent", flops_per_token=gdn_flops_per_token)
+def build_gated_deltanet(args) -> GatedDeltaNet:
+    return GatedDeltaNet(
+        args.dim, args.gdn_n_heads, head_k_dim=args.gdn_head_k_dim, head_v_dim=args.gdn_head_v_dim,
+        conv_size=args.gdn_conv_size, norm_eps=args.norm_eps, backend=args.gdn_backend,
+    )

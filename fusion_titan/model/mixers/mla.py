@@ -38,9 +38,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..ops.attention import attention_mask, causal_attention
-from .args import FusionModelArgs
-from .rope import apply_rope
+from ...ops.attention import attention_mask, causal_attention
+from ..args import FusionModelArgs
+from ..flops import average_keys_per_query
+from ..rope import apply_rope
+from .registry import register_mixer
 
 
 @dataclass
@@ -289,3 +291,15 @@ class MultiHeadLatentAttention(nn.Module):
         for norm in (getattr(self, "q_norm", None), self.kv_norm):
             if norm is not None:
                 norm.reset_parameters()
+
+
+def mla_flops_per_token(args, seq_len: int) -> float:
+    """Causal scores and weighted values: 2 * H * (d_qk + d_v) per key a query sees (the average
+    honours the sliding window and counts the causal half only); x3 for forward + backward."""
+    keys = average_keys_per_query(seq_len, args.sliding_window)
+    return 3 * 2 * args.n_heads * (args.qk_head_dim + args.v_head_dim) * keys
+
+
+@register_mixer("mla", family="attention", flops_per_token=mla_flops_per_token)
+def build_mla(args: FusionModelArgs) -> MultiHeadLatentAttention:
+    return MultiHeadLatentAttention(args)
