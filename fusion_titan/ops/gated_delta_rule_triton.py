@@ -61,7 +61,7 @@ def _cfgs(values: list[tuple[int, int, int]]) -> list[triton.Config]:
 # ---------------------------------------------------------------------------
 
 
-@_autotune(_cfgs([(64, 4, 2), (32, 4, 2), (64, 8, 2), (128, 8, 1)]), key=["K", "V"])
+@_autotune(_cfgs([(64, 4, 2), (128, 8, 1), (32, 4, 1)]), key=["K", "V"])
 @triton.jit
 def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
                     T, H, Tp, K: tl.constexpr, V: tl.constexpr,
@@ -110,7 +110,7 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
         tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u, mask=m_v[None, :])
 
 
-@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 4, 2), (32, 2, 3)]), key=["K", "V"])
+@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"])
 @triton.jit
 def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
                       T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
@@ -149,7 +149,7 @@ def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
         tl.store(ht_ptr + i_bh * K * V + kv, b_S, mask=m_kv)
 
 
-@_autotune(_cfgs([(64, 4, 2), (128, 8, 2), (32, 4, 2), (64, 8, 3)]), key=["K", "V"])
+@_autotune(_cfgs([(64, 4, 2), (128, 8, 2), (32, 4, 2)]), key=["K", "V"])
 @triton.jit
 def _fwd_output_kernel(q_ptr, k_ptr, G_ptr, S_ptr, vn_ptr, o_ptr, scale,
                        T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
@@ -187,7 +187,7 @@ def _fwd_output_kernel(q_ptr, k_ptr, G_ptr, S_ptr, vn_ptr, o_ptr, scale,
 # ---------------------------------------------------------------------------
 
 
-@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 4, 2), (32, 8, 2)]), key=["K", "V"])
+@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"])
 @triton.jit
 def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_ptr, dh0_ptr, scale,
                       T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
@@ -239,7 +239,7 @@ def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_p
     tl.store(dh0_ptr + i_bh * K * V + kv, b_dS, mask=m_kv)
 
 
-@_autotune(_cfgs([(64, 4, 2), (32, 4, 2), (64, 8, 2), (128, 8, 1)]), key=["K", "V"])
+@_autotune(_cfgs([(64, 8, 1), (32, 8, 1), (32, 4, 1)]), key=["K", "V"])
 @triton.jit
 def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_ptr, vn_ptr, dvn_ptr,
                       do_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, scale,
