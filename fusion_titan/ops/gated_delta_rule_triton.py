@@ -9,10 +9,12 @@ cumulative log decay, a = exp(G), D_ij = exp(G_i - G_j), s = scale and S the chu
     vn = u - w S,  S' = exp(G_last) S + (k exp(G_last - G))^T vn  # _fwd_state_kernel (sequential)
     o  = s (q a) S + (s q k^T * D, causal) vn                     # _fwd_output_kernel (parallel)
 
-Backward: one sequential pass for dS (the gradient of every chunk-start state, chunk by chunk from
-the end; it also yields dvn, the full gradient of vn) and one parallel pass for everything else.
+Backward: the in-chunk part of dvn (the gradient of vn) in parallel, one sequential pass for dS
+(the gradient of every chunk-end state, from the last chunk back; it completes dvn) and one
+parallel pass for everything else.
 Only the chunk scans are sequential; the state stays in registers (fp32) across the chunk loop.
-Intermediates (G, Tm, w, u, vn, chunk states) are kept in fp32 for the backward.
+Every product accumulates in fp32; G and Tm are stored in fp32, the larger intermediates (w, u,
+vn, chunk states and their gradients) in the inputs' dtype for bf16/fp16, fp32 otherwise.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ def _cfgs(values: list[tuple[int, int, int]]) -> list[triton.Config]:
 @triton.jit
 def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
                     T, H, Tp, K: tl.constexpr, V: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk: G = cumsum(g), Tm = (I + A)^-1 by forward substitution, w, u."""
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                    INV_PREC: tl.constexpr):
+    """Per chunk: G = cumsum(g), Tm = (I + A)^-1 by blockwise forward substitution, w, u."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
@@ -89,25 +92,32 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
     decay = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], float("-inf")))
     b_A = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * decay * b_beta[:, None]
 
-    # (I + A)^-1 = I + X with X_i = -A_i - A_i X (row i only needs the rows above it).
+    # Inverse of the 16x16 diagonal blocks, all four at once: (I + A_d)^-1 = I + X with
+    # X_r = -A_r - A_r X, row r of every block after the rows above it (15 steps, not 63).
+    o_blk = o_t // 16
+    b_Ad = tl.where(o_blk[:, None] == o_blk[None, :], b_A, 0.0)
     b_X = tl.zeros([BT, BT], dtype=tl.float32)
-    for i in range(1, BT):
-        sel = (o_t == i)[:, None]
-        a_i = tl.sum(tl.where(sel, b_A, 0.0), 0)
-        x_i = -a_i - tl.sum(a_i[:, None] * b_X, 0)
-        b_X = tl.where(sel, x_i[None, :], b_X)
-    b_Tm = b_X + (o_t[:, None] == o_t[None, :]).to(tl.float32)
+    for i in range(1, 16):
+        rows = tl.where((o_t % 16 == i)[:, None], b_Ad, 0.0)
+        b_X += -rows - tl.dot(rows, b_X, input_precision=INV_PREC)
+    b_Di = b_X + (o_t[:, None] == o_t[None, :]).to(tl.float32)
+    # Block rows below: Tm_i = Di_i (I_i - E_i Tm), E the blocks left of the diagonal.
+    b_E = b_A - b_Ad
+    b_Tm = b_Di
+    for blk in range(1, BT // 16):
+        rows = tl.where((o_blk == blk)[:, None], b_E, 0.0)
+        b_Tm -= tl.dot(b_Di, tl.dot(rows, b_Tm, input_precision=INV_PREC), input_precision=INV_PREC)
     tl.store(Tm_ptr + row[:, None] * BT + o_t[None, :], b_Tm)
 
     b_kb = b_k * (b_beta * tl.exp(b_G))[:, None]
     b_w = tl.dot(b_Tm, b_kb, input_precision=PREC)
-    tl.store(w_ptr + row[:, None] * K + o_k[None, :], b_w, mask=m_k[None, :])
+    tl.store(w_ptr + row[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty), mask=m_k[None, :])
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         b_u = tl.dot(b_Tm, b_v.to(tl.float32) * b_beta[:, None], input_precision=PREC)
-        tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u, mask=m_v[None, :])
+        tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty), mask=m_v[None, :])
 
 
 @_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"])
@@ -135,14 +145,14 @@ def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
         m_t = t < T
         tok = (i_b * T + t) * H + i_h
         row = i_bh * Tp + t
-        tl.store(S_ptr + (i_bh * N + i_c) * K * V + kv, b_S, mask=m_kv)
-        b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-        b_u = tl.load(u_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+        tl.store(S_ptr + (i_bh * N + i_c) * K * V + kv, b_S.to(S_ptr.dtype.element_ty), mask=m_kv)
+        b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+        b_u = tl.load(u_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
         b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_G = tl.load(G_ptr + row)
         b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
         b_vn = b_u - tl.dot(b_w, b_S, input_precision=PREC)
-        tl.store(vn_ptr + row[:, None] * V + o_v[None, :], b_vn, mask=m_v[None, :])
+        tl.store(vn_ptr + row[:, None] * V + o_v[None, :], b_vn.to(vn_ptr.dtype.element_ty), mask=m_v[None, :])
         b_kd = b_k.to(tl.float32) * tl.exp(b_gl - b_G)[:, None]
         b_S = b_S * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn, input_precision=PREC)
     if STORE_FINAL:
@@ -171,8 +181,8 @@ def _fwd_output_kernel(q_ptr, k_ptr, G_ptr, S_ptr, vn_ptr, o_ptr, scale,
     b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
     b_G = tl.load(G_ptr + row)
     b_S = tl.load(S_ptr + (i_bh * N + i_c) * K * V + o_k[:, None] * V + o_v[None, :],
-                  mask=m_k[:, None] & m_v[None, :], other=0.0)
-    b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+                  mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
     causal = o_t[:, None] >= o_t[None, :]
     decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
     b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * decay * scale
@@ -187,15 +197,44 @@ def _fwd_output_kernel(q_ptr, k_ptr, G_ptr, S_ptr, vn_ptr, o_ptr, scale,
 # ---------------------------------------------------------------------------
 
 
+@_autotune(_cfgs([(64, 4, 2), (128, 8, 2), (32, 4, 2)]), key=["K", "V"])
+@triton.jit
+def _bwd_local_kernel(q_ptr, k_ptr, G_ptr, do_ptr, dvn_ptr, scale,
+                      T, H, Tp, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """The in-chunk part of dvn, (s q k^T D, causal)^T do: parallel, kept out of the scan."""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    t = i_c * BT + o_t
+    m_t = t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    tok = (i_b * T + t) * H + i_h
+    row = i_bh * Tp + t
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_G = tl.load(G_ptr + row)
+    causal = o_t[:, None] >= o_t[None, :]
+    decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+    b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * decay * scale
+    b_dvn = tl.dot(tl.trans(b_P), b_do.to(tl.float32), input_precision=PREC)
+    tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
+
+
 @_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"])
 @triton.jit
 def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_ptr, dh0_ptr, scale,
                       T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
                       HAS_DHT: tl.constexpr):
-    """Chunks from last to first: dS_end of every chunk (stored), dvn, and dh0.
+    """Chunks from last to first: dS_end of every chunk (stored), dvn (completed in place), dh0.
 
-    dvn = (s q k^T D, causal)^T do + (k exp(G_last - G)) dS_end
+    dvn = dvn_local + (k exp(G_last - G)) dS_end
     dS_start = exp(G_last) dS_end + s (q a)^T do - w^T dvn
     """
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -207,7 +246,6 @@ def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_p
     m_v = o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     kv = o_k[:, None] * V + o_v[None, :]
-    causal = o_t[:, None] >= o_t[None, :]
 
     b_dS = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
@@ -219,22 +257,19 @@ def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_p
         tok = (i_b * T + t) * H + i_h
         row = i_bh * Tp + t
         m_tk = m_t[:, None] & m_k[None, :]
-        tl.store(dS_ptr + (i_bh * N + i_c) * K * V + kv, b_dS, mask=m_kv)
+        tl.store(dS_ptr + (i_bh * N + i_c) * K * V + kv, b_dS.to(dS_ptr.dtype.element_ty), mask=m_kv)
         b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
         b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+        b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
         b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_do = b_do.to(tl.float32)
+        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
         b_G = tl.load(G_ptr + row)
         b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
-        decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
-        b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * decay * scale
         b_kd = b_k * tl.exp(b_gl - b_G)[:, None]
-        b_dvn = tl.dot(tl.trans(b_P), b_do, input_precision=PREC)
         b_dvn += tl.dot(b_kd, b_dS, input_precision=PREC)
-        tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn, mask=m_v[None, :])
+        tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
         b_qa = b_q * (scale * tl.exp(b_G))[:, None]
-        b_dS = b_dS * tl.exp(b_gl) + tl.dot(tl.trans(b_qa), b_do, input_precision=PREC)
+        b_dS = b_dS * tl.exp(b_gl) + tl.dot(tl.trans(b_qa), b_do.to(tl.float32), input_precision=PREC)
         b_dS -= tl.dot(tl.trans(b_w), b_dvn, input_precision=PREC)
     tl.store(dh0_ptr + i_bh * K * V + kv, b_dS, mask=m_kv)
 
@@ -280,10 +315,10 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
         kv = o_k[:, None] * V + o_v[None, :]
         b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
-        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
-        b_S = tl.load(S_ptr + state + kv, mask=m_kv, other=0.0)
-        b_dSe = tl.load(dS_ptr + state + kv, mask=m_kv, other=0.0)
+        b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_S = tl.load(S_ptr + state + kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_dSe = tl.load(dS_ptr + state + kv, mask=m_kv, other=0.0).to(tl.float32)
         b_dq += tl.dot(b_do, tl.trans(b_S), input_precision=PREC)
         b_dP += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
         b_dk2 += tl.dot(b_vn, tl.trans(b_dSe), input_precision=PREC)
@@ -356,6 +391,17 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _inverse_precision(dtype: torch.dtype) -> str:
+    # the triangular inverse compounds rounding over its steps: ~fp32 products (3 tf32 passes)
+    return "ieee" if dtype == torch.float32 else "tf32x3"
+
+
+def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    # the large per-token/per-chunk intermediates (w, u, vn, chunk states, their gradients) are
+    # stored in the inputs' 16-bit dtype, like fla, halving their traffic; float32 inputs keep float32
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state):
@@ -366,18 +412,20 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         N = triton.cdiv(T, BT)
         Tp = N * BT
         f32 = dict(device=q.device, dtype=torch.float32)
+        big = dict(device=q.device, dtype=_storage_dtype(q.dtype))
         G = torch.empty(B * H, Tp, **f32)
         Tm = torch.empty(B * H, Tp, BT, **f32)
-        w = torch.empty(B * H, Tp, K, **f32)
-        u = torch.empty(B * H, Tp, V, **f32)
-        vn = torch.empty(B * H, Tp, V, **f32)
-        S = torch.empty(B * H, N, K, V, **f32)
+        w = torch.empty(B * H, Tp, K, **big)
+        u = torch.empty(B * H, Tp, V, **big)
+        vn = torch.empty(B * H, Tp, V, **big)
+        S = torch.empty(B * H, N, K, V, **big)
         h0 = None if initial_state is None else initial_state.contiguous()
         ht = torch.empty(B, H, K, V, **f32) if output_final_state else None
         o = torch.empty_like(v, dtype=q.dtype)
         meta = dict(K=K, V=V, BT=BT, BK=_block(K), PREC=_precision(q.dtype))
 
-        _prepare_kernel[(N, B * H)](k, v, g, beta, G, Tm, w, u, T, H, Tp, **meta)
+        _prepare_kernel[(N, B * H)](k, v, g, beta, G, Tm, w, u, T, H, Tp, **meta,
+                                    INV_PREC=_inverse_precision(q.dtype))
         _fwd_state_kernel[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
             k, w, u, G, h0 if h0 is not None else G, S, vn, ht if ht is not None else G,
             T, H, Tp, N, **meta, HAS_H0=h0 is not None, STORE_FINAL=ht is not None)
@@ -397,11 +445,13 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         N, Tp = S.shape[1], G.shape[1]
         meta, scale = ctx.meta, ctx.scale
         do = do.contiguous()
-        f32 = dict(device=q.device, dtype=torch.float32)
-        dS = torch.empty(B * H, N, K, V, **f32)
-        dvn = torch.empty(B * H, Tp, V, **f32)
-        dh0 = torch.empty(B, H, K, V, **f32)
+        big = dict(device=q.device, dtype=S.dtype)
+        dS = torch.empty(B * H, N, K, V, **big)
+        dvn = torch.empty(B * H, Tp, V, **big)
+        dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
         dht = None if dht is None else dht.contiguous()
+        _bwd_local_kernel[lambda m: (triton.cdiv(V, m["BV"]), N, B * H)](
+            q, k, G, do, dvn, scale, T, H, Tp, **meta)
         _bwd_state_kernel[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
             q, k, w, G, do, dht if dht is not None else dh0, dS, dvn, dh0, scale,
             T, H, Tp, N, **meta, HAS_DHT=dht is not None)
