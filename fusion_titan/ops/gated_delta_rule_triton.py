@@ -67,9 +67,8 @@ def _cfgs(values: list[tuple[int, int, int]]) -> list[triton.Config]:
 @triton.jit
 def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
                     T, H, Tp, K: tl.constexpr, V: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                    INV_PREC: tl.constexpr):
-    """Per chunk: G = cumsum(g), Tm = (I + A)^-1 by blockwise forward substitution, w, u."""
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk: G = cumsum(g), Tm = (I + A)^-1 by forward substitution, w, u."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
@@ -92,21 +91,16 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
     decay = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], float("-inf")))
     b_A = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * decay * b_beta[:, None]
 
-    # Inverse of the 16x16 diagonal blocks, all four at once: (I + A_d)^-1 = I + X with
-    # X_r = -A_r - A_r X, row r of every block after the rows above it (15 steps, not 63).
-    o_blk = o_t // 16
-    b_Ad = tl.where(o_blk[:, None] == o_blk[None, :], b_A, 0.0)
+    # (I + A)^-1 = I + X with X_i = -A_i - A_i X (row i only needs the rows above it).
+    # Elementwise in fp32: a 16x16-block version with tf32x3 tl.dot gave wrong results on an
+    # H200 with triton 3.6 (right under the interpreter), untraced (commit 71aaa7d).
     b_X = tl.zeros([BT, BT], dtype=tl.float32)
-    for i in range(1, 16):
-        rows = tl.where((o_t % 16 == i)[:, None], b_Ad, 0.0)
-        b_X += -rows - tl.dot(rows, b_X, input_precision=INV_PREC)
-    b_Di = b_X + (o_t[:, None] == o_t[None, :]).to(tl.float32)
-    # Block rows below: Tm_i = Di_i (I_i - E_i Tm), E the blocks left of the diagonal.
-    b_E = b_A - b_Ad
-    b_Tm = b_Di
-    for blk in range(1, BT // 16):
-        rows = tl.where((o_blk == blk)[:, None], b_E, 0.0)
-        b_Tm -= tl.dot(b_Di, tl.dot(rows, b_Tm, input_precision=INV_PREC), input_precision=INV_PREC)
+    for i in range(1, BT):
+        sel = (o_t == i)[:, None]
+        a_i = tl.sum(tl.where(sel, b_A, 0.0), 0)
+        x_i = -a_i - tl.sum(a_i[:, None] * b_X, 0)
+        b_X = tl.where(sel, x_i[None, :], b_X)
+    b_Tm = b_X + (o_t[:, None] == o_t[None, :]).to(tl.float32)
     tl.store(Tm_ptr + row[:, None] * BT + o_t[None, :], b_Tm)
 
     b_kb = b_k * (b_beta * tl.exp(b_G))[:, None]
@@ -391,11 +385,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _inverse_precision(dtype: torch.dtype) -> str:
-    # the triangular inverse compounds rounding over its steps: ~fp32 products (3 tf32 passes)
-    return "ieee" if dtype == torch.float32 else "tf32x3"
-
-
 def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
     # the large per-token/per-chunk intermediates (w, u, vn, chunk states, their gradients) are
     # stored in the inputs' 16-bit dtype, like fla, halving their traffic; float32 inputs keep float32
@@ -424,8 +413,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         o = torch.empty_like(v, dtype=q.dtype)
         meta = dict(K=K, V=V, BT=BT, BK=_block(K), PREC=_precision(q.dtype))
 
-        _prepare_kernel[(N, B * H)](k, v, g, beta, G, Tm, w, u, T, H, Tp, **meta,
-                                    INV_PREC=_inverse_precision(q.dtype))
+        _prepare_kernel[(N, B * H)](k, v, g, beta, G, Tm, w, u, T, H, Tp, **meta)
         _fwd_state_kernel[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
             k, w, u, G, h0 if h0 is not None else G, S, vn, ht if ht is not None else G,
             T, H, Tp, N, **meta, HAS_H0=h0 is not None, STORE_FINAL=ht is not None)
