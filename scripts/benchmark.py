@@ -158,14 +158,15 @@ def optimizer_micro(flavor: str) -> dict:
     return out
 
 
-def gdn_micro(flavor: str, batch: int, seq: int) -> dict:
-    """Gated delta rule op at the flavor's shapes: ours chunked vs fla (forward; backward too
-    where fla_is_safe())."""
+def gdn_micro(flavor: str, batch: int, seq: int, compiled: bool = True, reps: int = 5) -> dict:
+    """Gated delta rule op at the flavor's shapes: ours in PyTorch (eager, compiled) and in Triton
+    vs fla (forward; backward too where fla_is_safe()). Ratios are over fla's forward."""
     import torch
     import torch.nn.functional as F
 
     from fusion_titan.model.flavors import FLAVORS
     from fusion_titan.ops.gated_delta_rule import chunk_gated_delta_rule, fla_is_safe
+    from fusion_titan.ops.gated_delta_rule_triton import triton_chunk_gated_delta_rule
 
     a = FLAVORS[flavor]
     H, K, V = a.gdn_n_heads, a.gdn_head_k_dim, a.gdn_head_v_dim
@@ -183,25 +184,28 @@ def gdn_micro(flavor: str, batch: int, seq: int) -> dict:
     def fwd_bwd(fn):
         return lambda: fn(*leaves)[0].float().square().mean().backward()
 
-    ours = lambda q, k, v, g_, b: chunk_gated_delta_rule(q, k, v, g_, b)  # noqa: E731
-    out = {"shape": f"B{batch} T{seq} H{H} K{K} V{V} bf16",
-           "ours_fwd_ms": _cuda_time(fwd(ours)) * 1e3,
-           "ours_fwd_bwd_ms": _cuda_time(fwd_bwd(ours)) * 1e3}
-    compiled = torch.compile(chunk_gated_delta_rule)  # as inside the compiled trainer blocks
-    out["ours_compiled_fwd_ms"] = _cuda_time(fwd(compiled)) * 1e3
-    out["ours_compiled_fwd_bwd_ms"] = _cuda_time(fwd_bwd(compiled)) * 1e3
+    def time_both(name, fn):
+        out[f"{name}_fwd_ms"] = _cuda_time(fwd(fn), reps) * 1e3
+        out[f"{name}_fwd_bwd_ms"] = _cuda_time(fwd_bwd(fn), reps) * 1e3
+
+    out = {"shape": f"B{batch} T{seq} H{H} K{K} V{V} bf16"}
+    time_both("ours_torch", lambda q, k, v, g_, b: chunk_gated_delta_rule(q, k, v, g_, b))
+    if compiled:
+        time_both("ours_torch_compiled", torch.compile(chunk_gated_delta_rule))  # as in the trainer
+    time_both("ours_triton", lambda q, k, v, g_, b: triton_chunk_gated_delta_rule(q, k, v, g_, b))
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
     except Exception as e:  # fla not installed
         out["fla"] = f"unavailable: {e}"
         return out
     fla = lambda q, k, v, g_, b: fla_chunk(q, k, v, g_, b)  # noqa: E731
-    out["fla_fwd_ms"] = _cuda_time(fwd(fla)) * 1e3
-    out["ours_over_fla_fwd"] = out["ours_fwd_ms"] / out["fla_fwd_ms"]
+    out["fla_fwd_ms"] = _cuda_time(fwd(fla), reps) * 1e3
+    for key in [k for k in out if k.startswith("ours") and k.endswith("_ms")]:
+        out[key.replace("_ms", "_over_fla_fwd")] = out[key] / out["fla_fwd_ms"]
     safe, why = fla_is_safe()
     if safe:
-        out["fla_fwd_bwd_ms"] = _cuda_time(fwd_bwd(fla)) * 1e3
-        out["ours_over_fla_fwd_bwd"] = out["ours_fwd_bwd_ms"] / out["fla_fwd_bwd_ms"]
+        out["fla_fwd_bwd_ms"] = _cuda_time(fwd_bwd(fla), reps) * 1e3
+        out["ours_triton_over_fla_fwd_bwd"] = out["ours_triton_fwd_bwd_ms"] / out["fla_fwd_bwd_ms"]
     else:
         out["fla_backward"] = f"not run: {why}"
     return out

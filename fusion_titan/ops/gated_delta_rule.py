@@ -13,7 +13,8 @@ q and k are NOT l2-normalized here (the layer does it), like fla's default.
 Three entry points:
   - chunk_gated_delta_rule: the chunked (WY / UT-transform) form used for training.
   - recurrent_gated_delta_rule: token-by-token reference, obviously correct.
-  - gated_delta_rule: dispatcher between ours and fla's Triton kernel.
+  - gated_delta_rule: dispatcher between this chunked form, our Triton kernels
+    (gated_delta_rule_triton.py, forward and backward) and fla's Triton kernel.
 
 Reference: Yang, Kautz, Hatamizadeh, "Gated Delta Networks: Improving Mamba2 with
 Delta Rule" (ICLR 2025), Sec. 3 (chunkwise algorithm).
@@ -313,11 +314,11 @@ def _fla_or_fallback(q, k, v, g, beta, scale, initial_state, output_final_state)
     except Exception as e:
         if not _fla_failed:
             logger.warning(
-                "fla chunk_gated_delta_rule failed (%s: %s); falling back to the PyTorch "
-                "implementation for the rest of this process.", type(e).__name__, e,
+                "fla chunk_gated_delta_rule failed (%s: %s); falling back to our Triton "
+                "kernels for the rest of this process.", type(e).__name__, e,
             )
         _fla_failed = True
-        return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+        return _triton_chunk(q, k, v, g, beta, scale, initial_state, output_final_state)
 
 
 def gated_delta_rule(
@@ -332,33 +333,40 @@ def gated_delta_rule(
     backend: str = "auto",
     document_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dispatch to fla's Triton kernel or our chunked PyTorch form.
+    """Dispatch to our chunked PyTorch form, our Triton kernels or fla's Triton kernel.
 
-    With document_ids (intra-document masking) ours runs: fla takes documents only as
-    cu_seqlens of one flattened sequence.
+    With document_ids (intra-document masking) the PyTorch form runs: the Triton kernels take
+    no document ids, and fla takes documents only as cu_seqlens of one flattened sequence.
 
-    backend: "torch" -> ours; "fla" -> fla (raises if unsafe/unavailable);
-    "auto" -> fla when safe, on CUDA and in bf16/fp16 (the dtypes fla's kernels target),
-    otherwise ours. A runtime failure of fla in "auto" mode warns once and falls back.
+    backend: "torch" -> ours in PyTorch; "triton" -> ours in Triton (CUDA, float32/bf16/fp16);
+    "fla" -> fla (raises if unsafe/unavailable); "auto" -> on CUDA, fla when safe and in
+    bf16/fp16 (the dtypes fla's kernels target), else our Triton kernels (float64: PyTorch);
+    on CPU the PyTorch form. A runtime failure of fla in "auto" mode warns once and falls back.
     """
+    if backend not in ("auto", "torch", "triton", "fla"):
+        raise ValueError(f"unknown gated_delta_rule backend {backend!r} (use 'auto', 'torch', 'triton' or 'fla')")
     if backend == "torch" or (document_ids is not None and backend == "auto"):
         return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
                                       document_ids=document_ids)
     if document_ids is not None:
-        raise ValueError("gated_delta_rule backend='fla' does not take document_ids; use 'auto' or 'torch'")
+        raise ValueError(f"gated_delta_rule backend={backend!r} does not take document_ids; use 'auto' or 'torch'")
+    if backend == "triton":
+        return _triton_chunk(q, k, v, g, beta, scale, initial_state, output_final_state)
     if backend == "fla":
         ok, reason = fla_is_safe()
         if not ok:
             raise RuntimeError(f"gated_delta_rule backend='fla' requested but unusable: {reason}")
         return _fla_chunk(q, k, v, g, beta, scale, initial_state, output_final_state)
-    if backend != "auto":
-        raise ValueError(f"unknown gated_delta_rule backend {backend!r} (use 'auto', 'torch' or 'fla')")
-    use_fla = (
-        q.is_cuda
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and not _fla_failed
-        and fla_is_safe()[0]
-    )
+    if not q.is_cuda or q.dtype == torch.float64:
+        return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+    use_fla = q.dtype in (torch.bfloat16, torch.float16) and not _fla_failed and fla_is_safe()[0]
     if use_fla:
         return _fla_or_fallback(q, k, v, g, beta, scale, initial_state, output_final_state)
-    return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+    return _triton_chunk(q, k, v, g, beta, scale, initial_state, output_final_state)
+
+
+def _triton_chunk(q, k, v, g, beta, scale, initial_state, output_final_state):
+    # imported on use: CPU-only installs need neither triton nor its kernels
+    from .gated_delta_rule_triton import triton_chunk_gated_delta_rule
+
+    return triton_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)

@@ -1,0 +1,476 @@
+"""Gated delta rule in Triton: chunked forward and backward as one torch.autograd.Function.
+
+Same math, layout and arguments as `chunk_gated_delta_rule` in gated_delta_rule.py (read its
+docstring for the derivation). Per (batch, head) and chunk of BT tokens, with G the in-chunk
+cumulative log decay, a = exp(G), D_ij = exp(G_i - G_j), s = scale and S the chunk-start state:
+
+    A  = strict_lower(beta_i k_i.k_j D_ij),  Tm = (I + A)^-1
+    u  = Tm (beta v),  w = Tm (beta a k)                         # _prepare_kernel  (parallel)
+    vn = u - w S,  S' = exp(G_last) S + (k exp(G_last - G))^T vn  # _fwd_state_kernel (sequential)
+    o  = s (q a) S + (s q k^T * D, causal) vn                     # _fwd_output_kernel (parallel)
+
+Backward: the in-chunk part of dvn (the gradient of vn) in parallel, one sequential pass for dS
+(the gradient of every chunk-end state, from the last chunk back; it completes dvn) and one
+parallel pass for everything else.
+Only the chunk scans are sequential; the state stays in registers (fp32) across the chunk loop.
+Every product accumulates in fp32; G and Tm are stored in fp32, the larger intermediates (w, u,
+vn, chunk states and their gradients) in the inputs' dtype for bf16/fp16, fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["triton_chunk_gated_delta_rule"]
+
+CHUNK = 64
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotune(configs: list[triton.Config], key: list[str]):
+    """triton.autotune on a GPU; under the interpreter (CPU tests) the first config, untimed."""
+    if _interpreting():
+        return lambda fn: _FixedConfig(fn, configs[0].kwargs)
+    return triton.autotune(configs=configs, key=key)
+
+
+class _FixedConfig:
+    """kernel[grid](*args) with the meta-parameters of one config (grid may read them)."""
+
+    def __init__(self, fn, kwargs):
+        self.fn, self.kwargs = fn, kwargs
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            g = grid(self.kwargs) if callable(grid) else grid
+            return self.fn[g](*args, **kw, **self.kwargs)
+        return launch
+
+
+def _cfgs(values: list[tuple[int, int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns) for bv, nw, ns in values]
+
+
+# ---------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------
+
+
+@_autotune(_cfgs([(64, 4, 2), (128, 8, 1), (32, 4, 1)]), key=["K", "V"])
+@triton.jit
+def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
+                    T, H, Tp, K: tl.constexpr, V: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk: G = cumsum(g), Tm = (I + A)^-1 by forward substitution, w, u."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    t = i_c * BT + o_t
+    m_t = t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    tok = (i_b * T + t) * H + i_h  # row of [B, T, H, *] inputs
+    row = i_bh * Tp + t  # row of the [B*H, Tp, *] intermediates
+
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    b_k = b_k.to(tl.float32)
+    b_g = tl.load(g_ptr + tok, mask=m_t, other=0.0).to(tl.float32)  # padding: no decay
+    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)  # padding: no write
+    b_G = tl.cumsum(b_g, axis=0)
+    tl.store(G_ptr + row, b_G)
+
+    strict = o_t[:, None] > o_t[None, :]
+    # mask before exp: G_i - G_j > 0 above the diagonal could overflow
+    decay = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], float("-inf")))
+    b_A = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * decay * b_beta[:, None]
+
+    # (I + A)^-1 = I + X with X_i = -A_i - A_i X (row i only needs the rows above it).
+    # Elementwise in fp32: a 16x16-block version with tf32x3 tl.dot gave wrong results on an
+    # H200 with triton 3.6 (right under the interpreter), untraced (commit 71aaa7d).
+    b_X = tl.zeros([BT, BT], dtype=tl.float32)
+    for i in range(1, BT):
+        sel = (o_t == i)[:, None]
+        a_i = tl.sum(tl.where(sel, b_A, 0.0), 0)
+        x_i = -a_i - tl.sum(a_i[:, None] * b_X, 0)
+        b_X = tl.where(sel, x_i[None, :], b_X)
+    b_Tm = b_X + (o_t[:, None] == o_t[None, :]).to(tl.float32)
+    tl.store(Tm_ptr + row[:, None] * BT + o_t[None, :], b_Tm)
+
+    b_kb = b_k * (b_beta * tl.exp(b_G))[:, None]
+    b_w = tl.dot(b_Tm, b_kb, input_precision=PREC)
+    tl.store(w_ptr + row[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty), mask=m_k[None, :])
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_u = tl.dot(b_Tm, b_v.to(tl.float32) * b_beta[:, None], input_precision=PREC)
+        tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty), mask=m_v[None, :])
+
+
+@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"])
+@triton.jit
+def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
+                      T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                      HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr):
+    """The sequential pass: chunk-start states S (stored) and vn = u - w S, chunk after chunk."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        b_S += tl.load(h0_ptr + i_bh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+    for i_c in range(0, N):
+        t = i_c * BT + o_t
+        m_t = t < T
+        tok = (i_b * T + t) * H + i_h
+        row = i_bh * Tp + t
+        tl.store(S_ptr + (i_bh * N + i_c) * K * V + kv, b_S.to(S_ptr.dtype.element_ty), mask=m_kv)
+        b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+        b_u = tl.load(u_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_G = tl.load(G_ptr + row)
+        b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
+        b_vn = b_u - tl.dot(b_w, b_S, input_precision=PREC)
+        tl.store(vn_ptr + row[:, None] * V + o_v[None, :], b_vn.to(vn_ptr.dtype.element_ty), mask=m_v[None, :])
+        b_kd = b_k.to(tl.float32) * tl.exp(b_gl - b_G)[:, None]
+        b_S = b_S * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn, input_precision=PREC)
+    if STORE_FINAL:
+        tl.store(ht_ptr + i_bh * K * V + kv, b_S, mask=m_kv)
+
+
+@_autotune(_cfgs([(64, 4, 2), (128, 8, 2), (32, 4, 2)]), key=["K", "V"])
+@triton.jit
+def _fwd_output_kernel(q_ptr, k_ptr, G_ptr, S_ptr, vn_ptr, o_ptr, scale,
+                       T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
+                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """o = s (q a) S + (s q k^T D, causal) vn, per chunk and block of V."""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    t = i_c * BT + o_t
+    m_t = t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    tok = (i_b * T + t) * H + i_h
+    row = i_bh * Tp + t
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_G = tl.load(G_ptr + row)
+    b_S = tl.load(S_ptr + (i_bh * N + i_c) * K * V + o_k[:, None] * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+    causal = o_t[:, None] >= o_t[None, :]
+    decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+    b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * decay * scale
+    b_o = tl.dot(b_q * (scale * tl.exp(b_G))[:, None], b_S, input_precision=PREC)
+    b_o += tl.dot(b_P, b_vn, input_precision=PREC)
+    tl.store(o_ptr + tok[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+
+
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
+
+
+@_autotune(_cfgs([(64, 4, 2), (128, 8, 2), (32, 4, 2)]), key=["K", "V"])
+@triton.jit
+def _bwd_local_kernel(q_ptr, k_ptr, G_ptr, do_ptr, dvn_ptr, scale,
+                      T, H, Tp, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """The in-chunk part of dvn, (s q k^T D, causal)^T do: parallel, kept out of the scan."""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    t = i_c * BT + o_t
+    m_t = t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    tok = (i_b * T + t) * H + i_h
+    row = i_bh * Tp + t
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_G = tl.load(G_ptr + row)
+    causal = o_t[:, None] >= o_t[None, :]
+    decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+    b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * decay * scale
+    b_dvn = tl.dot(tl.trans(b_P), b_do.to(tl.float32), input_precision=PREC)
+    tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
+
+
+@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"])
+@triton.jit
+def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_ptr, dh0_ptr, scale,
+                      T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                      HAS_DHT: tl.constexpr):
+    """Chunks from last to first: dS_end of every chunk (stored), dvn (completed in place), dh0.
+
+    dvn = dvn_local + (k exp(G_last - G)) dS_end
+    dS_start = exp(G_last) dS_end + s (q a)^T do - w^T dvn
+    """
+    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+
+    b_dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        b_dS += tl.load(dht_ptr + i_bh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+    for j in range(0, N):
+        i_c = N - 1 - j
+        t = i_c * BT + o_t
+        m_t = t < T
+        tok = (i_b * T + t) * H + i_h
+        row = i_bh * Tp + t
+        m_tk = m_t[:, None] & m_k[None, :]
+        tl.store(dS_ptr + (i_bh * N + i_c) * K * V + kv, b_dS.to(dS_ptr.dtype.element_ty), mask=m_kv)
+        b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+        b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_G = tl.load(G_ptr + row)
+        b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
+        b_kd = b_k * tl.exp(b_gl - b_G)[:, None]
+        b_dvn += tl.dot(b_kd, b_dS, input_precision=PREC)
+        tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
+        b_qa = b_q * (scale * tl.exp(b_G))[:, None]
+        b_dS = b_dS * tl.exp(b_gl) + tl.dot(tl.trans(b_qa), b_do.to(tl.float32), input_precision=PREC)
+        b_dS -= tl.dot(tl.trans(b_w), b_dvn, input_precision=PREC)
+    tl.store(dh0_ptr + i_bh * K * V + kv, b_dS, mask=m_kv)
+
+
+@_autotune(_cfgs([(64, 8, 1), (32, 8, 1), (32, 4, 1)]), key=["K", "V"])
+@triton.jit
+def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_ptr, vn_ptr, dvn_ptr,
+                      do_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, scale,
+                      T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk, given S (start state), dS_end, vn and dvn: dq, dk, dv, dg, dbeta."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    t = i_c * BT + o_t
+    m_t = t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    tok = (i_b * T + t) * H + i_h
+    row = i_bh * Tp + t
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
+    b_G = tl.load(G_ptr + row)
+    b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
+    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
+    b_a = tl.exp(b_G)
+    state = (i_bh * N + i_c) * K * V
+
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # do S^T
+    b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # do vn^T
+    b_dk2 = tl.zeros([BT, BK], dtype=tl.float32)  # vn dS_end^T
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # -dvn S^T
+    b_dTm = tl.zeros([BT, BT], dtype=tl.float32)  # du (beta v)^T, then + dw (beta a k)^T
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    b_SdS = tl.zeros([BK], dtype=tl.float32)  # rows of sum(S * dS_end): feeds d exp(G_last)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        kv = o_k[:, None] * V + o_v[None, :]
+        b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_S = tl.load(S_ptr + state + kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_dSe = tl.load(dS_ptr + state + kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_dq += tl.dot(b_do, tl.trans(b_S), input_precision=PREC)
+        b_dP += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
+        b_dk2 += tl.dot(b_vn, tl.trans(b_dSe), input_precision=PREC)
+        b_dw -= tl.dot(b_dvn, tl.trans(b_S), input_precision=PREC)
+        b_SdS += tl.sum(b_S * b_dSe, 1)
+        # u = Tm (beta v), du = dvn
+        b_dvb = tl.dot(tl.trans(b_Tm), b_dvn, input_precision=PREC)
+        tl.store(dv_ptr + tok[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
+                 mask=m_tv)
+        b_dbeta += tl.sum(b_v * b_dvb, 1)
+        b_dTm += tl.dot(b_dvn, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
+
+    # o = s (q a) S: dq, and its dG through a
+    b_dq = b_dq * (scale * b_a)[:, None]
+    b_dG = tl.sum(b_q * b_dq, 1)
+    # o += P vn with P = s q k^T D (causal)
+    causal = o_t[:, None] >= o_t[None, :]
+    decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+    b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * decay * scale
+    b_dP = tl.where(causal, b_dP, 0.0)
+    b_dPP = b_dP * b_P
+    b_dG += tl.sum(b_dPP, 1) - tl.sum(b_dPP, 0)
+    b_dQK = b_dP * decay * scale
+    b_dq += tl.dot(b_dQK, b_k, input_precision=PREC)
+    b_dk = tl.dot(tl.trans(b_dQK), b_q, input_precision=PREC)
+    # S_end = exp(G_last) S + (k exp(G_last - G))^T vn
+    b_dk2 = b_dk2 * tl.exp(b_gl - b_G)[:, None]
+    b_dk += b_dk2
+    b_kdk2 = tl.sum(b_k * b_dk2, 1)
+    b_dG -= b_kdk2
+    b_dgl = tl.sum(b_kdk2, 0) + tl.exp(b_gl) * tl.sum(b_SdS, 0)
+    # vn = u - w S, w = Tm (beta a k)
+    b_dkb = tl.dot(tl.trans(b_Tm), b_dw, input_precision=PREC)
+    b_dk += b_dkb * (b_beta * b_a)[:, None]
+    b_kdkb = tl.sum(b_k * b_dkb, 1)
+    b_dbeta += b_a * b_kdkb
+    b_dG += b_beta * b_a * b_kdkb
+    b_dTm += tl.dot(b_dw, tl.trans(b_k * (b_beta * b_a)[:, None]), input_precision=PREC)
+    # Tm = (I + A)^-1: dA = -Tm^T dTm Tm^T on the strict lower triangle
+    strict = o_t[:, None] > o_t[None, :]
+    b_dA = -tl.dot(tl.dot(tl.trans(b_Tm), b_dTm, input_precision=PREC), tl.trans(b_Tm), input_precision=PREC)
+    b_dA = tl.where(strict, b_dA, 0.0)
+    sdecay = tl.where(strict, decay, 0.0)
+    b_kkD = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * sdecay
+    b_dbeta += tl.sum(b_dA * b_kkD, 1)
+    b_dAA = b_dA * b_kkD * b_beta[:, None]
+    b_dG += tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0)
+    b_dAk = b_dA * sdecay * b_beta[:, None]
+    b_dk += tl.dot(b_dAk, b_k, input_precision=PREC) + tl.dot(tl.trans(b_dAk), b_k, input_precision=PREC)
+
+    b_dG += tl.where(o_t == BT - 1, b_dgl, 0.0)
+    b_dg = tl.cumsum(b_dG, axis=0, reverse=True)  # G = cumsum(g)
+    tl.store(dq_ptr + tok[:, None] * K + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
+    tl.store(dk_ptr + tok[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
+    tl.store(dg_ptr + tok, b_dg.to(dg_ptr.dtype.element_ty), mask=m_t)
+    tl.store(dbeta_ptr + tok, b_dbeta.to(dbeta_ptr.dtype.element_ty), mask=m_t)
+
+
+# ---------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))  # tl.dot needs >= 16
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # bf16/fp16 values are exact in tf32; fp32 inputs keep full fp32 products
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    # the large per-token/per-chunk intermediates (w, u, vn, chunk states, their gradients) are
+    # stored in the inputs' 16-bit dtype, like fla, halving their traffic; float32 inputs keep float32
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+class _ChunkGatedDeltaRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state):
+        q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+        B, T, H, K = k.shape
+        V = v.shape[-1]
+        BT = CHUNK
+        N = triton.cdiv(T, BT)
+        Tp = N * BT
+        f32 = dict(device=q.device, dtype=torch.float32)
+        big = dict(device=q.device, dtype=_storage_dtype(q.dtype))
+        G = torch.empty(B * H, Tp, **f32)
+        Tm = torch.empty(B * H, Tp, BT, **f32)
+        w = torch.empty(B * H, Tp, K, **big)
+        u = torch.empty(B * H, Tp, V, **big)
+        vn = torch.empty(B * H, Tp, V, **big)
+        S = torch.empty(B * H, N, K, V, **big)
+        h0 = None if initial_state is None else initial_state.contiguous()
+        ht = torch.empty(B, H, K, V, **f32) if output_final_state else None
+        o = torch.empty_like(v, dtype=q.dtype)
+        meta = dict(K=K, V=V, BT=BT, BK=_block(K), PREC=_precision(q.dtype))
+
+        _prepare_kernel[(N, B * H)](k, v, g, beta, G, Tm, w, u, T, H, Tp, **meta)
+        _fwd_state_kernel[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
+            k, w, u, G, h0 if h0 is not None else G, S, vn, ht if ht is not None else G,
+            T, H, Tp, N, **meta, HAS_H0=h0 is not None, STORE_FINAL=ht is not None)
+        _fwd_output_kernel[lambda m: (triton.cdiv(V, m["BV"]), N, B * H)](
+            q, k, G, S, vn, o, scale, T, H, Tp, N, **meta)
+
+        ctx.save_for_backward(q, k, v, beta, G, Tm, w, S, vn)
+        ctx.scale, ctx.g_dtype, ctx.meta = scale, g.dtype, meta
+        ctx.h0_dtype = None if h0 is None else h0.dtype
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, G, Tm, w, S, vn = ctx.saved_tensors
+        B, T, H, K = k.shape
+        V = v.shape[-1]
+        N, Tp = S.shape[1], G.shape[1]
+        meta, scale = ctx.meta, ctx.scale
+        do = do.contiguous()
+        big = dict(device=q.device, dtype=S.dtype)
+        dS = torch.empty(B * H, N, K, V, **big)
+        dvn = torch.empty(B * H, Tp, V, **big)
+        dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+        dht = None if dht is None else dht.contiguous()
+        _bwd_local_kernel[lambda m: (triton.cdiv(V, m["BV"]), N, B * H)](
+            q, k, G, do, dvn, scale, T, H, Tp, **meta)
+        _bwd_state_kernel[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
+            q, k, w, G, do, dht if dht is not None else dh0, dS, dvn, dh0, scale,
+            T, H, Tp, N, **meta, HAS_DHT=dht is not None)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dg = torch.empty(B, T, H, device=q.device, dtype=ctx.g_dtype)
+        dbeta = torch.empty_like(beta)
+        _bwd_grads_kernel[(N, B * H)](
+            q, k, v, beta, G, Tm, S, dS, vn, dvn, do, dq, dk, dv, dg, dbeta, scale,
+            T, H, Tp, N, **meta)
+        dh0 = None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype)
+        return dq, dk, dv, dg, dbeta, None, dh0, None
+
+
+@torch.compiler.disable  # launched as opaque kernels; the compiled blocks graph-break around them
+def triton_chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same I/O as chunk_gated_delta_rule (without document_ids); float32 intermediates,
+    o in q's dtype, the final state in float32."""
+    if q.dtype == torch.float64:
+        raise ValueError("the Triton gated delta rule computes in float32; use backend='torch' for float64")
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError("the Triton gated delta rule needs CUDA tensors (or TRITON_INTERPRET=1); "
+                         "use backend='torch' on CPU")
+    if scale is None:
+        scale = k.shape[-1] ** -0.5
+    return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, float(scale), initial_state, output_final_state)

@@ -1,0 +1,212 @@
+"""Our Triton gated delta rule (forward and backward) against the float64 token-by-token reference.
+
+On CPU the kernels run under the Triton interpreter, which must be switched on before triton is
+imported: test_kernels_under_triton_interpreter reruns this file's `interpreted` tests in a
+subprocess with TRITON_INTERPRET=1 (or run them directly:
+`TRITON_INTERPRET=1 python -m pytest -q tests/test_gated_delta_rule_triton.py -k interpreted`).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusion_titan.ops.gated_delta_rule import fla_is_safe, gated_delta_rule, recurrent_gated_delta_rule
+from mixer_checks import rel_err
+from test_gated_delta_rule import make_inputs
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the launcher")
+def test_kernels_under_triton_interpreter():
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-3000:]
+
+
+@pytest.fixture
+def interpreted():
+    if not INTERPRETED:
+        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess")
+    from fusion_titan.ops.gated_delta_rule_triton import triton_chunk_gated_delta_rule
+
+    return triton_chunk_gated_delta_rule
+
+
+def reference_and_grads(inputs, do, dS, scale=None):
+    """float64 recurrent outputs, final state and the gradients of every given input."""
+    leaves = [x.detach().requires_grad_() if x is not None else None for x in inputs]
+    o, s = recurrent_gated_delta_rule(*leaves[:5], scale=scale, initial_state=leaves[5], output_final_state=True)
+    used = [x for x in leaves if x is not None]
+    return o, s, torch.autograd.grad((o * do).sum() + (s * dS).sum(), used)
+
+
+def run_ours(fn, inputs, do, dS, dtype, scale=None):
+    leaves = [x.detach().to(dtype).requires_grad_() if x is not None else None for x in inputs]
+    o, s = fn(*leaves[:5], scale=scale, initial_state=leaves[5], output_final_state=True)
+    used = [x for x in leaves if x is not None]
+    grads = torch.autograd.grad((o.double() * do).sum() + (s.double() * dS).sum(), used)
+    return o, s, grads
+
+
+SHAPES = [
+    # B, T, H, K, V: T not a multiple of the 64-token chunk, K != V, not powers of 2
+    (2, 100, 2, 16, 24),
+    (1, 64, 3, 32, 16),  # exactly one chunk
+    (1, 150, 1, 64, 128),  # three chunks, the model's head dims
+    (2, 7, 1, 8, 8),  # shorter than a chunk, dims below tl.dot's 16
+]
+
+
+@pytest.mark.parametrize("with_h0", [False, True])
+@pytest.mark.parametrize("B,T,H,K,V", SHAPES)
+def test_interpreted_matches_float64_reference(interpreted, B, T, H, K, V, with_h0):
+    inputs = make_inputs(B, T, H, K, V, with_h0=with_h0, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    dS = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    o_ref, s_ref, g_ref = reference_and_grads(inputs, do, dS)
+    o, s, grads = run_ours(interpreted, inputs, do, dS, torch.float32)
+    assert o.shape == (B, T, H, V) and o.dtype == torch.float32
+    assert s.shape == (B, H, K, V) and s.dtype == torch.float32
+    assert rel_err(o.double(), o_ref) < 1e-5
+    assert rel_err(s.double(), s_ref) < 1e-5
+    names = ["q", "k", "v", "g", "beta", "h0"][: len(grads)]
+    for name, a, b in zip(names, grads, g_ref):
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        assert rel_err(a.double(), b) < 1e-5, (name, rel_err(a.double(), b))
+
+
+def test_interpreted_without_final_state_and_custom_scale(interpreted):
+    q, k, v, g, beta, h0 = make_inputs(1, 90, 2, 16, 16, with_h0=True, seed=3)
+    do = torch.randn(1, 90, 2, 16, dtype=torch.float64)
+    leaves = [x.float().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o, s = interpreted(*leaves[:5], scale=0.3, initial_state=leaves[5])
+    assert s is None
+    grads = torch.autograd.grad((o.double() * do).sum(), leaves)  # no gradient for the final state
+    ref_leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o_ref, _ = recurrent_gated_delta_rule(*ref_leaves[:5], scale=0.3, initial_state=ref_leaves[5])
+    g_ref = torch.autograd.grad((o_ref * do).sum(), ref_leaves)
+    assert rel_err(o.double(), o_ref) < 1e-5
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "h0"], grads, g_ref):
+        assert rel_err(a.double(), b) < 1e-5, name
+
+
+def test_interpreted_strong_decay_stays_finite(interpreted):
+    # exp(G_i - G_j) above the diagonal would overflow; the kernels mask before exponentiating.
+    q, k, v, g, beta, h0 = make_inputs(1, 80, 1, 16, 16, with_h0=True, seed=4)
+    g = g - 30.0
+    leaves = [x.float().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o, s = interpreted(*leaves[:5], initial_state=leaves[5], output_final_state=True)
+    o_ref, _ = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
+    assert rel_err(o.double(), o_ref) < 1e-5
+    grads = torch.autograd.grad(o.sum() + s.sum(), leaves)
+    assert all(torch.isfinite(x).all() for x in grads)
+
+
+def test_interpreted_bf16_inputs(interpreted):
+    inputs = make_inputs(2, 80, 2, 32, 32, with_h0=True, seed=5)
+    o_ref, s_ref = recurrent_gated_delta_rule(*inputs[:5], initial_state=inputs[5], output_final_state=True)
+    o, s = interpreted(*[x.bfloat16() for x in inputs[:5]], initial_state=inputs[5].float(), output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert rel_err(o.double(), o_ref) < 2e-2
+    assert rel_err(s.double(), s_ref) < 2e-2
+
+
+def test_interpreted_dispatcher_triton_backend(interpreted):
+    q, k, v, g, beta, h0 = make_inputs(1, 70, 2, 16, 16, with_h0=True, seed=6)
+    f32 = [x.float() for x in (q, k, v, g, beta, h0)]
+    o, s = gated_delta_rule(*f32[:5], initial_state=f32[5], output_final_state=True, backend="triton")
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    assert rel_err(o.double(), o_ref) < 1e-5 and rel_err(s.double(), s_ref) < 1e-5
+    with pytest.raises(ValueError, match="document_ids"):
+        gated_delta_rule(*f32[:5], backend="triton", document_ids=torch.zeros(1, 70, dtype=torch.long))
+    with pytest.raises(ValueError, match="float64"):
+        gated_delta_rule(q, k, v, g, beta, backend="triton")
+
+
+def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, g, beta, _ = make_inputs(1, 8, 1, 16, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="CUDA"):
+        gated_delta_rule(q, k, v, g, beta, backend="triton")
+
+
+# ---------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------
+
+
+def _bf16_case(B=2, T=300, H=4, K=64, V=128, seed=7):
+    inputs = make_inputs(B, T, H, K, V, with_h0=True, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    dS = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    return inputs, do, dS
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_triton_bf16_vs_cpu_float64_reference():
+    inputs, do, dS = _bf16_case()
+    o_ref, s_ref, g_ref = reference_and_grads(inputs, do, dS)
+    # q, k, v, beta in bf16 as the layer feeds them; g and the state in float32
+    dtypes = [torch.bfloat16] * 3 + [torch.float32, torch.bfloat16, torch.float32]
+    leaves = [x.to("cuda", dt).requires_grad_() for x, dt in zip(inputs, dtypes)]
+    o, s = gated_delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True, backend="triton")
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    loss = (o.double() * do.cuda()).sum() + (s.double() * dS.cuda()).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    assert rel_err(o.double().cpu(), o_ref) < 2e-2
+    assert rel_err(s.double().cpu(), s_ref) < 2e-2
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "h0"], grads, g_ref):
+        assert a.dtype == leaves[["q", "k", "v", "g", "beta", "h0"].index(name)].dtype
+        assert rel_err(a.double().cpu(), b) < 5e-2, (name, rel_err(a.double().cpu(), b))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_triton_float32_tight_vs_reference():
+    inputs, do, dS = _bf16_case(B=1, T=200, H=2, seed=9)
+    o_ref, s_ref, g_ref = reference_and_grads(inputs, do, dS)
+    fn = lambda *a, **kw: gated_delta_rule(*a, **kw, backend="triton")  # noqa: E731
+    o, s, grads = run_ours(fn, [x.cuda() for x in inputs], do.cuda(), dS.cuda(), torch.float32)
+    assert rel_err(o.double().cpu(), o_ref) < 1e-4 and rel_err(s.double().cpu(), s_ref) < 1e-4
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "h0"], grads, g_ref):
+        assert rel_err(a.double().cpu(), b) < 1e-4, (name, rel_err(a.double().cpu(), b))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_triton_forward_vs_fla():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+    except Exception as e:  # not installed, or broken triton
+        pytest.skip(f"fla not importable: {e}")
+    (q, k, v, g, beta, h0), _, _ = _bf16_case(B=2, T=1000, seed=11)
+    args = [x.bfloat16().cuda() for x in (q, k, v)] + [g.float().cuda(), beta.bfloat16().cuda()]
+    with torch.no_grad():
+        o_fla, s_fla = fla_chunk(*args, initial_state=h0.float().cuda(), output_final_state=True)
+        o, s = gated_delta_rule(*args, initial_state=h0.float().cuda(), output_final_state=True, backend="triton")
+    assert rel_err(o.float(), o_fla.float()) < 2e-2
+    assert rel_err(s.float(), s_fla.float()) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_auto_runs_triton_where_fla_is_unsafe():
+    if fla_is_safe()[0]:
+        pytest.skip("fla is safe here, 'auto' picks it")
+    (q, k, v, g, beta, _), _, _ = _bf16_case(B=1, T=130, H=2, seed=13)
+    args = [x.bfloat16().cuda() for x in (q, k, v)] + [g.float().cuda(), beta.bfloat16().cuda()]
+    o_auto, _ = gated_delta_rule(*args, backend="auto")
+    o_triton, _ = gated_delta_rule(*args, backend="triton")
+    assert torch.equal(o_auto, o_triton)
