@@ -1,13 +1,15 @@
 """Throughput and MFU of the real training path on a GPU, against torchtitan's own DeepSeek-V3.
 
     python scripts/benchmark.py [--config train_configs/fusion_1b.toml] [--steps 20] [--warmup 8]
-        [--suites peer,ablations,micro] [--only NAME,...] [--profile NAME] [--out DIR]
+        [--suites peer,ablations,micro,speed] [--only NAME,...] [--profile NAME] [--out DIR]
 
 Suites (every figure a ratio against a reference measured in the same invocation):
   peer       ours (the TOML as is), ours matched (AdamW, no MTP), and torchtitan's deepseek_v3 at
              matched size (fusion_titan/bench/deepseek_peer.py) -> tokens/s ratio ours / theirs.
   ablations  one change each against "ours": attention backend, compile off, activation
              checkpointing modes, float8 (torchao), NorMuon vs AdamW, CE implementation.
+  speed      issue 17: ours, ours as main was before it (legacy MoE dispatch, per-submodule
+             compile), the peer, then each change toggled alone (SPEED_RUNS).
   micro      in-process: optimizer step time NorMuon vs AdamW on the flavor's parameters, and the
              Gated DeltaNet op (ours chunked vs fla where its kernels run correctly).
 
@@ -56,6 +58,22 @@ ABLATION_RUNS = {  # in priority order (a time-limited device call may not reach
     "ce_liger": ["--loss.ce_impl", "liger"],
     "ce_chunked": ["--loss.ce_impl", "chunked"],
 }
+# Issue 17's changes, each toggled back one at a time against "ours" (in priority order).
+TODAYS_MAIN = ["--model.moe_dispatch", "legacy", "--compile.granularity", "submodules"]
+SPEED_RUNS = {
+    "ours": [],
+    "ours_main_today": TODAYS_MAIN,
+    "deepseek_v3": PEER_RUNS["deepseek_v3"],
+    "dispatch_legacy": ["--model.moe_dispatch", "legacy"],
+    "compile_submodules": ["--compile.granularity", "submodules"],
+    "group_align_1": ["--model.moe_group_align", "1"],
+    "cudagraphs": ["--compile.cudagraphs"],
+    "batch_8": ["--training.local_batch_size", "8"],
+    "cce_exact": ["--loss.cce_filter_eps", "off"],
+    "cce_eps_1e-3": ["--loss.cce_filter_eps", "1e-3"],
+}
+
+
 def train_run(name: str, config: str, overrides: list[str], steps: int, warmup: int,
               out: Path, profile: bool, timeout: int) -> dict:
     dump = out / name
@@ -253,6 +271,8 @@ def main() -> None:
     if "ablations" in suites:
         runs.setdefault("ours", [])
         runs.update(ABLATION_RUNS)
+    if "speed" in suites:
+        runs.update(SPEED_RUNS)
     only = set(filter(None, args.only.split(",")))
     profiled = set(filter(None, args.profile.split(",")))
     extra = args.extra.split()

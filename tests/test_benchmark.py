@@ -74,3 +74,22 @@ def test_trace_summary_ranks_kernels_and_measures_gpu_busy(tmp_path):
     assert summary["gpu_busy_fraction"] == 0.6 and summary["n_kernels"] == 3
     assert summary["top"] == [("gemm_a", 0.5, 0.833), ("copy_b", 0.1, 0.167)]
     assert "error" in bench.summarize_trace(tmp_path / "nothing")
+
+
+def test_speed_suite_overrides_parse_against_fusion_1b():
+    """Every speed-suite row is a valid command line for fusion_1b.toml (the device run's dry run)."""
+    from torchtitan.config import ConfigManager
+
+    bench = _load_benchmark()
+    seen = {}
+    for name, overrides in bench.SPEED_RUNS.items():
+        cfg = ConfigManager().parse_args(
+            ["--job.config_file", str(ROOT / "train_configs" / "fusion_1b.toml"), *overrides])
+        seen[name] = cfg
+    assert seen["ours"].model.moe_dispatch is None and seen["ours"].compile.granularity == "block"
+    assert seen["ours_main_today"].model.moe_dispatch == "legacy"
+    assert seen["ours_main_today"].compile.granularity == "submodules"
+    assert seen["cudagraphs"].compile.cudagraphs is True
+    assert seen["group_align_1"].model.moe_group_align == 1
+    assert seen["cce_exact"].loss.cce_filter_eps == "off"
+    assert seen["batch_8"].training.local_batch_size == 8

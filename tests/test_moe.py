@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from fusion_titan.model import moe_dispatch
 from fusion_titan.model.moe import (
     DeepSeekMoE,
     GroupLimitedRouter,
@@ -325,8 +326,20 @@ def _skewed_moe(capacity_factor, **kw):
     return moe
 
 
-def test_capacity_drops_exactly_the_over_capacity_assignments():
-    moe = _skewed_moe(0.5)
+def _spy_experts(moe, wrap):
+    """Replace the expert compute of moe's dispatch path by wrap(original)(rows, group_sizes)."""
+    if moe.dispatch_mode == "static":
+        original = moe._run_experts
+        moe._run_experts = wrap(original)
+        return lambda: setattr(moe, "_run_experts", original)
+    original = moe.experts.forward
+    moe.experts.forward = wrap(original)
+    return lambda: setattr(moe.experts, "forward", original)
+
+
+@pytest.mark.parametrize("dispatch,align", [("static", 1), ("static", 4), ("legacy", 1)])
+def test_capacity_drops_exactly_the_over_capacity_assignments(dispatch, align):
+    moe = _skewed_moe(0.5, dispatch=dispatch, group_align=align)
     bsz, seqlen = 2, 8
     n, k, E = bsz * seqlen, moe.top_k, moe.n_experts
     cap = moe.capacity(n)
@@ -348,17 +361,23 @@ def test_capacity_drops_exactly_the_over_capacity_assignments():
     assert torch.equal(kept_counts, counts.clamp(max=cap))
 
     seen = []
-    experts_forward = moe.experts.forward
 
-    def spy(rows, num_tokens_per_expert):
-        seen.append(num_tokens_per_expert.clone())
-        return experts_forward(rows, num_tokens_per_expert)
+    def spy(run):
+        def counted(rows, num_tokens_per_expert):
+            seen.append((rows.shape[0], num_tokens_per_expert.clone()))
+            return run(rows, num_tokens_per_expert)
+        return counted
 
-    moe.experts.forward = spy
+    restore = _spy_experts(moe, spy)
     xg = x.clone().requires_grad_(True)
     out = moe(xg)
-    assert torch.equal(seen[0], counts.clamp(max=cap))  # dropped assignments are not computed
-    assert seen[0].sum().item() == n * k - want_dropped
+    n_rows, groups = seen[0]
+    kept = counts.clamp(max=cap)
+    # dropped assignments are not computed; each group padded to `align` rows
+    assert torch.equal(groups, (kept + align - 1) // align * align)
+    assert kept.sum().item() == n * k - want_dropped
+    if dispatch == "static":  # static row count: E * capacity (< n k) plus the worst padding
+        assert n_rows == E * cap + E * (align - 1)
     assert moe.dropped_tokens.item() == want_dropped
     torch.testing.assert_close(moe.tokens_per_expert, counts.double())  # load counted before dropping
     ref = reference_moe_forward(moe, xg)
@@ -369,29 +388,33 @@ def test_capacity_drops_exactly_the_over_capacity_assignments():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # a dropped assignment is the same as a zero gate weight
     moe.capacity_factor = 0.0
-    moe.experts.forward = experts_forward
+    restore()
     with torch.no_grad():
         full = moe(x)
     assert not torch.allclose(full, out)
 
 
-def test_capacity_masks_uncomputed_rows_and_exact_row_path():
-    moe = _skewed_moe(0.75)
+@pytest.mark.parametrize("dispatch", ["static", "legacy"])
+def test_capacity_masks_uncomputed_rows_and_exact_row_path(dispatch):
+    moe = _skewed_moe(0.75, dispatch=dispatch, group_align=4)
     x = torch.randn(2, 8, moe.dim, dtype=torch.float64) + 0.5
     with torch.no_grad():
         want = reference_moe_forward(moe, x)
-    experts_forward = moe.experts.forward
 
-    def garbage_tail(rows, num_tokens_per_expert):  # like the grouped-GEMM path: tail unspecified
-        out = experts_forward(rows, num_tokens_per_expert)
-        out[int(num_tokens_per_expert.sum()):] = float("nan")
-        return out
+    def garbage_tail(run):  # like the grouped-GEMM path: rows past the groups unspecified
+        def tail_nan(rows, num_tokens_per_expert):
+            out = run(rows, num_tokens_per_expert)
+            out[int(num_tokens_per_expert.sum()):] = float("nan")
+            return out
+        return tail_nan
 
-    moe.experts.forward = garbage_tail
+    restore = _spy_experts(moe, garbage_tail)
     with torch.no_grad():
         got = moe(x)
     assert moe.dropped_tokens.item() > 0
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    restore()
+    experts_forward = moe.experts.forward
 
     def exact_only(rows, num_tokens_per_expert):  # like expert parallel: rows must match the counts
         assert rows.shape[0] == int(num_tokens_per_expert.sum())
@@ -430,17 +453,104 @@ def test_capacity_dispatch_compiles_fullgraph():
 
 
 # ---------------------------------------------------------------------------------------------
+# Static dispatch: no host sync, compiles whole
+
+
+def test_row_layout_groups_pads_and_inverts():
+    torch.manual_seed(1)
+    n, k, E, align = 10, 2, 4, 4
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(n)])
+    flat = idx.reshape(-1)
+    counts = torch.bincount(flat, minlength=E)
+    layout = moe_dispatch.row_layout(flat, counts, k, None, 0, align)
+    assert layout.n_rows == n * k + E * (align - 1)
+    start = 0
+    for e in range(E):  # by hand: expert e's assignments in (token, slot) order, then padding
+        slots = [a for a in range(n * k) if flat[a] == e]
+        size = -(-len(slots) // align) * align
+        assert layout.group_sizes[e].item() == size
+        assert layout.slot_of_row[start:start + len(slots)].tolist() == slots
+        assert layout.token_of_row[start:start + len(slots)].tolist() == [a // k for a in slots]
+        assert (layout.token_of_row[start + len(slots):start + size] == -1).all()
+        start += size
+    assert (layout.token_of_row[start:] == -1).all()
+    real = layout.slot_of_row >= 0
+    assert torch.equal(layout.row_of_slot[layout.slot_of_row[real]], torch.arange(layout.n_rows)[real])
+    x = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
+    rows = moe_dispatch.dispatch(x, layout, k)
+    assert torch.equal(rows[real], x.detach()[layout.token_of_row[real]]) and (rows[~real] == 0).all()
+    # gathers only, also in backward: the gradient equals the plain-indexing one
+    g = torch.randn_like(rows)
+    want, = torch.autograd.grad((x[layout.token_of_row.clamp_min(0)] * real[:, None] * g).sum(), x)
+    got, = torch.autograd.grad((rows * g).sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    back = moe_dispatch.combine(rows, layout)
+    assert torch.equal(back, x.detach().repeat_interleave(k, 0))
+
+
+def _compiled_equals_eager(device, backend, capacity_factor):
+    """The MoE forward + backward in train mode, compiled whole (fullgraph: no graph break, so
+    no host sync in the routed path), against the same module run eagerly."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    moe = DeepSeekMoE(64, 8, 2, 1, 32, 4, 2, 1.0, 0.01, use_grouped_mm=True,
+                      capacity_factor=capacity_factor, seq_aux_loss_weight=0.01)
+    moe.init_weights(0.1, 0.05)
+    moe = moe.to(device).train()
+    x = torch.randn(2, 24, 64, device=device)
+    grads, outs, counts = [], [], []
+    for run in (moe, torch.compile(moe, backend=backend, fullgraph=True, dynamic=False)):
+        moe.reset_load_counters()
+        xg = x.clone().requires_grad_(True)
+        out = run(xg)
+        ((out * out).sum() + moe.aux_loss).backward()
+        outs.append(out.detach())
+        grads.append([xg.grad] + [p.grad.clone() for p in moe.parameters()])
+        counts.append((moe.tokens_per_expert.clone(), moe.dropped_tokens.clone()))
+        moe.zero_grad()
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+    assert torch.equal(counts[1][0], counts[0][0]) and torch.equal(counts[1][1], counts[0][1])
+    assert counts[0][0].sum() == 2 * 24 * 2
+    assert (counts[0][1] > 0) == (capacity_factor > 0)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
+def test_static_dispatch_compiles_fullgraph_and_equals_eager(capacity_factor):
+    # torch._grouped_mm (bf16) has a CPU kernel: the CUDA path, traced on the CPU
+    _compiled_equals_eager("cpu", "aot_eager", capacity_factor)
+
+
+def test_compiled_checkpointed_moe_counts_once():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch._dynamo.reset()
+    moe = make_moe(dtype=torch.float32, capacity_factor=0.5).train()
+    x = torch.randn(2, 8, moe.dim)
+    moe(x)
+    want = (moe.tokens_per_expert.clone(), moe.dropped_tokens.clone())
+    wrapped = checkpoint_wrapper(moe, preserve_rng_state=False)
+    wrapped.compile(backend="aot_eager", dynamic=False)  # the loop path: host sync, not fullgraph
+    for _ in range(2):
+        moe.reset_load_counters()
+        wrapped(x.clone().requires_grad_(True)).sum().backward()
+        torch.testing.assert_close(moe.tokens_per_expert, want[0])
+        torch.testing.assert_close(moe.dropped_tokens, want[1])
+
+
+# ---------------------------------------------------------------------------------------------
 # Grouped GEMM on CUDA
 
 
-def _grouped_vs_loop(dtype, capacity_factor):
+def _grouped_vs_loop(dtype, capacity_factor, dispatch="static"):
     torch.manual_seed(0)
     kw = dict(dim=256, n_experts=16, top_k=4, n_shared=1, inter_dim=128, n_groups=4, n_limited_groups=2,
               route_scale=2.5, bias_update_rate=0.001, capacity_factor=capacity_factor)
-    loop = DeepSeekMoE(use_grouped_mm=False, **kw)
+    loop = DeepSeekMoE(use_grouped_mm=False, dispatch="legacy", **kw)
     loop.init_weights(0.02, 0.01)
     loop = loop.to("cuda", dtype).train()
-    grouped = DeepSeekMoE(use_grouped_mm=True, **kw).to("cuda", dtype).train()
+    grouped = DeepSeekMoE(use_grouped_mm=True, dispatch=dispatch, **kw).to("cuda", dtype).train()
     grouped.load_state_dict(loop.state_dict())
     x = torch.randn(4, 128, 256, device="cuda", dtype=dtype)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -462,5 +572,13 @@ def _grouped_vs_loop(dtype, capacity_factor):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
-def test_grouped_mm_matches_loop_cuda(dtype, capacity_factor):
-    _grouped_vs_loop(dtype, capacity_factor)
+@pytest.mark.parametrize("dispatch", ["static", "legacy"])
+def test_grouped_mm_matches_loop_cuda(dtype, capacity_factor, dispatch):
+    _grouped_vs_loop(dtype, capacity_factor, dispatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_static_dispatch_inductor_fullgraph_cuda(capacity_factor):
+    _compiled_equals_eager("cuda", "inductor", capacity_factor)

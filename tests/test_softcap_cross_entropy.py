@@ -119,9 +119,19 @@ def test_impl_resolution():
         resolve_ce_impl("triton", on_cuda=True, need_extras=False)
 
 
+def test_cce_filter_eps_option():
+    from fusion_titan.ops.softcap_cross_entropy import cce_filter_eps
+
+    assert cce_filter_eps("auto") == "high" and cce_filter_eps("off") is None
+    assert cce_filter_eps("1e-3") == 1e-3
+    with pytest.raises(ValueError, match="cce_filter_eps"):
+        cce_filter_eps("fast")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["cce", "liger"])
-def test_cuda_library_kernels_match_reference(impl):
+@pytest.mark.parametrize("impl,filter_eps", [("cce", "auto"), ("cce", "off"), ("cce", "1e-3"),
+                                             ("liger", "auto")])
+def test_cuda_library_kernels_match_reference(impl, filter_eps):
     from fusion_titan.ops.softcap_cross_entropy import _library_available, library_linear_cross_entropy
 
     if not _library_available(impl):
@@ -135,7 +145,7 @@ def test_cuda_library_kernels_match_reference(impl):
     ref = reference_softcap_cross_entropy(h, w, labels, 15.0, 0.5)
     rh, rw = torch.autograd.grad(ref, (h, w))
     hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
-    out = library_linear_cross_entropy(impl, hb, wb, labels, 15.0, 0.5)
+    out = library_linear_cross_entropy(impl, hb, wb, labels, 15.0, 0.5, filter_eps)
     gh, gw = torch.autograd.grad(out, (hb, wb))
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=0.0)
     for got, want in ((gh, rh), (gw, rw)):

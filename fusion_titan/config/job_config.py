@@ -30,6 +30,16 @@ class Model:
     ssm_type: str | None = None
     moe_seq_aux_weight: float | None = None
     moe_capacity_factor: float | None = None
+    moe_dispatch: str | None = None
+    moe_group_align: int | None = None
+
+
+@dataclass
+class Compile:
+    """How [compile] enable = true compiles the model (fusion_titan/infra/parallelize.py)."""
+
+    granularity: str = "block"
+    cudagraphs: bool = False
 
 
 @dataclass
@@ -68,6 +78,7 @@ class Loss:
     z_loss_weight: float = 0.0
     ce_chunk_size: int = 4096
     ce_impl: str = "auto"
+    cce_filter_eps: str = "auto"
 
 
 @dataclass
@@ -97,6 +108,7 @@ class Metrics:
 @dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
+    compile: Compile = field(default_factory=Compile)
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     training: Training = field(default_factory=Training)

@@ -93,26 +93,89 @@ def apply_activation_checkpointing(model: nn.Module, ac_config, compile_enabled:
     logger.info(f"Applied {ac_config.mode} activation checkpointing to {len(owners)} blocks")
 
 
-def apply_compile(model: nn.Module, backend: str) -> None:
-    """Compile per block; MoE expert dispatch (data-dependent shapes, EP hooks) stays eager.
+COMPILE_GRANULARITIES = ("block", "submodules")
 
-    Static shapes (dynamic=False): a step's shapes are fixed (ramps change them at a few
-    stage boundaries, each a recompile), and FlexAttention inside a dynamic-shape graph fails
-    in inductor's lowering ("'ShapeAsConstantBuffer' object has no attribute 'dtype'"), which
-    stopped fusion_7b (sliding window -> flex) under compile.
+
+def _block_units(model: nn.Module) -> list[nn.Module]:
+    """What the forward calls per block: the block, or its activation-checkpointing wrapper."""
+    return list(model.layers.values()) + [module.block for module in model.mtp]
+
+
+def _unwrap(unit: nn.Module) -> nn.Module:
+    return getattr(unit, "_checkpoint_wrapped_module", unit)
+
+
+def block_fullgraph_blocker(block: nn.Module) -> str:
+    """Why `block` cannot compile as one graph ("" = it can)."""
+    if block.moe_enabled and not block.moe.experts.use_grouped_mm:
+        return "the per-expert loop of the CPU path (reads the group sizes on the host)"
+    if block.moe_enabled and block.moe.dispatch_mode != "static":
+        return "[model] moe_dispatch = legacy (torchtitan's permutation reads the counts on the host)"
+    return ""
+
+
+def apply_compile(model: nn.Module, backend: str, granularity: str = "block",
+                  cudagraphs: bool = False, sharded: bool = False) -> None:
+    """torch.compile with static shapes (dynamic=False).
+
+    granularity "block": each block as one compiled region, activation-checkpointing wrapper
+    included (its recompute then runs inside the compiled backward), the MoE dispatch with it:
+    fullgraph where nothing in the block reads device values on the host
+    (`block_fullgraph_blocker`), else the same region with graph breaks. Blocks are compiled in
+    place (module.compile: parameter names unchanged), so FSDP's hooks, registered on the block
+    afterwards, would run inside the compiled region: with FSDP or EP (sharded) the submodules
+    granularity is used instead. "submodules": the norms, the mixer, the router and the shared /
+    dense FFNs compiled one by one, the MoE dispatch and expert GEMMs eager (the behaviour
+    before the static dispatch).
+
+    cudagraphs: inductor's "reduce-overhead" mode (CUDA graph trees) per block, to remove the
+    kernel-launch overhead; only where every block is one graph and nothing moves parameters
+    between steps (no FSDP / EP), with the inductor backend.
+
+    Static shapes: a step's shapes are fixed (ramps change them at a few stage boundaries, each a
+    recompile), and FlexAttention inside a dynamic-shape graph fails in inductor's lowering
+    ("'ShapeAsConstantBuffer' object has no attribute 'dtype'"), which stopped fusion_7b (sliding
+    window -> flex) under compile; float8 needs static shapes too (docs/performance.md).
     """
+    if granularity not in COMPILE_GRANULARITIES:
+        raise ValueError(f"[compile] granularity = {granularity!r}: choose one of {COMPILE_GRANULARITIES}")
     torch._dynamo.config.capture_scalar_outputs = True
+    # The MoE's load counters and aux loss are forward side effects: under a compiled checkpoint
+    # they happen once, in the forward, and are not replayed by the recompute (as in eager).
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     static = dict(backend=backend, dynamic=False)
-    for block in _all_blocks(model):
-        block.attention_norm.compile(**static)
-        block.ffn_norm.compile(**static)
-        block.mixer.compile(**static)
-        if block.moe_enabled:
-            block.moe.router.compile(**static, fullgraph=True)
-            if block.moe.shared_experts is not None:
-                block.moe.shared_experts.compile(**static, fullgraph=True)
-        else:
-            block.feed_forward.compile(**static, fullgraph=True)
+    units = _block_units(model)
+    blockers = {why for why in (block_fullgraph_blocker(_unwrap(u)) for u in units) if why}
+    if sharded:
+        blockers.add("FSDP / expert parallel (parameters and hooks change between steps)")
+    if cudagraphs and (blockers or backend != "inductor" or granularity != "block"):
+        why = "; ".join(sorted(blockers)) or f"backend {backend!r}, granularity {granularity!r}"
+        raise ValueError(f"[compile] cudagraphs = true cannot apply here ({why}): it needs "
+                         "granularity = \"block\", the inductor backend and every block one graph "
+                         "on one device. Set cudagraphs = false.")
+    if granularity == "block" and sharded:
+        logger.info("[compile] granularity = block is single-device only: compiling submodules")
+        granularity = "submodules"
+    if granularity == "submodules":
+        for block in _all_blocks(model):
+            block.attention_norm.compile(**static)
+            block.ffn_norm.compile(**static)
+            block.mixer.compile(**static)
+            if block.moe_enabled:
+                block.moe.router.compile(**static, fullgraph=True)
+                if block.moe.shared_experts is not None:
+                    block.moe.shared_experts.compile(**static, fullgraph=True)
+            else:
+                block.feed_forward.compile(**static, fullgraph=True)
+        return
+    for unit in units:
+        fullgraph = not block_fullgraph_blocker(_unwrap(unit))
+        mode = dict(mode="reduce-overhead") if cudagraphs else {}
+        unit.compile(**static, fullgraph=fullgraph, **mode)
+    logger.info(f"Compiled {len(units)} blocks whole (dynamic=False"
+                + (", CUDA graphs" if cudagraphs else "") + ")"
+                + (f"; with graph breaks because of {'; '.join(sorted(blockers))}" if blockers else
+                   ", fullgraph"))
 
 
 def apply_fsdp(model: nn.Module, parallel_dims, job_config, on_cpu: bool) -> None:
@@ -171,7 +234,11 @@ def parallelize_fusion(model: nn.Module, parallel_dims, job_config) -> nn.Module
         apply_activation_checkpointing(model, job_config.activation_checkpoint, compile_model,
                                        base_folder=job_config.job.dump_folder)
     if compile_model:
-        apply_compile(model, job_config.compile.backend)
+        sharded = parallel_dims.fsdp_enabled or parallel_dims.ep_enabled
+        apply_compile(model, job_config.compile.backend,
+                      granularity=getattr(job_config.compile, "granularity", "block"),
+                      cudagraphs=getattr(job_config.compile, "cudagraphs", False),
+                      sharded=sharded)
 
     if parallel_dims.fsdp_enabled or parallel_dims.ep_enabled:
         apply_fsdp(model, parallel_dims, job_config, on_cpu)

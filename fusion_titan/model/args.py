@@ -15,7 +15,7 @@ OVERRIDABLE_FIELDS = (
     "layer_schedule", "n_layers", "n_routed_experts", "n_activated_experts", "mtp_depth",
     "logit_softcap", "mup", "sliding_window", "attn_backend", "gdn_backend",
     "moe_bias_update_rate", "use_grouped_mm", "ssm_type", "moe_seq_aux_weight",
-    "moe_capacity_factor", "layer_pattern", "residual",
+    "moe_capacity_factor", "layer_pattern", "residual", "moe_dispatch", "moe_group_align",
 )
 
 # Fields that grow with the width (dim): muP's base model has them scaled by mup_base_dim / dim.
@@ -71,6 +71,8 @@ class FusionModelArgs(BaseModelArgs):
     moe_seq_aux_weight: float = 0.0  # DeepSeek-V3's complementary sequence-wise balance loss
     moe_capacity_factor: float = 0.0  # 0 = no token dropping
     use_grouped_mm: bool = True  # used on CUDA only; CPU runs the per-expert loop
+    moe_dispatch: str = "static"  # static (padded, sync-free, moe_dispatch.py) | legacy (torchtitan's)
+    moe_group_align: int = 16  # static dispatch: rows per expert group padded to this multiple
 
     # The recurrent ("gdn") blocks' mixer: "gdn" = Gated DeltaNet, "mamba2" = the seed's legacy SSD
     ssm_type: str = "gdn"
@@ -91,6 +93,7 @@ class FusionModelArgs(BaseModelArgs):
     # loss-side knobs the fused head needs (set from [loss] by update_from_config)
     ce_chunk_size: int = 4096
     ce_impl: str = "auto"
+    cce_filter_eps: str = "auto"
     z_loss: bool = False
 
     # initialization (muP: per-matrix init std and Adam lr from each matrix's fan-in relative to the
@@ -180,6 +183,7 @@ class FusionModelArgs(BaseModelArgs):
         if loss_cfg is not None:
             self.ce_chunk_size = loss_cfg.ce_chunk_size
             self.ce_impl = loss_cfg.ce_impl
+            self.cce_filter_eps = loss_cfg.cce_filter_eps
             self.z_loss = loss_cfg.z_loss_weight > 0
         seq_len = job_config.training.seq_len
         self.max_seq_len = max(self.max_seq_len, seq_len)

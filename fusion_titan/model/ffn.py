@@ -18,6 +18,7 @@ def build_moe(args) -> DeepSeekMoE:
         args.moe_inter_dim, args.n_expert_groups, args.n_limited_groups, args.route_scale,
         args.moe_bias_update_rate, use_grouped_mm=args.use_grouped_mm and torch.cuda.is_available(),
         seq_aux_loss_weight=args.moe_seq_aux_weight, capacity_factor=args.moe_capacity_factor,
+        dispatch=args.moe_dispatch, group_align=args.moe_group_align,
     )
 
 

@@ -104,7 +104,7 @@ class FusionModel(ModelProtocol):
         impl = resolve_ce_impl(args.ce_impl, h.is_cuda, need_extras=args.z_loss)
         if impl != "chunked":
             return library_linear_cross_entropy(impl, h, self.output_weight, y, args.logit_softcap,
-                                                self.logit_scale), None, None
+                                                self.logit_scale, args.cce_filter_eps), None, None
         out = linear_softcap_cross_entropy(
             h, self.output_weight, y, softcap=args.logit_softcap, scale=self.logit_scale,
             chunk_size=args.ce_chunk_size, return_hits=want_hits, return_z_loss=args.z_loss,

@@ -23,8 +23,14 @@ Load counters (`tokens_per_expert`, `dropped_tokens`) count training forwards on
 dropping, and skip the forward that activation checkpointing recomputes during backward.
 `load_metrics` / `moe_load_counters` turn them into per-step statistics.
 
-Expert compute reuses torchtitan's GroupedExperts (grouped GEMM `torch._grouped_mm` on CUDA, a
-per-expert loop otherwise), which is also what its expert-parallel plan shards.
+Expert compute reuses torchtitan's GroupedExperts weights and kernels (grouped GEMM
+`torch._grouped_mm` on CUDA, a per-expert loop otherwise), which is also what its expert-parallel
+plan shards. Token permutation (`dispatch`): "static" (default) lays the assignments out in
+expert groups padded to `group_align` rows with static shapes and gathers only
+(`moe_dispatch.py`), so the routed path has no host sync and compiles with fullgraph=True (the
+per-expert loop of the CPU path alone reads the group sizes on the host); "legacy" is torchtitan
+0.2.2's argsort + index + GroupedExperts, and what expert parallel always uses (its all-to-all
+needs the exact counts on the host).
 `reference_moe_forward` is a slow, obviously-correct token-by-token version for tests.
 """
 
@@ -37,13 +43,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from torchtitan.models.moe.moe import FeedForward, GroupedExperts
+from torchtitan.models.moe.moe import (
+    FeedForward,
+    GroupedExperts,
+    _run_experts_for_loop,
+    _run_experts_grouped_mm,
+)
 
 from ..ops.precision import compute_dtype
+from . import moe_dispatch
+
+MOE_DISPATCHES = ("static", "legacy")
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward, e.g. while activation checkpointing recomputes forward."""
+    """True while autograd runs a backward, e.g. while activation checkpointing recomputes forward.
+
+    False while torch.compile traces: a compiled region's Python runs once, at trace time, and
+    when the compiled region holds the checkpoint wrapper (apply_compile compiles the wrapped
+    block, never a module inside it) the recompute happens in the compiled backward graph, which
+    replays no side effects.
+    """
+    if torch.compiler.is_compiling():
+        return False
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1
 
@@ -142,8 +164,15 @@ class DeepSeekMoE(nn.Module):
 
     def __init__(self, dim: int, n_experts: int, top_k: int, n_shared: int, inter_dim: int,
                  n_groups: int, n_limited_groups: int, route_scale: float, bias_update_rate: float,
-                 use_grouped_mm: bool, seq_aux_loss_weight: float = 0.0, capacity_factor: float = 0.0):
+                 use_grouped_mm: bool, seq_aux_loss_weight: float = 0.0, capacity_factor: float = 0.0,
+                 dispatch: str = "static", group_align: int = 16):
         super().__init__()
+        if dispatch not in MOE_DISPATCHES:
+            raise ValueError(f"[model] moe_dispatch = {dispatch!r}: choose one of {MOE_DISPATCHES}")
+        if group_align < 1:
+            raise ValueError(f"[model] moe_group_align = {group_align}: must be >= 1 (1 = no padding)")
+        self.dispatch_mode = dispatch
+        self.group_align = group_align
         self.dim = dim
         self.n_experts = n_experts
         self.top_k = top_k
@@ -188,36 +217,25 @@ class DeepSeekMoE(nn.Module):
 
         # Capacity dropping in training only; an expert can get at most n_tokens assignments.
         capacity = self.capacity(n_tokens) if self.training else 0
+        if not 0 < capacity < n_tokens:
+            capacity = 0
         keep = None
-        if 0 < capacity < n_tokens:
+        expert_counts = counts
+        if capacity:
             keep, expert_counts = capacity_dispatch(indices, weights, counts, capacity)
-            # Kept assignments grouped by expert, dropped ones at the end.
-            order = torch.argsort(flat.masked_fill(~keep, self.n_experts), stable=True)
-        else:
-            expert_counts = counts
-            order = torch.argsort(flat, stable=True)  # group the (token, slot) pairs by expert
 
-        record = self.training and not _in_backward()
-        if record:
+        if self.training and not _in_backward():
             with torch.no_grad():
                 self.tokens_per_expert.add_(counts.to(self.tokens_per_expert.dtype))
                 if keep is not None:
                     self.dropped_tokens.add_((counts - expert_counts).sum().to(self.dropped_tokens.dtype))
 
-        routed_in = x[order // k]
-        if keep is not None and self._experts_need_exact_rows():
-            n_kept = int(expert_counts.sum())  # host sync; EP syncs for its splits anyway
-            routed = self.experts(routed_in[:n_kept], expert_counts)
-            routed = torch.cat([routed, routed.new_zeros(order.numel() - n_kept, dim)])
+        if self.dispatch_mode == "static" and not self._experts_need_exact_rows():
+            per_slot = self._routed_static(x, flat, expert_counts, keep, capacity)
         else:
-            # Rows past sum(expert_counts) are not computed (zeros on the loop path, unspecified on
-            # the grouped-GEMM path): masked below.
-            routed = self.experts(routed_in, expert_counts)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        per_slot = routed[inverse]  # back to (token, slot) order
+            per_slot = self._routed_legacy(x, flat, expert_counts, keep)
         cdt = weights.dtype
         if keep is not None:
-            per_slot = torch.where(keep.unsqueeze(-1), per_slot, 0.0)
             weights = weights * keep.view_as(weights)
         out = torch.einsum("nk,nkd->nd", weights, per_slot.view(n_tokens, k, dim).to(cdt)).type_as(x)
         if self.shared_experts is not None:
@@ -231,6 +249,42 @@ class DeepSeekMoE(nn.Module):
         elif not _in_backward():
             self.aux_loss = torch.zeros((), device=x.device)
         return out.view(bsz, seqlen, dim)
+
+    def _routed_static(self, x, flat, expert_counts, keep, capacity) -> torch.Tensor:
+        """Expert outputs per (token, slot) [N*k, dim] through the static padded row layout."""
+        layout = moe_dispatch.row_layout(flat, expert_counts, self.top_k, keep, capacity, self.group_align)
+        rows = moe_dispatch.dispatch(x, layout, self.top_k)
+        return moe_dispatch.combine(self._run_experts(rows, layout.group_sizes), layout)
+
+    def _run_experts(self, rows: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+        """GroupedExperts' kernels on rows already grouped and padded (no second permutation)."""
+        w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w
+                      for w in (self.experts.w1, self.experts.w2, self.experts.w3))
+        run = _run_experts_grouped_mm if self.experts.use_grouped_mm else _run_experts_for_loop
+        return run(w1, w2, w3, rows, group_sizes)
+
+    def _routed_legacy(self, x, flat, expert_counts, keep) -> torch.Tensor:
+        """torchtitan 0.2.2's way (argsort + index + GroupedExperts); the path expert parallel uses."""
+        dim, n_assign = x.shape[-1], flat.numel()
+        if keep is not None:
+            # Kept assignments grouped by expert, dropped ones at the end.
+            order = torch.argsort(flat.masked_fill(~keep, self.n_experts), stable=True)
+        else:
+            order = torch.argsort(flat, stable=True)  # group the (token, slot) pairs by expert
+        routed_in = x[order // self.top_k]
+        if keep is not None and self._experts_need_exact_rows():
+            n_kept = int(expert_counts.sum())  # host sync; EP syncs for its splits anyway
+            routed = self.experts(routed_in[:n_kept], expert_counts)
+            routed = torch.cat([routed, routed.new_zeros(n_assign - n_kept, dim)])
+        else:
+            # Rows past sum(expert_counts) are not computed (zeros on the loop path, unspecified on
+            # the grouped-GEMM path): masked below.
+            routed = self.experts(routed_in, expert_counts)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n_assign, device=x.device))
+        per_slot = routed[inverse]  # back to (token, slot) order
+        if keep is not None:
+            per_slot = torch.where(keep.unsqueeze(-1), per_slot, 0.0)
+        return per_slot
 
     def init_weights(self, std: float, out_std: float, buffer_device: torch.device | None = None) -> None:
         nn.init.trunc_normal_(self.router.gate.weight, std=std, a=-3 * std, b=3 * std)

@@ -170,7 +170,25 @@ def resolve_ce_impl(impl: str, on_cuda: bool, need_extras: bool) -> str:
     return impl
 
 
-def library_linear_cross_entropy(impl: str, h, weight, labels, softcap: float, scale: float):
+def cce_filter_eps(value: str) -> float | str | None:
+    """[loss] cce_filter_eps -> cut-cross-entropy's `filter_eps`.
+
+    The backward skips vocabulary blocks whose softmax gradient is below eps everywhere (the
+    library's speed trick). "auto": the library's default (bf16 eps / 32 = 2.4e-4); "off": exact
+    gradient (every block computed); a number: that threshold (larger = faster, less exact).
+    """
+    if value == "auto":
+        return "high"
+    if value == "off":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"[loss] cce_filter_eps = {value!r}: use 'auto', 'off' or a number such as '1e-3'") from None
+
+
+def library_linear_cross_entropy(impl: str, h, weight, labels, softcap: float, scale: float,
+                                 filter_eps: str = "auto"):
     """Summed CE through a library kernel; the muP logit scale is folded into h (h*s) W^T."""
     if scale != 1.0:
         h = h * scale
@@ -184,7 +202,7 @@ def library_linear_cross_entropy(impl: str, h, weight, labels, softcap: float, s
         from cut_cross_entropy import linear_cross_entropy
 
         return linear_cross_entropy(h, weight, labels, ignore_index=IGNORE_INDEX, softcap=cap,
-                                    reduction="sum").float()
+                                    reduction="sum", filter_eps=cce_filter_eps(filter_eps)).float()
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     return liger_fused_linear_cross_entropy(h, weight, labels, ignore_index=IGNORE_INDEX,
