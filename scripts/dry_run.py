@@ -136,7 +136,7 @@ def main() -> None:
     gather_bytes = 2 * max(unit_sizes) * 2  # current + prefetched unit
     # Owner exchange: send + receive buffers and the owner's whole matrices, NS and result
     # (~4 x bucket, fp32); matrices already whole here go in stacks of <= NS_BATCH_ELEMENTS.
-    from fusion_titan.optim.normuon import NS_BATCH_ELEMENTS
+    from fusion_titan.optim.orthogonalized_momentum import NS_BATCH_ELEMENTS
 
     bucket = job_config.optimizer.muon_bucket_mb * 2**20
     normuon_bytes = (4 * bucket + 3 * 4 * min(NS_BATCH_ELEMENTS, largest_local_stack)

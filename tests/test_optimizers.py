@@ -173,21 +173,21 @@ def _ref_cautious_adamw(W, grads, lr, wd, beta1, beta2, eps):
 def test_normuon_batches_same_shape_matrices_like_separate_calls(monkeypatch):
     """Same-shape updates are stacked into one Newton-Schulz call (in buckets); the result
     must equal orthogonalizing each matrix on its own."""
-    import fusion_titan.optim.normuon as normuon_module
+    import fusion_titan.optim.orthogonalized_momentum as shared
 
     torch.manual_seed(0)
     updates = [torch.randn(6, 4, dtype=torch.float64), torch.randn(3, 6, 4, dtype=torch.float64),
                torch.randn(4, 6, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64),
                torch.randn(2, 6, 4, dtype=torch.float64)]
-    monkeypatch.setattr(normuon_module, "NS_BATCH_ELEMENTS", 60)  # force several buckets
+    monkeypatch.setattr(shared, "NS_BATCH_ELEMENTS", 60)  # force several buckets
     calls = []
-    real = normuon_module.zeropower_via_newtonschulz5
+    real = shared.zeropower_via_newtonschulz5
 
     def counting(G, **kw):
         calls.append(G.shape)
         return real(G, **kw)
 
-    monkeypatch.setattr(normuon_module, "zeropower_via_newtonschulz5", counting)
+    monkeypatch.setattr(shared, "zeropower_via_newtonschulz5", counting)
     opt = NorMuon([nn.Parameter(torch.zeros(1, 1))], ns_dtype=torch.float64)
     group = dict(opt.param_groups[0])
     stacks = [u.reshape(-1, *u.shape[-2:]) for u in updates]
@@ -195,7 +195,7 @@ def test_normuon_batches_same_shape_matrices_like_separate_calls(monkeypatch):
     batched = opt._directions(stacks, seconds, group)
     for u, v, (D, v_new) in zip(stacks, seconds, batched):
         assert D.shape == u.shape and v_new.shape == v.shape
-        D_alone, v_alone = opt._normuon_direction(real(u, steps=5, dtype=torch.float64), v, group)
+        D_alone, v_alone = opt._direction(real(u, steps=5, dtype=torch.float64), v, group)
         torch.testing.assert_close(D, D_alone)
         torch.testing.assert_close(v_new, v_alone)
     assert len(calls) < len(updates)  # something was actually stacked
