@@ -134,3 +134,40 @@ def test_normuon_refuses_a_kernel_choice_it_cannot_honour(implementation):
         _optimizer_factory(cfg)
     cfg.name = "AdamW"  # AdamW honours it: torch's foreach kernels
     assert bool(_optimizer_factory(cfg)(tiny_model()).defaults["foreach"]) is (implementation == "foreach")
+
+
+def test_the_documented_muon_recipe_is_what_it_says(tmp_path):
+    """docs/config.md's Muon TOML: parsed by the real ConfigManager, it builds Muon + AdamW with
+    the stated lrs and torchtitan's scheduler warms up over 500 steps, then decays by a cosine
+    to 0; clipping at 1.0."""
+    import math
+    import re
+    from pathlib import Path
+
+    from torchtitan.config import ConfigManager
+
+    from fusion_titan.training.lr_schedule import build_lr_schedulers
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    block = next(b for b in re.findall(r"```toml\n(.*?)```", page, re.S) if 'name = "Muon"' in b)
+    toml = tmp_path / "muon.toml"
+    toml.write_text('[job]\ncustom_config_module = "fusion_titan.config.job_config"\n\n' + block)
+    job = ConfigManager().parse_args(["--job.config_file", str(toml)])
+    assert job.training.max_norm == 1.0
+    model = tiny_model()
+    container = FusionOptimizersContainer([model], _optimizer_factory(job.optimizer),
+                                          {"lr": job.optimizer.lr})
+    opt = container.optimizers[0]
+    peak = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert peak["muon"] == 0.02 and peak["embedding"] == 0.002 and peak["vectors"] == 0.002
+    muon = next(g for g in opt.param_groups if g["name"] == "muon")
+    assert (muon["momentum"], muon["ns_steps"], muon["weight_decay"]) == (0.95, 5, 0.01)
+
+    steps = 2500
+    sched = build_lr_schedulers(container, job.lr_scheduler, steps).schedulers[0]
+    factors = [sched.lr_lambdas[0](s) for s in range(steps + 1)]
+    assert factors[1] < 0.01 and factors[500] == 1.0  # linear warmup, 500 steps
+    for s in (700, 1500, 2200):  # cosine from the end of the warmup to 0 at the last step
+        want = 0.5 * (1 + math.cos(math.pi * (s - 500) / (steps + 1 - 500)))
+        assert abs(factors[s] - want) < 2e-3, (s, factors[s], want)
+    assert factors[steps] < 1e-5
