@@ -1,6 +1,8 @@
-"""Train debug_model.toml with NorMuon + CautiousAdamW and with AdamW, same steps and tokens.
+"""Train debug_model.toml with several optimizers, same steps and tokens (default: NorMuon +
+CautiousAdamW and AdamW; `--optimizers` picks from NorMuon, Muon, AdamW, Adam).
 
-    python scripts/compare_optimizers.py [--steps 60] [--out outputs/optimizer_comparison]
+    python scripts/compare_optimizers.py [--steps 60] [--optimizers NorMuon Muon AdamW]
+                                         [--out outputs/optimizer_comparison]
 
 Runs the real trainer (run_train.sh) once per optimizer, reads the logged losses back from
 TensorBoard and prints a table (loss at a few steps, mean of the last 10) plus seconds per step.
@@ -13,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from fusion_titan.training.optimizer import OPTIMIZERS
 from fusion_titan.training.tb_scalars import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +34,12 @@ def train(name: str, steps: int, out: Path, extra: list[str]) -> tuple[dict[int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=["NorMuon", "AdamW"],
+                        help="[optimizer] name of each run, in table order")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "optimizer_comparison")
     parser.add_argument("extra", nargs="*", help="more run_train.sh overrides, after --")
     opts = parser.parse_args()
-    results = {name: train(name, opts.steps, opts.out, opts.extra) for name in ("NorMuon", "AdamW")}
+    results = {name: train(name, opts.steps, opts.out, opts.extra) for name in opts.optimizers}
     marks = [s for s in (1, 10, 20, 30, 40, 50, opts.steps) if s <= opts.steps]
     print("| optimizer | " + " | ".join(f"CE @ {s}" for s in marks) + " | mean CE, last 10 | s/step (wall) |")
     print("|---|" + "---|" * (len(marks) + 2))

@@ -122,11 +122,12 @@ def main() -> None:
             largest_local_stack = max(largest_local_stack, n)
     total_local = sum(local.values())
     optimizer = job_config.optimizer.name
-    if optimizer == "NorMuon":
+    if optimizer in ("NorMuon", "Muon"):  # same state on matrices (NorMuon's per-row moment is tiny)
         muon_local = sum(local_numel(prm) for name, prm in model.named_parameters()
                          if plain_name(name) in muon_names)
         opt_bytes = 4 * muon_local + 8 * (total_local - muon_local)
-        opt_desc = "NorMuon momentum (fp32) on matrices + CautiousAdamW 2 x fp32 on the rest"
+        opt_desc = (f"{optimizer} momentum (fp32) on matrices + "
+                    f"{'CautiousAdamW' if optimizer == 'NorMuon' else 'AdamW'} 2 x fp32 on the rest")
     else:
         opt_bytes = 8 * total_local
         opt_desc = f"{optimizer}: 2 x fp32 moments"
@@ -136,11 +137,11 @@ def main() -> None:
     gather_bytes = 2 * max(unit_sizes) * 2  # current + prefetched unit
     # Owner exchange: send + receive buffers and the owner's whole matrices, NS and result
     # (~4 x bucket, fp32); matrices already whole here go in stacks of <= NS_BATCH_ELEMENTS.
-    from fusion_titan.optim.normuon import NS_BATCH_ELEMENTS
+    from fusion_titan.optim.orthogonalized_momentum import NS_BATCH_ELEMENTS
 
     bucket = job_config.optimizer.muon_bucket_mb * 2**20
     normuon_bytes = (4 * bucket + 3 * 4 * min(NS_BATCH_ELEMENTS, largest_local_stack)
-                     if optimizer == "NorMuon" else 0)
+                     if optimizer in ("NorMuon", "Muon") else 0)
 
     local_batch = job_config.training.local_batch_size
     act, act_desc = activation_bytes(args, job_config, local_batch)
@@ -150,7 +151,7 @@ def main() -> None:
         ("gradients (fp32)", 4 * total_local, "reduce-scattered, same sharding"),
         ("optimizer state", opt_bytes, opt_desc),
         ("FSDP all-gather buffers (bf16)", gather_bytes, "largest block unsharded, current + prefetched"),
-        ("NorMuon transient buffers", normuon_bytes, "4 x [optimizer] muon_bucket_mb (owner exchange) + 3 x fp32 stack of whole local matrices"),
+        ("NorMuon / Muon transient buffers", normuon_bytes, "4 x [optimizer] muon_bucket_mb (owner exchange) + 3 x fp32 stack of whole local matrices"),
         ("activations (estimate)", act, f"local batch {local_batch} x seq {job_config.training.seq_len}; {act_desc}"),
     ]
     total = sum(b for _, b, _ in rows)

@@ -123,20 +123,22 @@ def test_adam_lr_and_decay_follow_each_fan_in():
         assert groups[name]["weight_decay"] == pytest.approx(0.1 * mult), name
 
 
+@pytest.mark.parametrize("optimizer", ["NorMuon", "Muon"])
 @pytest.mark.parametrize("update_scale", ["muon", "adamw"])
-def test_normuon_lr_follows_the_spectral_condition(update_scale):
+def test_normuon_lr_follows_the_spectral_condition(update_scale, optimizer):
     """The update's spectral norm must scale as sqrt(out / in) (Yang, Simon & Bernstein 2023).
-    Per unit lr NorMuon gives sqrt(max(1, out/in)) ("muon") or sqrt(max(out, in)) ("adamw")."""
+    Per unit lr NorMuon and Muon give sqrt(max(1, out/in)) ("muon") or sqrt(max(out, in))
+    ("adamw")."""
     model = FusionModel(hybrid_args(4 * BASE))
     base = dict(FusionModel(hybrid_args(BASE)).named_parameters())
-    groups = group_of(model, _optimizer_factory(optimizer_config("NorMuon", update_scale=update_scale))(model))
+    groups = group_of(model, _optimizer_factory(optimizer_config(optimizer, update_scale=update_scale))(model))
     wanted_over_given = {
         "muon": lambda o, i: math.sqrt(o / i) / math.sqrt(max(1, o / i)),
         "adamw": lambda o, i: math.sqrt(o / i) / math.sqrt(max(o, i)),
     }[update_scale]
     seen = 0
     for name, p in model.named_parameters():
-        if groups[name]["rule"] != "normuon":
+        if groups[name]["rule"] != optimizer.lower():
             continue
         expected = 0.02 * wanted_over_given(*p.shape[-2:]) / wanted_over_given(*base[name].shape[-2:])
         assert groups[name]["lr"] == pytest.approx(expected), name

@@ -1,5 +1,5 @@
-"""Owner-sharded NorMuon on 4 CPU ranks (gloo): equals one process, each matrix is made whole
-on exactly one rank, and the bucket size bounds what a rank holds at once.
+"""Owner-sharded NorMuon and Muon on 4 CPU ranks (gloo): equals one process, each matrix is made
+whole on exactly one rank, and the bucket size bounds what a rank holds at once.
 
 Parameters are DTensors laid out as FSDP2 and expert parallel lay them out: 2-D weights split
 in rows over 4 ranks (uneven, one rank empty), expert stacks split over a 2 x 2 mesh (experts
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fusion_titan.optim import NorMuon
+from fusion_titan.optim import Muon, NorMuon
 from fusion_titan.optim.matrix_layout import MatrixLayout
 
 WORLD = 4
@@ -29,6 +29,12 @@ SHAPES = {
     "experts_whole": (4, 5, 7),  # Shard(0) experts over all 4 ranks: whole matrices here
 }
 STEPS = 3
+# the optimizers under test, their options and the state each keeps per parameter (Muon's
+# "adamw" scale needs each matrix's whole norm: a norm of a shard would show here)
+OPTIMIZERS = {
+    "NorMuon": (NorMuon, dict(update_scale="muon"), ("momentum_buffer", "second_moment")),
+    "Muon": (Muon, dict(update_scale="adamw"), ("momentum_buffer",)),
+}
 
 
 def _grads(step: int) -> dict[str, torch.Tensor]:
@@ -41,8 +47,8 @@ def _weights() -> dict[str, torch.Tensor]:
     return {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
 
 
-def _run(meshes=None, bucket_mb=512.0):
-    """STEPS NorMuon steps; returns full weights and second moments (and per-rank NS work)."""
+def _run(optimizer, meshes=None, bucket_mb=512.0):
+    """STEPS steps of `optimizer` (a key of OPTIMIZERS); returns full weights and state."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     weights = _weights()
@@ -58,8 +64,9 @@ def _run(meshes=None, bucket_mb=512.0):
             "experts_whole": (flat, [Shard(0)]),
         }[name]
         params[name] = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, placements))
-    opt = NorMuon(list(params.values()), lr=0.05, weight_decay=0.1, update_scale="muon",
-                  ns_dtype=torch.float64, bucket_mb=bucket_mb)
+    cls, kwargs, state_keys = OPTIMIZERS[optimizer]
+    opt = cls(list(params.values()), lr=0.05, weight_decay=0.1, ns_dtype=torch.float64,
+              bucket_mb=bucket_mb, **kwargs)
     for step in range(STEPS):
         for name, g in _grads(step).items():
             p = params[name]
@@ -70,32 +77,32 @@ def _run(meshes=None, bucket_mb=512.0):
     out = {}
     for name, p in params.items():
         out[name] = full(p)
-        out[name + "/v"] = full(opt.state[p]["second_moment"])
-        out[name + "/m"] = full(opt.state[p]["momentum_buffer"])
+        for key in state_keys:
+            out[f"{name}/{key}"] = full(opt.state[p][key])
     return out
 
 
-def _worker(rank, port, out_dir, bucket_mb):
+def _worker(rank, port, out_dir, optimizer, bucket_mb):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
-        import fusion_titan.optim.normuon as normuon
+        import fusion_titan.optim.orthogonalized_momentum as shared
 
         flat = init_device_mesh("cpu", (WORLD,))
         grid = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
         # Count the whole matrices this rank orthogonalizes, and the largest batch at once.
         work = {"matrices": 0, "largest": 0}
-        real = normuon.zeropower_via_newtonschulz5
+        real = shared.zeropower_via_newtonschulz5
 
         def counting(G, **kw):
             work["matrices"] += G.shape[0]
             work["largest"] = max(work["largest"], G.numel())
             return real(G, **kw)
 
-        normuon.zeropower_via_newtonschulz5 = counting
-        out = _run((flat, grid), bucket_mb=bucket_mb)
+        shared.zeropower_via_newtonschulz5 = counting
+        out = _run(optimizer, (flat, grid), bucket_mb=bucket_mb)
         out["work"] = torch.tensor([work["matrices"], work["largest"]])
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -108,9 +115,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(bucket_mb):
+def _spawn(optimizer, bucket_mb):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(_free_port(), tmp, bucket_mb), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(_free_port(), tmp, optimizer, bucket_mb), nprocs=WORLD, join=True)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
 
 
@@ -118,10 +125,11 @@ def _matrices_per_step() -> int:
     return sum(1 if len(s) == 2 else s[0] for s in SHAPES.values())
 
 
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("bucket_mb", [512.0, 0.0002])  # one bucket; ~one small matrix per bucket
-def test_four_ranks_equal_one_process_and_share_the_work(bucket_mb):
-    expected = _run(None)
-    ranks = _spawn(bucket_mb)
+def test_four_ranks_equal_one_process_and_share_the_work(optimizer, bucket_mb):
+    expected = _run(optimizer)
+    ranks = _spawn(optimizer, bucket_mb)
     for out in ranks:
         for key, want in expected.items():
             torch.testing.assert_close(out[key], want, atol=1e-6, rtol=1e-6, msg=key)

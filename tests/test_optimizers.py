@@ -1,4 +1,4 @@
-"""CPU tests for fusion_titan.optim: Newton-Schulz, NorMuon, CautiousAdamW, and
+"""CPU tests for fusion_titan.optim: Newton-Schulz, NorMuon, Muon, CautiousAdamW, and
 FSDP2 (2 ranks, gloo) == 1 process."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from fusion_titan.optim import CautiousAdamW, NorMuon, zeropower_via_newtonschulz5
+from fusion_titan.optim import CautiousAdamW, Muon, NorMuon, zeropower_via_newtonschulz5
 from newton_schulz_reference import reference_newton_schulz
 
 # --------------------------------------------------------------------------- NS5
@@ -147,6 +147,80 @@ def test_normuon_experts_equal_per_expert_2d():
                                torch.stack([opt2d.state[x]["second_moment"] for x in experts]))
 
 
+# -------------------------------------------------------------------------- Muon
+
+
+def _ref_muon(W, grads, lr, wd, beta, nesterov=True, update_scale="muon"):
+    """Muon written out in float64 from Keller Jordan's reference code, one 2-D matrix:
+    momentum.lerp_(g, 1 - beta); update = g.lerp_(momentum, beta) if nesterov else momentum;
+    NS5; scale max(1, rows/cols)**0.5 ("muon") or to RMS 0.2 ("adamw"); decoupled decay."""
+    W = W.to(torch.float64).clone()
+    m, n = W.shape
+    M = torch.zeros_like(W)
+    for G in grads:
+        G = G.to(torch.float64)
+        M = beta * M + (1 - beta) * G
+        U = (1 - beta) * G + beta * M if nesterov else M
+        O = reference_newton_schulz(U, steps=5)
+        if update_scale == "muon":
+            step = O * max(1, m / n) ** 0.5
+        else:
+            step = O * 0.2 * math.sqrt(m * n) / torch.linalg.norm(O)
+        W = W * (1 - lr * wd) - lr * step
+    return W, M
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (12, 5)])
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("update_scale", ["muon", "adamw"])
+def test_muon_matches_reference(shape, nesterov, update_scale):
+    torch.manual_seed(12)
+    W0 = torch.randn(*shape)
+    grads = [torch.randn(*shape) for _ in range(3)]
+    lr, wd, beta = 0.02, 0.01, 0.9
+
+    def trained(cls):
+        p = nn.Parameter(W0.clone())
+        opt = cls([p], lr=lr, weight_decay=wd, momentum=beta, nesterov=nesterov,
+                  update_scale=update_scale)
+        for G in grads:
+            p.grad = G.clone()
+            opt.step()
+        return p.detach(), opt.state[p]
+
+    W, state = trained(Muon)
+    W_ref, M_ref = _ref_muon(W0, grads, lr, wd, beta, nesterov, update_scale)
+    torch.testing.assert_close(W, W_ref.float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(state["momentum_buffer"], M_ref.float(), atol=1e-6, rtol=1e-5)
+    assert set(state) == {"momentum_buffer"}  # no second moment: plain Muon
+    # the step is not NorMuon's: same options, different weights
+    assert (trained(NorMuon)[0] - W).abs().max() > 1e-5
+
+
+def test_muon_experts_groups_and_vectors():
+    """3-D expert stacks step per expert; groups keep their own lr / decay; no-grad params stay;
+    vectors are refused with the fix named."""
+    torch.manual_seed(13)
+    E, m, n = 3, 5, 7
+    W0 = torch.randn(E, m, n)
+    A0 = torch.randn(4, 6)
+    grads = [torch.randn(E, m, n) for _ in range(2)]
+    ga = [torch.randn(4, 6) for _ in range(2)]
+    experts, a, idle = nn.Parameter(W0.clone()), nn.Parameter(A0.clone()), nn.Parameter(torch.randn(4, 6))
+    opt = Muon([{"params": [experts]}, {"params": [a, idle], "lr": 0.1, "weight_decay": 0.5}],
+               lr=0.03, weight_decay=0.05, momentum=0.9)
+    for G, g in zip(grads, ga):
+        experts.grad, a.grad = G.clone(), g.clone()
+        opt.step()
+    want = torch.stack([_ref_muon(W0[e], [G[e] for G in grads], 0.03, 0.05, 0.9)[0] for e in range(E)])
+    torch.testing.assert_close(experts.detach(), want.float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a.detach(), _ref_muon(A0, ga, 0.1, 0.5, 0.9)[0].float(),
+                               atol=1e-6, rtol=1e-5)
+    assert idle not in opt.state
+    with pytest.raises(ValueError, match="element-wise optimizer"):
+        Muon([nn.Parameter(torch.randn(5))])
+
+
 # ------------------------------------------------------------------ CautiousAdamW
 
 
@@ -173,21 +247,21 @@ def _ref_cautious_adamw(W, grads, lr, wd, beta1, beta2, eps):
 def test_normuon_batches_same_shape_matrices_like_separate_calls(monkeypatch):
     """Same-shape updates are stacked into one Newton-Schulz call (in buckets); the result
     must equal orthogonalizing each matrix on its own."""
-    import fusion_titan.optim.normuon as normuon_module
+    import fusion_titan.optim.orthogonalized_momentum as shared
 
     torch.manual_seed(0)
     updates = [torch.randn(6, 4, dtype=torch.float64), torch.randn(3, 6, 4, dtype=torch.float64),
                torch.randn(4, 6, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64),
                torch.randn(2, 6, 4, dtype=torch.float64)]
-    monkeypatch.setattr(normuon_module, "NS_BATCH_ELEMENTS", 60)  # force several buckets
+    monkeypatch.setattr(shared, "NS_BATCH_ELEMENTS", 60)  # force several buckets
     calls = []
-    real = normuon_module.zeropower_via_newtonschulz5
+    real = shared.zeropower_via_newtonschulz5
 
     def counting(G, **kw):
         calls.append(G.shape)
         return real(G, **kw)
 
-    monkeypatch.setattr(normuon_module, "zeropower_via_newtonschulz5", counting)
+    monkeypatch.setattr(shared, "zeropower_via_newtonschulz5", counting)
     opt = NorMuon([nn.Parameter(torch.zeros(1, 1))], ns_dtype=torch.float64)
     group = dict(opt.param_groups[0])
     stacks = [u.reshape(-1, *u.shape[-2:]) for u in updates]
@@ -195,7 +269,7 @@ def test_normuon_batches_same_shape_matrices_like_separate_calls(monkeypatch):
     batched = opt._directions(stacks, seconds, group)
     for u, v, (D, v_new) in zip(stacks, seconds, batched):
         assert D.shape == u.shape and v_new.shape == v.shape
-        D_alone, v_alone = opt._normuon_direction(real(u, steps=5, dtype=torch.float64), v, group)
+        D_alone, v_alone = opt._direction(real(u, steps=5, dtype=torch.float64), v, group)
         torch.testing.assert_close(D, D_alone)
         torch.testing.assert_close(v_new, v_alone)
     assert len(calls) < len(updates)  # something was actually stacked

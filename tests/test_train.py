@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fusion_titan.training.tb_scalars import read_all_scalars
-from trainer_runs import launch, tb_losses
+from trainer_runs import QUICK, SEEDED, launch, tb_losses
 
 pytestmark = pytest.mark.slow
 
@@ -74,3 +74,24 @@ def test_two_process_expert_parallel(tmp_path):
     losses = tb_losses(tmp_path)
     assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
     assert (tmp_path / "checkpoint" / "step-4" / ".metadata").is_file()
+
+
+def test_muon_trains_and_resumes_bit_exactly(tmp_path):
+    """`--optimizer.name Muon` (Muon + AdamW): loss falls over 16 steps on 64-token rows, and a
+    resume from the step-8 checkpoint (Muon momentum + AdamW moments) repeats steps 9-16 exactly."""
+    muon = ("--optimizer.name", "Muon", "--training.steps", "16", "--checkpoint.interval", "8",
+            *QUICK, *SEEDED)
+    first = tmp_path / "first"
+    log = run_train(first, *muon)
+    losses = tb_losses(first)
+    assert sorted(losses) == list(range(1, 17)), log[-3000:]
+    early = sum(losses[s] for s in range(1, 4)) / 3
+    late = sum(losses[s] for s in range(14, 17)) / 3
+    assert late < early - 1.0, (early, late)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(first / "checkpoint" / "step-8", resumed / "checkpoint" / "step-8")
+    log = run_train(resumed, *muon)
+    assert "Training starts at step 9" in log, log[-3000:]
+    again = tb_losses(resumed)
+    assert [again[s] for s in range(9, 17)] == [losses[s] for s in range(9, 17)]

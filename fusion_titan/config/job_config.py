@@ -44,7 +44,8 @@ class Compile:
 
 @dataclass
 class Optimizer:
-    """NorMuon (matrices) + CautiousAdamW (the rest) when name = "NorMuon"; torchtitan's AdamW otherwise."""
+    """NorMuon + CautiousAdamW (name = "NorMuon") or Muon + AdamW (name = "Muon"): the muon_* keys
+    configure the matrix rule, torchtitan's lr / weight_decay the rest; torchtitan's AdamW otherwise."""
 
     muon_lr: float = 0.02
     muon_momentum: float = 0.95

@@ -3,6 +3,7 @@
 `[optimizer] name`:
 - "NorMuon": NorMuon for hidden matrices + CautiousAdamW for the rest, one optimizer per model
   part (fusion_titan.optim.hybrid), groups from fusion_titan.training.param_groups;
+- "Muon": plain Muon for the same hidden matrices + torch's AdamW for the rest;
 - "AdamW" / "Adam": torch's optimizer over the same groups (muP lr multipliers, no decay on
   vectors and the embedding) — the baseline.
 
@@ -19,13 +20,14 @@ import torch
 
 from torchtitan.components.optimizer import OptimizersContainer
 
-from ..optim.hybrid import NorMuonCautiousAdamW
+from ..optim import CautiousAdamW, Muon, NorMuon
+from ..optim.hybrid import HybridOptimizer
 from .param_groups import groups_by_multiplier, lr_multipliers, split_named_params
 
 from .loss import STEP_LOSSES, check_finite
 from .moe_balance import ExpertBiasUpdater
 
-OPTIMIZERS = ("NorMuon", "AdamW", "Adam")
+OPTIMIZERS = ("NorMuon", "Muon", "AdamW", "Adam")
 
 
 class FusionOptimizersContainer(OptimizersContainer):
@@ -39,11 +41,16 @@ class FusionOptimizersContainer(OptimizersContainer):
         self._post_init(all_params, defaults)
 
 
-def _groups(model: nn.Module, cfg, muon_separate: bool) -> tuple[list[dict], list[dict]]:
-    """(NorMuon groups, Adam groups); muP's per-matrix lr in groups by multiplier (param_groups)."""
+def _groups(model: nn.Module, cfg, matrix_rule: str | None) -> tuple[list[dict], list[dict]]:
+    """(matrix-rule groups, Adam groups); muP's per-matrix lr in groups by multiplier (param_groups).
+
+    matrix_rule: the name of the rule training the hidden matrices ("normuon", "muon"; it names
+    their groups), or None when Adam trains everything.
+    """
     named = split_named_params(model)
-    mults = lr_multipliers(model, getattr(cfg, "muon_update_scale", "muon") if muon_separate else None)
-    hidden = named["adam_matrix"] + ([] if muon_separate else named["muon"])
+    separate = matrix_rule is not None
+    mults = lr_multipliers(model, getattr(cfg, "muon_update_scale", "muon") if separate else None)
+    hidden = named["adam_matrix"] + ([] if separate else named["muon"])
     adam = [
         {"params": [p for _, p in named["embedding"]], "lr": cfg.lr, "weight_decay": 0.0,
          "name": "embedding"},
@@ -52,9 +59,16 @@ def _groups(model: nn.Module, cfg, muon_separate: bool) -> tuple[list[dict], lis
          "name": "vectors"},
     ]
     muon = groups_by_multiplier(named["muon"], mults, cfg.muon_lr, cfg.muon_weight_decay,
-                                "normuon") if muon_separate else []
+                                matrix_rule) if separate else []
     keep = lambda gs: [g for g in gs if g["params"]]  # noqa: E731
     return keep(muon), keep(adam)
+
+
+def _adam_kernel(cfg, model: nn.Module) -> dict:
+    """torch AdamW / Adam kwargs selecting `[optimizer] implementation` (fused is CUDA-only here)."""
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}}.get(cfg.implementation, {})
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return {} if on_cpu and impl.get("fused") else impl
 
 
 def _optimizer_factory(cfg):
@@ -70,31 +84,42 @@ def _optimizer_factory(cfg):
                 "\"NorMuon\" (NorMuon and CautiousAdamW have a single implementation of their own): "
                 "remove the implementation key from the TOML (or pass --optimizer.implementation "
                 f"{TorchtitanOptimizer.implementation}, torchtitan's default), or use name = "
-                "\"AdamW\" / \"Adam\", whose torch for-loop / foreach / fused kernels it selects"
+                "\"AdamW\" / \"Adam\" / \"Muon\", whose torch for-loop / foreach / fused kernels it selects"
             )
 
         def make(model):
-            muon, adam = _groups(model, cfg, muon_separate=True)
-            return NorMuonCautiousAdamW(
-                muon, adam,
-                muon_kwargs=dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, beta2=cfg.muon_beta2,
-                                 eps=cfg.eps, weight_decay=cfg.muon_weight_decay,
-                                 ns_steps=cfg.ns_steps, update_scale=cfg.muon_update_scale,
-                                 bucket_mb=cfg.muon_bucket_mb),
-                adam_kwargs=dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay),
-            )
+            muon, adam = _groups(model, cfg, "normuon")
+            return HybridOptimizer({
+                "normuon": NorMuon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                                   beta2=cfg.muon_beta2, eps=cfg.eps,
+                                   weight_decay=cfg.muon_weight_decay, ns_steps=cfg.ns_steps,
+                                   update_scale=cfg.muon_update_scale,
+                                   bucket_mb=cfg.muon_bucket_mb) if muon else None,
+                "adamw": CautiousAdamW(adam, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                       weight_decay=cfg.weight_decay) if adam else None,
+            })
+        return make
+    if name == "Muon":
+        def make(model):
+            muon, adam = _groups(model, cfg, "muon")
+            return HybridOptimizer({
+                "muon": Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                             weight_decay=cfg.muon_weight_decay, ns_steps=cfg.ns_steps,
+                             update_scale=cfg.muon_update_scale,
+                             bucket_mb=cfg.muon_bucket_mb) if muon else None,
+                # the AdamW of torch (implementation picks its kernel), as Keller Jordan's Muon
+                "adamw": torch.optim.AdamW(adam, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                           eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                           **_adam_kernel(cfg, model)) if adam else None,
+            })
         return make
     if name in ("AdamW", "Adam"):
         cls = torch.optim.AdamW if name == "AdamW" else torch.optim.Adam
-        impl = {"fused": {"fused": True}, "foreach": {"foreach": True}}.get(cfg.implementation, {})
 
         def make(model):
-            _, adam = _groups(model, cfg, muon_separate=False)
-            on_cpu = next(model.parameters()).device.type == "cpu"
-            kwargs = {} if on_cpu and impl.get("fused") else impl  # fused kernels are CUDA-only
+            _, adam = _groups(model, cfg, None)
             return cls(adam, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                       weight_decay=cfg.weight_decay, **kwargs)
+                       weight_decay=cfg.weight_decay, **_adam_kernel(cfg, model))
         return make
     raise ValueError(f"[optimizer] name = {name!r} is not supported; use one of {OPTIMIZERS}")
 
