@@ -1,7 +1,7 @@
 """Two GPUs against one: same losses, per-GPU throughput, and checkpoints under kill -9.
 
     python scripts/two_gpu_checks.py [--config train_configs/fusion_1b.toml] [--steps 20]
-        [--parts same,throughput,faults] [--out outputs/two_gpu] [-- extra overrides]
+        [--parts same,throughput,faults,resume] [--out outputs/two_gpu] [-- extra overrides]
 
 Every run starts from one seed checkpoint (torchtitan's `--checkpoint.create_seed_checkpoint`,
 written by one process and copied in as `step-0`) and trains the same global batch: 2 x the
@@ -13,9 +13,10 @@ local batch, as 2 micro-batches on one GPU or one per GPU on two.
 - faults: FSDP 2 with asynchronous checkpoints every `steps/4` steps; a second identical run is
   killed with SIGKILL (torchrun and both ranks) as soon as the second checkpoint's folder
   appears, i.e. during its asynchronous save, then restarted with the same command: it must
-  resume from the last complete checkpoint and log the uninterrupted run's losses. Then the
-  uninterrupted run's middle checkpoint resumes on 1 GPU, and the 1-GPU run's on 2 GPUs, each
-  compared with the run that wrote it.
+  resume from the last complete checkpoint and log the uninterrupted run's losses.
+- resume: a 2-GPU run's middle checkpoint resumes on 1 GPU, and a 1-GPU run's on 2 GPUs, each
+  compared with the run that wrote it (the 2-GPU writer is the faults part's uninterrupted run
+  when that part ran).
 
 Writes report.json and same_losses.png under --out; prints a summary.
 """
@@ -175,7 +176,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5, help="steps excluded from tokens/s")
     ap.add_argument("--local-batch", type=int, default=4)
-    ap.add_argument("--parts", default="same,throughput,faults")
+    ap.add_argument("--parts", default="same,throughput,faults,resume")
     ap.add_argument("--out", default="outputs/two_gpu")
     ap.add_argument("extra", nargs="*", help="overrides added to every run")
     args = ap.parse_args()
@@ -208,11 +209,12 @@ def main() -> None:
             if not opt:
                 plot(rows, runner.out / "same_losses.png")
 
+    every = max(1, args.steps // 4)
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", str(every),
+            "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "3",
+            "--compile.no-enable"]
+    ref = None
     if "faults" in parts:
-        every = max(1, args.steps // 4)
-        ckpt = ["--checkpoint.enable", "--checkpoint.interval", str(every),
-                "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "3",
-                "--compile.no-enable"]
         ref = runner.train("async_ref", 2, ckpt)
         dump = runner.prepare("async_killed")
         killed = runner.train("async_killed", 2, ckpt, dump=dump,
@@ -223,6 +225,11 @@ def main() -> None:
         report["runs"] += [ref, killed, again]
         save()
         shutil.rmtree(dump / "checkpoint", ignore_errors=True)  # disk: only the tb events stay
+
+    if "resume" in parts:
+        if ref is None:
+            ref = runner.train("async_ref", 2, ckpt)
+            report["runs"].append(ref)
         mid = runner.out / "async_ref" / "checkpoint" / f"step-{2 * every}"
         to_one = runner.train("resume_2to1", 1, ckpt, dump=runner.prepare("resume_2to1", mid))
         to_one["max_rel_loss_vs_writer"] = max_rel(to_one["losses"], ref["losses"],
