@@ -34,11 +34,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _autotune(configs: list[triton.Config], key: list[str]):
-    """triton.autotune on a GPU; under the interpreter (CPU tests) the first config, untimed."""
+def _autotune(configs: list[triton.Config], key: list[str], restore_value: list[str] | None = None):
+    """triton.autotune on a GPU; under the interpreter (CPU tests) the first config, untimed.
+
+    restore_value names the arguments a kernel updates in place: the autotuner runs every config
+    several times on the first call, and without a restore each run would add to them again
+    (right under the interpreter, which does not tune; wrong on the GPU)."""
     if _interpreting():
         return lambda fn: _FixedConfig(fn, configs[0].kwargs)
-    return triton.autotune(configs=configs, key=key)
+    return triton.autotune(configs=configs, key=key, restore_value=restore_value)
 
 
 class _FixedConfig:
@@ -92,8 +96,9 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
     b_A = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * decay * b_beta[:, None]
 
     # (I + A)^-1 = I + X with X_i = -A_i - A_i X (row i only needs the rows above it).
-    # Elementwise in fp32: a 16x16-block version with tf32x3 tl.dot gave wrong results on an
-    # H200 with triton 3.6 (right under the interpreter), untraced (commit 71aaa7d).
+    # Elementwise in fp32. A faster 16x16-block version (tf32x3 tl.dot, commit 71aaa7d) failed
+    # its GPU test together with the in-place dvn under autotuning (fixed since, restore_value):
+    # which of the two was wrong is not known yet.
     b_X = tl.zeros([BT, BT], dtype=tl.float32)
     for i in range(1, BT):
         sel = (o_t == i)[:, None]
@@ -220,7 +225,7 @@ def _bwd_local_kernel(q_ptr, k_ptr, G_ptr, do_ptr, dvn_ptr, scale,
     tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
 
 
-@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"])
+@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"], restore_value=["dvn_ptr"])
 @triton.jit
 def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_ptr, dh0_ptr, scale,
                       T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
