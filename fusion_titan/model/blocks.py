@@ -57,12 +57,7 @@ class FusionBlock(nn.Module):
         # `moe_enabled` / `moe` are the names torchtitan's MoE helpers look for.
         self.moe_enabled = use_moe
         if use_moe:
-            self.moe = DeepSeekMoE(
-                args.dim, args.n_routed_experts, args.n_activated_experts, args.n_shared_experts,
-                args.moe_inter_dim, args.n_expert_groups, args.n_limited_groups, args.route_scale,
-                args.moe_bias_update_rate, use_grouped_mm=args.use_grouped_mm and torch.cuda.is_available(),
-                seq_aux_loss_weight=args.moe_seq_aux_weight, capacity_factor=args.moe_capacity_factor,
-            )
+            self.moe = DeepSeekMoE.from_args(args)
         else:
             self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
 
