@@ -52,6 +52,7 @@ def load_hf_model(folder):
     {},  # MLA + MoE, Gated DeltaNet, MTP (not loaded)
     {"ssm_type": "mamba2", "q_lora_rank": 0, "mla_kv_groups": 2, "sliding_window": 5},
     {"n_routed_experts": 0, "logit_softcap": 0.0, "mup": False, "mtp_depth": 0},
+    {"moe_router": "softmax_topk", "moe_router_norm_topk": True},  # the expert bias is ignored
 ])
 def test_transformers_loads_the_export_and_gives_our_logits(tmp_path, changes):
     ours, folder = exported(tmp_path, **changes)

@@ -30,6 +30,12 @@ class Model:
     ssm_type: str | None = None
     moe_seq_aux_weight: float | None = None
     moe_capacity_factor: float | None = None
+    moe_router: str | None = None
+    moe_router_jitter: float | None = None
+    moe_router_norm_topk: bool | None = None
+    moe_router_z_loss_weight: float | None = None
+    moe_aux_loss: str | None = None
+    moe_aux_loss_weight: float | None = None
     moe_dispatch: str | None = None
     moe_group_align: int | None = None
 

@@ -16,6 +16,8 @@ OVERRIDABLE_FIELDS = (
     "logit_softcap", "mup", "sliding_window", "attn_backend", "gdn_backend",
     "moe_bias_update_rate", "use_grouped_mm", "ssm_type", "moe_seq_aux_weight",
     "moe_capacity_factor", "layer_pattern", "residual", "moe_dispatch", "moe_group_align",
+    "moe_router", "moe_router_jitter", "moe_router_norm_topk",
+    "moe_router_z_loss_weight", "moe_aux_loss", "moe_aux_loss_weight",
 )
 
 # Fields that grow with the width (dim): muP's base model has them scaled by mup_base_dim / dim.
@@ -70,6 +72,12 @@ class FusionModelArgs(BaseModelArgs):
     moe_bias_update_rate: float = 1e-3  # aux-loss-free balancing step; 0 = off
     moe_seq_aux_weight: float = 0.0  # DeepSeek-V3's complementary sequence-wise balance loss
     moe_capacity_factor: float = 0.0  # 0 = no token dropping
+    moe_router: str = "deepseek"  # "deepseek" | "softmax_topk" (fusion_titan/model/routers.py)
+    moe_router_jitter: float = 0.0  # Switch Transformer's multiplicative input noise; 0 = off
+    moe_router_norm_topk: bool = False  # softmax_topk: renormalize the k weights to sum 1
+    moe_router_z_loss_weight: float = 0.0  # ST-MoE router z-loss; 0 = off
+    moe_aux_loss: str = "none"  # batch balance loss: "switch" | "gshard" | "none" (balance_losses.py)
+    moe_aux_loss_weight: float = 0.01  # its weight (Switch Transformer's alpha)
     use_grouped_mm: bool = True  # used on CUDA only; CPU runs the per-expert loop
     moe_dispatch: str = "static"  # static (padded, sync-free, moe_dispatch.py) | legacy (torchtitan's)
     moe_group_align: int = 16  # static dispatch: rows per expert group padded to this multiple
@@ -145,6 +153,7 @@ class FusionModelArgs(BaseModelArgs):
                     f"n_expert_groups ({self.n_expert_groups}); set n_expert_groups = 0 to "
                     "route without groups."
                 )
+        self._validate_router()
         if self.ssm_type not in ("gdn", "mamba2"):
             raise ValueError(f"ssm_type {self.ssm_type!r} must be 'gdn' or 'mamba2'")
         if self.logit_softcap < 0:
@@ -172,6 +181,24 @@ class FusionModelArgs(BaseModelArgs):
         self.layer_specs()
         if self.residual not in RESIDUALS:
             raise ValueError(f"residual {self.residual!r} must be one of {sorted(RESIDUALS)}")
+
+    def _validate_router(self) -> None:
+        from .balance_losses import balance_loss_fn
+        from .routers import check_jitter, router_class
+
+        router_class(self.moe_router)
+        balance_loss_fn(self.moe_aux_loss)
+        check_jitter(self.moe_router_jitter)
+        for name in ("moe_router_z_loss_weight", "moe_aux_loss_weight", "moe_seq_aux_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+
+    @property
+    def moe_has_aux_loss(self) -> bool:
+        """Whether the MoE layers add an auxiliary loss (their `aux_loss`) in training."""
+        balance = self.moe_aux_loss != "none" and self.moe_aux_loss_weight > 0
+        return bool(self.n_routed_experts) and (
+            self.moe_seq_aux_weight > 0 or balance or self.moe_router_z_loss_weight > 0)
 
     def update_from_config(self, job_config, **kwargs) -> None:
         model_cfg = job_config.model

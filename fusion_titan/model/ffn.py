@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from torchtitan.models.moe.moe import FeedForward
@@ -13,13 +12,7 @@ from .moe import DeepSeekMoE
 def build_moe(args) -> DeepSeekMoE:
     if args.n_routed_experts <= 0:
         raise ValueError("a '+moe' block needs n_routed_experts > 0 ([model] n_routed_experts)")
-    return DeepSeekMoE(
-        args.dim, args.n_routed_experts, args.n_activated_experts, args.n_shared_experts,
-        args.moe_inter_dim, args.n_expert_groups, args.n_limited_groups, args.route_scale,
-        args.moe_bias_update_rate, use_grouped_mm=args.use_grouped_mm and torch.cuda.is_available(),
-        seq_aux_loss_weight=args.moe_seq_aux_weight, capacity_factor=args.moe_capacity_factor,
-        dispatch=args.moe_dispatch, group_align=args.moe_group_align,
-    )
+    return DeepSeekMoE.from_args(args)
 
 
 def build_dense(args) -> nn.Module:

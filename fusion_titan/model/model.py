@@ -138,8 +138,8 @@ class FusionModel(ModelProtocol):
         out = {"ce_sum": ce_sum}
         if z_sum is not None:
             out["z_sum"] = z_sum
-        if self.model_args.moe_seq_aux_weight > 0 and self.training:
-            # the MoE layers keep their (weighted, per-sequence mean) balance loss; the trainer
+        if self.model_args.moe_has_aux_loss and self.training:
+            # the MoE layers keep their weighted auxiliary losses (means over tokens); the trainer
             # divides sums by the global token count, so scale by this rank's tokens
             aux = sum(m.aux_loss for m in self.modules() if isinstance(m, DeepSeekMoE))
             out["moe_aux_sum"] = aux * (labels != IGNORE_INDEX).sum()

@@ -1,18 +1,17 @@
 """DeepSeekMoE feed-forward (DeepSeek-V3 §2.1.2; DeepSeek-V2 §2.2): shared + routed experts.
 
-Routing (`GroupLimitedRouter`), per token t with input u_t:
-  s_{i,t} = sigmoid(u_t . e_i)                          affinities, computed in >= fp32
-  c_{i,t} = s_{i,t} + b_i                               b: selection bias (aux-loss-free balancing)
-  group score_g = sum of the two largest c_{i,t} in group g (the largest one if groups have one expert)
-  keep the n_limited_groups best groups, then the top_k experts by c among the kept groups
-  g_{i,t} = route_scale * s_{i,t} / sum_{j chosen} s_{j,t}   for chosen i (0 otherwise)
-The bias b only changes *which* experts are chosen; the gate weights use the unbiased s, and b is
-moved outside autograd after each optimizer step from the load counted here (`tokens_per_expert`),
-see `fusion_titan.training.moe_balance`.
+Routing: a router from `routers.ROUTERS`, picked by `[model] moe_router`: "deepseek"
+(`GroupLimitedRouter`: sigmoid affinities, group-limited top-k, selection bias b moved outside
+autograd after each optimizer step from the load counted here, `tokens_per_expert`, see
+`fusion_titan.training.moe_balance`) or "softmax_topk" (`SoftmaxTopKRouter`: Switch / GShard
+softmax top-k, no bias). See `routers.py` for the formulas.
 
-Extras (both off by default):
-  - `seq_aux_loss_weight` = alpha > 0: the complementary sequence-wise balance loss of DeepSeek-V3
-    (eq. 17-20), kept in `self.aux_loss` after each training forward for the model to add.
+Extras (all off by default):
+  - auxiliary losses (`balance_losses.py`), summed with their weights into `self.aux_loss` after
+    each training forward for the model to add: `seq_aux_loss_weight` = alpha > 0, the
+    complementary sequence-wise balance loss of DeepSeek-V3 (eq. 17-20); `aux_loss` = "switch" |
+    "gshard" with `aux_loss_weight`, a batch balance loss over the call's tokens; `z_loss_weight`
+    > 0, ST-MoE's router z-loss on the gate logits.
   - `capacity_factor` > 0 (training forwards only): each expert takes at most
     ceil(capacity_factor * N * top_k / n_experts) of the N*top_k (token, expert) assignments of one
     call; the rest are dropped (weight 0, not computed, not renormalized; the token keeps the shared
@@ -55,6 +54,9 @@ from . import moe_dispatch
 
 MOE_DISPATCHES = ("static", "legacy")
 
+from .balance_losses import balance_loss_fn, router_z_loss, sequence_balance_loss
+from .routers import GroupLimitedRouter, RouterSettings, router_class  # noqa: F401 (re-exported)
+
 
 def _in_backward() -> bool:
     """True while autograd runs a backward, e.g. while activation checkpointing recomputes forward.
@@ -68,69 +70,6 @@ def _in_backward() -> bool:
         return False
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1
-
-
-class GroupLimitedRouter(nn.Module):
-    """x [N, dim] -> (gate weights [N, k], expert indices [N, k], affinities [N, E]).
-
-    Weights and affinities are in `compute_dtype(x.dtype)` (fp32 for bf16 inputs). Static shapes
-    only, so it compiles with fullgraph=True.
-    """
-
-    def __init__(self, dim: int, n_experts: int, top_k: int, n_groups: int, n_limited_groups: int,
-                 route_scale: float):
-        super().__init__()
-        if top_k > n_experts:
-            raise ValueError(f"top_k ({top_k}) cannot exceed n_experts ({n_experts})")
-        self.gate = nn.Linear(dim, n_experts, bias=False)
-        self.n_experts = n_experts
-        self.top_k = top_k
-        # Group limiting is a no-op with one group or when every group is kept.
-        n_groups = n_groups if n_groups and n_groups > 1 else 0
-        if n_groups:
-            if n_experts % n_groups:
-                raise ValueError(f"n_experts ({n_experts}) must be divisible by n_groups ({n_groups})")
-            if not 1 <= n_limited_groups <= n_groups:
-                raise ValueError(f"n_limited_groups ({n_limited_groups}) must be in [1, {n_groups}]")
-            if top_k > n_limited_groups * (n_experts // n_groups):
-                raise ValueError(f"top_k ({top_k}) exceeds the experts of {n_limited_groups} kept groups")
-            if n_limited_groups == n_groups:
-                n_groups = 0
-        self.n_groups = n_groups
-        self.n_limited_groups = n_limited_groups if n_groups else 0
-        self.route_scale = route_scale
-
-    def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None):
-        logits = self.gate(x)
-        scores = torch.sigmoid(logits.to(compute_dtype(logits.dtype)))
-        choice = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
-        if self.n_groups:
-            group_size = self.n_experts // self.n_groups
-            grouped = choice.view(-1, self.n_groups, group_size)
-            group_score = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)  # [N, G]
-            keep = group_score.topk(self.n_limited_groups, dim=-1).indices
-            masked = torch.ones_like(group_score, dtype=torch.bool).scatter(1, keep, False)
-            choice = grouped.masked_fill(masked.unsqueeze(-1), float("-inf")).view_as(scores)
-        indices = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, indices)  # unbiased affinities: the bias never reaches the weights
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20) * self.route_scale
-        return weights, indices, scores
-
-
-def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Sequence-wise balance loss of DeepSeek-V3 (eq. 17-20), without the alpha factor.
-
-    scores [B, T, E] unbiased affinities, indices [B, T, k] chosen experts. Per sequence:
-    f_i = E / (k T) * #tokens choosing i, P_i = mean_t s_{i,t} / sum_j s_{j,t}, loss = sum_i f_i P_i;
-    the batch mean is returned. Only P carries gradient. A perfectly balanced sequence gives 1.
-    """
-    bsz, seqlen, k = indices.shape
-    probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
-    p = probs.mean(1)  # [B, E]
-    counts = torch.zeros(bsz, n_experts, dtype=scores.dtype, device=scores.device)
-    counts.scatter_add_(1, indices.reshape(bsz, -1), torch.ones_like(indices.reshape(bsz, -1), dtype=scores.dtype))
-    f = counts * (n_experts / (k * seqlen))
-    return (f * p).sum(-1).mean()
 
 
 def capacity_dispatch(indices: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
@@ -153,19 +92,21 @@ def capacity_dispatch(indices: torch.Tensor, weights: torch.Tensor, counts: torc
 
 
 class DeepSeekMoE(nn.Module):
-    """[B, T, dim] -> [B, T, dim]: shared experts + group-limited top-k routed experts.
+    """[B, T, dim] -> [B, T, dim]: shared experts + top-k routed experts.
 
-    Buffers: `expert_bias` [E] (persistent selection bias), `tokens_per_expert` [E] float and
-    `dropped_tokens` [] float (non-persistent; assignments routed / dropped in training forwards
-    since the last reset, counted before capacity dropping, not recounted during activation
-    checkpointing recompute). `aux_loss`: the sequence balance loss of the last training forward
-    (times `seq_aux_loss_weight`), a 0-dim tensor, zero when off or in eval.
+    Buffers: `expert_bias` [E] (persistent selection bias; stays zero for a router without one),
+    `tokens_per_expert` [E] float and `dropped_tokens` [] float (non-persistent; assignments
+    routed / dropped in training forwards since the last reset, counted before capacity dropping,
+    not recounted during activation checkpointing recompute). `aux_loss`: the weighted sum of the
+    auxiliary losses of the last training forward, a 0-dim tensor, zero when all are off or in eval.
     """
 
     def __init__(self, dim: int, n_experts: int, top_k: int, n_shared: int, inter_dim: int,
                  n_groups: int, n_limited_groups: int, route_scale: float, bias_update_rate: float,
                  use_grouped_mm: bool, seq_aux_loss_weight: float = 0.0, capacity_factor: float = 0.0,
-                 dispatch: str = "static", group_align: int = 16):
+                 dispatch: str = "static", group_align: int = 16,
+                 router: str = "deepseek", router_jitter: float = 0.0, normalize_topk: bool = False,
+                 aux_loss: str = "none", aux_loss_weight: float = 0.0, z_loss_weight: float = 0.0):
         super().__init__()
         if dispatch not in MOE_DISPATCHES:
             raise ValueError(f"[model] moe_dispatch = {dispatch!r}: choose one of {MOE_DISPATCHES}")
@@ -178,8 +119,14 @@ class DeepSeekMoE(nn.Module):
         self.top_k = top_k
         self.bias_update_rate = bias_update_rate
         self.seq_aux_loss_weight = seq_aux_loss_weight
+        self.balance_loss = balance_loss_fn(aux_loss)
+        self.aux_loss_weight = aux_loss_weight if self.balance_loss is not None else 0.0
+        self.z_loss_weight = z_loss_weight
         self.capacity_factor = capacity_factor
-        self.router = GroupLimitedRouter(dim, n_experts, top_k, n_groups, n_limited_groups, route_scale)
+        settings = RouterSettings(n_groups=n_groups, n_limited_groups=n_limited_groups,
+                                  route_scale=route_scale, jitter=router_jitter,
+                                  normalize_topk=normalize_topk)
+        self.router = router_class(router).from_settings(dim, n_experts, top_k, settings)
         self.experts = GroupedExperts(dim, inter_dim, n_experts, use_grouped_mm=use_grouped_mm)
         self.shared_experts = FeedForward(dim, inter_dim * n_shared) if n_shared > 0 else None
         # Selection bias: persistent (it is training state), never touched by autograd.
@@ -189,6 +136,24 @@ class DeepSeekMoE(nn.Module):
         # Assignments dropped by the capacity limit over the same period.
         self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
         self.aux_loss = torch.zeros(())
+
+    @classmethod
+    def from_args(cls, args) -> "DeepSeekMoE":
+        """The MoE layer of a FusionModelArgs (grouped GEMM only where CUDA is available)."""
+        return cls(
+            args.dim, args.n_routed_experts, args.n_activated_experts, args.n_shared_experts,
+            args.moe_inter_dim, args.n_expert_groups, args.n_limited_groups, args.route_scale,
+            args.moe_bias_update_rate, use_grouped_mm=args.use_grouped_mm and torch.cuda.is_available(),
+            seq_aux_loss_weight=args.moe_seq_aux_weight, capacity_factor=args.moe_capacity_factor,
+            router=args.moe_router, router_jitter=args.moe_router_jitter,
+            normalize_topk=args.moe_router_norm_topk, aux_loss=args.moe_aux_loss,
+            aux_loss_weight=args.moe_aux_loss_weight, z_loss_weight=args.moe_router_z_loss_weight,
+            dispatch=args.moe_dispatch, group_align=args.moe_group_align,
+        )
+
+    @property
+    def has_aux_loss(self) -> bool:
+        return self.seq_aux_loss_weight > 0 or self.aux_loss_weight > 0 or self.z_loss_weight > 0
 
     def capacity(self, n_tokens: int) -> int:
         """Assignments one expert may take in a call with n_tokens tokens (0 = unlimited)."""
@@ -209,7 +174,8 @@ class DeepSeekMoE(nn.Module):
         bsz, seqlen, dim = x.shape
         x = x.reshape(-1, dim)
         n_tokens, k = x.shape[0], self.top_k
-        weights, indices, scores = self.router(x, self.expert_bias)
+        bias = self.expert_bias if self.router.uses_expert_bias else None
+        weights, indices, scores, logits = self.router(x, bias, return_logits=True)
         flat = indices.reshape(-1)
         # scatter_add instead of histc: histc has no integer CPU kernel, and this compiles.
         counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
@@ -241,9 +207,8 @@ class DeepSeekMoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
 
-        if self.training and self.seq_aux_loss_weight > 0:
-            aux = self.seq_aux_loss_weight * sequence_balance_loss(
-                scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, k), self.n_experts)
+        if self.training and self.has_aux_loss:
+            aux = self._aux_losses(scores, indices, logits, bsz, seqlen)
             if not _in_backward():
                 self.aux_loss = aux
         elif not _in_backward():
@@ -285,6 +250,19 @@ class DeepSeekMoE(nn.Module):
         if keep is not None:
             per_slot = torch.where(keep.unsqueeze(-1), per_slot, 0.0)
         return per_slot
+
+    def _aux_losses(self, scores: torch.Tensor, indices: torch.Tensor, logits: torch.Tensor,
+                    bsz: int, seqlen: int) -> torch.Tensor:
+        """The weighted sum of the enabled auxiliary losses (routing before capacity dropping)."""
+        aux = torch.zeros((), dtype=scores.dtype, device=scores.device)
+        if self.seq_aux_loss_weight > 0:
+            aux = aux + self.seq_aux_loss_weight * sequence_balance_loss(
+                scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, -1), self.n_experts)
+        if self.aux_loss_weight > 0:
+            aux = aux + self.aux_loss_weight * self.balance_loss(scores, indices)
+        if self.z_loss_weight > 0:
+            aux = aux + self.z_loss_weight * router_z_loss(logits)
+        return aux
 
     def init_weights(self, std: float, out_std: float, buffer_device: torch.device | None = None) -> None:
         nn.init.trunc_normal_(self.router.gate.weight, std=std, a=-3 * std, b=3 * std)

@@ -3,7 +3,9 @@
 After each optimizer step, every MoE layer's selection bias moves by `rate * sign(mean load -
 load)`: overloaded experts become less likely to be picked, idle ones more. Loads are summed over
 the step's micro-batches and over all data-parallel ranks first, so every rank applies the same
-update. Gate weights never see the bias, and autograd never touches it.
+update. Gate weights never see the bias, and autograd never touches it. Routers without a
+selection bias (`uses_expert_bias = False`, e.g. softmax_topk) are skipped; their load is still
+counted for the metrics.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class ExpertBiasUpdater:
         load, self.last_dropped = counts[:, :-1], counts[:, -1]
         self.last_load = load
         for m, layer_load in zip(self.layers, load):
-            if m.bias_update_rate > 0:
+            if m.bias_update_rate > 0 and m.router.uses_expert_bias:
                 m.expert_bias.add_(m.bias_update_rate * torch.sign(layer_load.mean() - layer_load))
             m.reset_load_counters()
 

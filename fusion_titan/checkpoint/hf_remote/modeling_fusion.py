@@ -114,9 +114,10 @@ class MoEGate(nn.Module):
 
 
 class DeepSeekMoE(nn.Module):
-    """Sigmoid affinities; top-k over the biased scores within the best n_limited_groups expert
-    groups; weights = the chosen unbiased affinities, normalized, times route_scale; plus shared
-    experts."""
+    """Router "deepseek": sigmoid affinities; top-k over the biased scores within the best
+    n_limited_groups expert groups; weights = the chosen unbiased affinities, normalized, times
+    route_scale. Router "softmax_topk": top-k of the softmax probabilities (renormalized with
+    moe_router_norm_topk), no bias. Plus shared experts."""
 
     def __init__(self, a: SimpleNamespace):
         super().__init__()
@@ -132,17 +133,9 @@ class DeepSeekMoE(nn.Module):
         a, shape = self.a, x.shape
         x = x.reshape(-1, shape[-1])
         logits = F.linear(x, self.gate.weight)
-        scores = torch.sigmoid(logits.to(_compute_dtype(logits.dtype)))
-        choice = scores + self.gate.e_score_correction_bias.to(scores.dtype)
-        if self.n_groups:
-            grouped = choice.view(x.shape[0], self.n_groups, -1)
-            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-            keep = group_score.topk(a.n_limited_groups, dim=-1).indices
-            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter(1, keep, False)
-            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view_as(scores)
-        indices = choice.topk(a.n_activated_experts, dim=-1).indices
-        weights = scores.gather(1, indices)
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20) * a.route_scale
+        logits = logits.to(_compute_dtype(logits.dtype))
+        route = self._softmax_topk if getattr(a, "moe_router", "deepseek") == "softmax_topk" else self._group_limited
+        weights, indices = route(logits)
         out = torch.zeros(x.shape, dtype=weights.dtype, device=x.device)
         for e, expert in enumerate(self.experts):
             token, slot = (indices == e).nonzero(as_tuple=True)
@@ -152,6 +145,28 @@ class DeepSeekMoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)
+
+    def _softmax_topk(self, logits):
+        a = self.a
+        weights, indices = torch.softmax(logits, dim=-1).topk(a.n_activated_experts, dim=-1)
+        if getattr(a, "moe_router_norm_topk", False):
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        return weights, indices
+
+    def _group_limited(self, logits):
+        a = self.a
+        scores = torch.sigmoid(logits)
+        choice = scores + self.gate.e_score_correction_bias.to(scores.dtype)
+        if self.n_groups:
+            grouped = choice.view(logits.shape[0], self.n_groups, -1)
+            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            keep = group_score.topk(a.n_limited_groups, dim=-1).indices
+            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view_as(scores)
+        indices = choice.topk(a.n_activated_experts, dim=-1).indices
+        weights = scores.gather(1, indices)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20) * a.route_scale
+        return weights, indices
 
 
 class ShortConv(nn.Module):
