@@ -28,6 +28,7 @@ class Model:
     ssm_type: str | None = None
     moe_seq_aux_weight: float | None = None
     moe_capacity_factor: float | None = None
+    ffn_hidden_dim: int | None = None
 
 
 @dataclass

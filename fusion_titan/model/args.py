@@ -17,7 +17,7 @@ OVERRIDABLE_FIELDS = (
     "layer_schedule", "n_layers", "n_routed_experts", "n_activated_experts", "mtp_depth",
     "logit_softcap", "mup", "sliding_window", "attn_backend", "gdn_backend",
     "moe_bias_update_rate", "use_grouped_mm", "ssm_type", "moe_seq_aux_weight",
-    "moe_capacity_factor",
+    "moe_capacity_factor", "ffn_hidden_dim",
 )
 
 # Fields that grow with the width (dim): muP's base model has them scaled by mup_base_dim / dim.
