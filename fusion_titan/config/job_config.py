@@ -38,6 +38,7 @@ class Model:
     moe_aux_loss_weight: float | None = None
     moe_dispatch: str | None = None
     moe_group_align: int | None = None
+    ffn_hidden_dim: int | None = None
 
 
 @dataclass

@@ -18,6 +18,7 @@ OVERRIDABLE_FIELDS = (
     "moe_capacity_factor", "layer_pattern", "residual", "moe_dispatch", "moe_group_align",
     "moe_router", "moe_router_jitter", "moe_router_norm_topk",
     "moe_router_z_loss_weight", "moe_aux_loss", "moe_aux_loss_weight",
+    "ffn_hidden_dim",
 )
 
 # Fields that grow with the width (dim): muP's base model has them scaled by mup_base_dim / dim.

@@ -1,0 +1,1 @@
+"""Equal-FLOPs ablation sweeps over run_train.sh (scripts/ablate.py, docs/ablations.md)."""

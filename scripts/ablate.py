@@ -1,0 +1,161 @@
+"""Run an ablation sweep at equal training FLOPs and report it (docs/ablations.md).
+
+    python scripts/ablate.py train_configs/ablations/debug_sweep.toml --out outputs/ablations/debug
+    python scripts/ablate.py SWEEP --out DIR --dry-run          # the step counts only, trains nothing
+    python scripts/ablate.py SWEEP --out DIR --seeds 0 1 2 --budget-tokens 2e6
+
+Each variant x seed trains through run_train.sh, one after another, for the steps that spend the
+sweep's FLOPs budget (fusion_titan/ablation/plan.py), evaluating the held-out data at step 1 and at
+`eval_points` evenly spaced steps. Writes DIR/report.md, DIR/plots/*.png, DIR/manifest.json and one
+folder per run under DIR/runs/. Re-running the same command skips every run that already ended
+(identified by a hash of its TOML, overrides, seed and GPU count); --retry-failed reruns failures.
+Exit code 0 when every run finished, 1 when one failed (the report has its log's last lines),
+2 for a sweep that cannot start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from fusion_titan.ablation import provenance  # noqa: E402
+from fusion_titan.ablation.plan import budget_flops, default_ngpu, plan_variant  # noqa: E402
+from fusion_titan.ablation.report import markdown, plot  # noqa: E402
+from fusion_titan.ablation.runner import execute, finished, run_folder  # noqa: E402
+from fusion_titan.ablation.sweep import SweepError, load_sweep  # noqa: E402
+from fusion_titan.data.shards import MANIFEST  # noqa: E402
+from fusion_titan.training.preflight import ConfigError  # noqa: E402
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep", type=Path, help="sweep file (.toml or .json)")
+    ap.add_argument("--out", type=Path, required=True, help="where runs, report, plots, manifest go")
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--budget-tokens", type=float, help="replaces the sweep's budget: tokens of the base")
+    budget.add_argument("--budget-flops", type=float, help="replaces the sweep's budget: FLOPs per run")
+    ap.add_argument("--seeds", type=int, nargs="+", help="replaces the sweep's seeds")
+    ap.add_argument("--only", nargs="+", metavar="VARIANT", help="run these variants only")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
+    ap.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
+    return ap.parse_args(argv)
+
+
+def load(opts):
+    sweep = load_sweep(opts.sweep)
+    changes = {}
+    if opts.budget_tokens is not None:
+        changes.update(budget_tokens=opts.budget_tokens, budget_flops=None)
+    if opts.budget_flops is not None:
+        changes.update(budget_flops=opts.budget_flops, budget_tokens=None)
+    if opts.seeds:
+        changes["seeds"] = tuple(opts.seeds)
+    config = ROOT / sweep.config
+    if not config.is_file():
+        raise SweepError(f"{sweep.path}: config {sweep.config!r} is not a file under {ROOT}")
+    changes["config"] = str(config)
+    if sweep.val_data:
+        val = Path(sweep.val_data).resolve()
+        if not (val / MANIFEST).is_file():
+            raise SweepError(f"{sweep.path}: val_data {sweep.val_data!r} holds no prepared data; make it "
+                             f"with: python scripts/prepare_data.py --out {sweep.val_data} --source "
+                             "NAME=TEXT_FILES --val-fraction 1.0 (docs/ablations.md)")
+        changes["val_data"] = str(val)
+    sweep = dataclasses.replace(sweep, **changes)
+    if opts.only:
+        names = {v.name for v in sweep.variants}
+        unknown = sorted(set(opts.only) - names)
+        if unknown:
+            raise SweepError(f"--only {unknown}: no such variant; the sweep has {sorted(names)}")
+        sweep = dataclasses.replace(sweep, variants=tuple(v for v in sweep.variants if v.name in opts.only))
+    return sweep
+
+
+def config_failure(variant: str, seed: int, error: Exception) -> dict:
+    return {"status": "failed", "variant": variant, "seed": seed, "run_id": None,
+            "exit_code": "config", "log_tail": str(error).splitlines()[-25:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(argv)
+    try:
+        sweep = load(opts)
+        ngpu = sweep.ngpu or default_ngpu()
+        budget = budget_flops(sweep, ngpu)
+    except (SweepError, ConfigError, ValueError) as error:
+        print(f"ablate: {error}", file=sys.stderr)
+        return 2
+    print(f"{sweep.path}: budget {budget:.4e} training FLOPs per run, seeds {list(sweep.seeds)}, "
+          f"{ngpu} GPU(s)/process(es) per run")
+    plans, results = [], []
+    for variant in sweep.variants:
+        try:
+            runs = plan_variant(sweep, variant, budget, ngpu, sweep.val_data)
+        except (ConfigError, ValueError, KeyError) as error:
+            print(f"  {variant.name}: cannot be built: {error}")
+            results += [config_failure(variant.name, s, error) for s in sweep.seeds]
+            continue
+        p = runs[0]
+        print(f"  {variant.name}: {p.shape.flops_per_token / 1e9:.3f} GFLOP/token x "
+              f"{p.shape.tokens_per_step:,} tokens/step -> {p.steps} steps ({p.flops:.4e} FLOPs, "
+              f"{100 * (p.flops / budget - 1):+.2f}% of the budget), held-out every {p.eval_every}")
+        plans += runs
+    if opts.dry_run:
+        return 0
+
+    opts.out.mkdir(parents=True, exist_ok=True)
+    for plan in plans:
+        folder = run_folder(opts.out, plan)
+        done = finished(folder, opts.retry_failed)
+        if done is not None:
+            print(f"skipped ({done['status']} before): {plan.name}")
+        else:
+            print(f"training {plan.name}: {plan.steps} steps ...", flush=True)
+            done = execute(plan, sweep.config, opts.out, ROOT, ngpu, sweep.timeout_s)
+            print(f"  {done['status']}" + (f": held-out CE {done['heldout_ce']:.4f}" if done["status"] == "ok"
+                                            else f" (exit code {done['exit_code']}), see {folder}/train.log"))
+        results.append(done)
+
+    write_outputs(opts.out, sweep, budget, ngpu, plans, results)
+    print(f"wrote {opts.out / 'report.md'}, {opts.out / 'manifest.json'}, {opts.out / 'plots'}/")
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results) -> None:
+    order = [v.name for v in sweep.variants]
+    outcome = {(r["variant"], r["seed"]): r for r in results}
+    git = provenance.git_state(ROOT)
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep_file": str(sweep.path),
+        "sweep_text": sweep.text, "budget_flops": budget, "seeds": list(sweep.seeds),
+        "git": git, "packages": provenance.package_versions(), "device": provenance.device_name(),
+        "ngpu": ngpu, "base_toml": sweep.config, "base_toml_text": Path(sweep.config).read_text(),
+        "runs": [{
+            "variant": p.variant, "seed": p.seed, "run_id": p.run_id, "folder": str(run_folder(out, p)),
+            "status": outcome[(p.variant, p.seed)]["status"], "steps": p.steps,
+            "command": ["./run_train.sh", "--job.dump_folder", str(run_folder(out, p).resolve()), *p.args],
+            "env": {"CONFIG_FILE": sweep.config, "NGPU": str(ngpu)},
+            "data": provenance.data_checksums(p.resolved["data"]), "resolved_config": p.resolved,
+        } for p in plans],
+        "config_failures": [r for r in results if r.get("exit_code") == "config"],
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    plots = plot(results, order, out / "plots")
+    header = [f"Sweep `{sweep.path}` on `{Path(sweep.config).name}`, {budget:.4e} training FLOPs per run, "
+              f"seeds {list(sweep.seeds)}, {provenance.device_name()}, commit "
+              f"{(git['commit'] or 'unknown')[:12]}{' (dirty)' if git['dirty'] else ''}."]
+    header += [f"- `{v.name}`: `{' '.join(v.overrides) or '(base)'}`" + (f" — {v.description}" if v.description else "")
+               for v in sweep.variants]
+    (out / "report.md").write_text(markdown("Ablation report", header, results, order, plots))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

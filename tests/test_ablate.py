@@ -1,0 +1,271 @@
+"""scripts/ablate.py: equal-FLOPs step counts, the sweep file, held-out data, and a real CPU sweep."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusion_titan.ablation.plan import budget_flops, parse_job_config, plan_variant, shape_of
+from fusion_titan.ablation.runner import wall_clock
+from fusion_titan.ablation.sweep import SweepError, load_sweep, parse_sweep
+from fusion_titan.model.flavors import FLAVORS
+from fusion_titan.model.model import FusionModel
+from fusion_titan.training.preflight import ConfigError
+from fusion_titan.training.tb_scalars import read_scalars
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = str(ROOT / "train_configs/debug_model.toml")
+QUICK = ["--training.seq_len", "64", "--checkpoint.no-enable", "--validation.seq_len", "64",
+         "--validation.local_batch_size", "2", "--validation.steps", "4"]
+
+
+def attention_blocks(schedule: str, n_layers: int) -> int:
+    if schedule in ("mha", "ssm"):
+        return n_layers if schedule == "mha" else 0
+    a, b = (int(x) for x in schedule.split(":"))
+    return sum(1 for i in range(n_layers) if i % (a + b) < a)
+
+
+def reference_flops_per_token(seq_len: int, **changes) -> float:
+    """Training FLOPs per token written out here from the formula (docs/ablations.md), with the
+    parameters counted from the module tree: 6 x active non-embedding parameters, the tied head per
+    use, causal attention (half of the keys), Gated DeltaNet chunks of 64."""
+    args = FLAVORS["debugmodel"].replace(**changes)
+    with torch.device("meta"):
+        model = FusionModel(args)
+    named = dict(model.named_parameters())  # a tied weight appears once
+    total = sum(p.numel() for p in named.values())
+    routed = sum(p.numel() for n, p in named.items() if ".experts." in n)
+    unused = routed * (args.n_routed_experts - args.n_activated_experts) / args.n_routed_experts \
+        if args.n_routed_experts else 0
+    embedding = args.vocab_size * args.dim
+    n_attn = attention_blocks(args.layer_schedule, args.n_layers)
+    n_gdn = args.n_layers - n_attn
+    matmuls = 6 * (total - unused - embedding)
+    head = 6 * (1 + args.mtp_depth) * args.vocab_size * args.dim
+    attn = 3 * (n_attn + args.mtp_depth) * 2 * args.n_heads * (
+        args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim) * (seq_len + 1) / 2
+    dk, dv = args.gdn_head_k_dim, args.gdn_head_v_dim
+    gdn = 3 * n_gdn * args.gdn_n_heads * (64 * (3 * dk + 2 * dv) + 6 * dk * dv)
+    return matmuls + head + attn + gdn
+
+
+def expected_steps(budget: float, flops_per_token: float, tokens_per_step: int, k: int) -> int:
+    return k * max(1, round(budget / (flops_per_token * tokens_per_step * k)))
+
+
+def sweep_dict(variants: dict, **head) -> dict:
+    return {"sweep": {"config": DEBUG, "overrides": list(QUICK), "budget_tokens": 1024, "seeds": [0],
+                      "eval_points": 2, **head},
+            "variants": {name: {"overrides": o} for name, o in variants.items()}}
+
+
+VARIANTS = {
+    "hybrid": ([], {}),
+    "mla": (["--model.layer_schedule", "mha"], {"layer_schedule": "mha"}),
+    "gdn": (["--model.layer_schedule", "ssm"], {"layer_schedule": "ssm"}),
+    "dense": (["--model.n_routed_experts", "0", "--model.ffn_hidden_dim", "512"],
+              {"n_routed_experts": 0, "ffn_hidden_dim": 512}),
+    "mtp0": (["--model.mtp_depth", "0"], {"mtp_depth": 0}),
+}
+
+
+def test_step_counts_spend_equal_flops():
+    sweep = parse_sweep(sweep_dict({n: o for n, (o, _) in VARIANTS.items()}, budget_tokens=8192),
+                        Path("s.toml"))
+    budget = budget_flops(sweep, ngpu=1)
+    assert budget == pytest.approx(8192 * reference_flops_per_token(64), rel=1e-9)
+    tokens_per_step = 2 * 64  # debug_model.toml: local batch 2, one rank
+    counts = {}
+    for variant in sweep.variants:
+        (plan,) = plan_variant(sweep, variant, budget, 1, "")
+        reference = reference_flops_per_token(64, **VARIANTS[variant.name][1])
+        assert plan.shape.flops_per_token == pytest.approx(reference, rel=1e-9), variant.name
+        assert plan.shape.tokens_per_step == tokens_per_step
+        assert plan.steps == expected_steps(budget, reference, tokens_per_step, 2), variant.name
+        assert abs(plan.flops - budget) <= reference * tokens_per_step * 2 / 2 + 1
+        assert plan.steps % plan.eval_every == 0 and plan.eval_every % plan.log_every == 0
+        args = plan.resolved
+        assert args["training"]["steps"] == plan.steps and args["debug"]["seed"] == 0
+        assert args["validation"]["enable"] and args["validation"]["freq"] == plan.steps // 2
+        counts[variant.name] = plan.steps
+    # fewer FLOPs per token (one use of the tied head less), more steps
+    assert counts["mtp0"] > counts["hybrid"], counts
+
+
+def test_ffn_hidden_dim_override_sets_the_dense_width():
+    job = parse_job_config(DEBUG, ["--model.n_routed_experts", "0", "--model.ffn_hidden_dim", "200"])
+    shape = shape_of(job, 1)
+    plain = shape_of(parse_job_config(DEBUG, ["--model.n_routed_experts", "0"]), 1)
+    # 6 trunk blocks + 1 MTP block, each a SwiGLU of 3 x dim x width
+    assert shape.params_total - plain.params_total == 7 * 3 * 128 * (200 - 384)
+
+
+def test_first_sweep_is_consistent():
+    """The GPU sweep plans on CPU: every variant builds, the dense one matches the hybrid's
+    active parameters, and every run is within half a block of evaluations of the budget."""
+    sweep = load_sweep(ROOT / "train_configs/ablations/first_sweep.toml")
+    sweep = sweep.__class__(**{**sweep.__dict__, "config": str(ROOT / sweep.config)})
+    budget = budget_flops(sweep, ngpu=1)
+    plans = {v.name: plan_variant(sweep, v, budget, 1, "") for v in sweep.variants}
+    assert set(plans) == {"hybrid", "all_mla", "all_gdn", "dense", "adamw", "mtp0"}
+    assert all(len(p) == 2 for p in plans.values())  # two seeds
+    hybrid, dense = plans["hybrid"][0].shape, plans["dense"][0].shape
+    assert dense.params_total == dense.params_active  # no routed experts left
+    assert abs(dense.params_active / hybrid.params_active - 1) < 0.005
+    for runs in plans.values():
+        p = runs[0]
+        assert abs(p.flops - budget) <= p.shape.flops_per_token * p.shape.tokens_per_step * 4 / 2
+    assert plans["hybrid"][0].run_id != plans["hybrid"][1].run_id
+    assert plans["hybrid"][0].steps == 128 and plans["adamw"][0].steps == 128
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"overrides": ["--training.steps", "5"]}, "--training.steps is set by the harness"),
+    ({"budget_flops": 1e12}, "exactly one of budget_tokens"),
+    ({"seeds": [1, 1]}, "distinct"),
+    ({"evals": 3}, "unknown key"),
+])
+def test_bad_sweep_head_is_refused(change, message):
+    data = sweep_dict({"a": []})
+    data["sweep"].update(change)
+    with pytest.raises(SweepError, match=message):
+        parse_sweep(data, Path("s.toml"))
+
+
+def test_variant_cannot_change_the_evaluation():
+    with pytest.raises(SweepError, match="other batches"):
+        parse_sweep(sweep_dict({"a": ["--validation.seq_len", "32"]}), Path("s.toml"))
+    with pytest.raises(SweepError, match="variant name"):
+        parse_sweep(sweep_dict({"a b": []}), Path("s.toml"))
+
+
+def test_json_and_toml_sweeps_read_the_same(tmp_path):
+    data = sweep_dict({"hybrid": [], "mla": ["--model.layer_schedule", "mha"]})
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    toml = ["[sweep]", f'config = "{DEBUG}"', f"overrides = {json.dumps(QUICK)}",
+            "budget_tokens = 1024", "seeds = [0]", "eval_points = 2",
+            "[variants.hybrid]", "overrides = []",
+            "[variants.mla]", 'overrides = ["--model.layer_schedule", "mha"]']
+    (tmp_path / "s.toml").write_text("\n".join(toml) + "\n")
+    a, b = load_sweep(tmp_path / "s.json"), load_sweep(tmp_path / "s.toml")
+    assert (a.variants, a.overrides, a.budget_tokens, a.seeds) == (b.variants, b.overrides, b.budget_tokens, b.seeds)
+
+
+def test_ramps_are_refused():
+    job = parse_job_config(DEBUG, ["--training.batch_ramp", "1", "2", "--training.batch_ramp_steps", "0", "5"])
+    with pytest.raises(ConfigError, match="constant tokens per step"):
+        shape_of(job, 1)
+
+
+def test_wall_clock_from_logged_throughput():
+    # 100 tokens per step; 50 tok/s over steps 2-5 (4 steps: 8 s), 200 tok/s over 6-10 (2.5 s)
+    seconds = wall_clock([1, 5, 10], {1: 1.0, 5: 50.0, 10: 200.0}, 100)
+    assert seconds == {1: 0.0, 5: 8.0, 10: 10.5}
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    """A held-out-only prepared directory made from text that is not the stdlib."""
+    texts = tmp_path_factory.mktemp("texts")
+    docs = {}
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        docs[page.name] = page.read_text()
+        (texts / page.name).write_text(docs[page.name])
+    out = tmp_path_factory.mktemp("heldout") / "val"
+    proc = subprocess.run([sys.executable, "scripts/prepare_data.py", "--out", str(out), "--source",
+                           f"docs={texts}", "--val-fraction", "1.0", "--quiet", "--workers", "1",
+                           "--no-near-dedup"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return out, docs
+
+
+def test_val_fraction_one_holds_out_every_document(heldout):
+    from fusion_titan.data.tokenizer import TiktokenTokenizer
+
+    out, docs = heldout
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    shards = [r for r in lines if r["kind"] == "shard"]
+    assert shards and all(r["split"] == "val" for r in shards)
+    tok = TiktokenTokenizer("qwen2.5")
+    expected = sum(len(tok.encode(text, add_eos=True)) for text in docs.values())
+    assert sum(r["tokens"] for r in shards) == expected
+
+
+@pytest.mark.slow
+def test_sweep_runs_reports_and_resumes(tmp_path, heldout):
+    val_dir, _ = heldout
+    sweep = sweep_dict({"hybrid": [], "mla_no_mtp": ["--model.layer_schedule", "mha", "--model.mtp_depth", "0"],
+                        "broken": ["--optimizer.name", "Bogus"]},
+                       budget_tokens=512, val_data=str(val_dir), timeout_s=900)
+    sweep["sweep"]["overrides"] += ["--lr_scheduler.warmup_steps", "1"]
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(sweep))
+    out = tmp_path / "out"
+    env = dict(os.environ, FUSION_FORCE_CPU="1", NGPU="1", PYTHONUNBUFFERED="1")
+
+    def ablate() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "scripts/ablate.py", str(path), "--out", str(out)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
+
+    first = ablate()
+    assert first.returncode == 1, first.stdout + first.stderr  # one variant failed, the others ran
+    trained = lambda proc: [l for l in proc.stdout.splitlines() if l.startswith("training ")]  # noqa: E731
+    assert len(trained(first)) == 3
+
+    # equal FLOPs: step counts from the independent formula, and the runs really trained them
+    budget = 512 * reference_flops_per_token(64)
+    per_token = {"hybrid": reference_flops_per_token(64),
+                 "mla_no_mtp": reference_flops_per_token(64, layer_schedule="mha", mtp_depth=0)}
+    want = {name: expected_steps(budget, f, 128, 2) for name, f in per_token.items()}
+    assert want["mla_no_mtp"] > want["hybrid"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    runs = {r["variant"]: r for r in manifest["runs"]}
+    for name, steps in want.items():
+        assert runs[name]["status"] == "ok" and runs[name]["steps"] == steps
+        losses = read_scalars(runs[name]["folder"], "loss_metrics/global_avg_loss")
+        assert max(losses) == steps
+        result = json.loads((Path(runs[name]["folder"]) / "result.json").read_text())
+        assert result["flops"] == pytest.approx(steps * 128 * per_token[name], rel=1e-9)
+        assert [p["step"] for p in result["curve"]] == [1, steps // 2, steps]
+        assert [p["flops"] for p in result["curve"]] == pytest.approx(
+            [s * result["flops"] / steps for s in (1, steps // 2, steps)], rel=1e-9)
+    curve = json.loads((Path(runs["mla_no_mtp"]["folder"]) / "result.json").read_text())["curve"]
+    assert curve[-1]["heldout_ce"] < curve[0]["heldout_ce"]  # training lowered the held-out loss
+
+    # the manifest's provenance
+    assert len(manifest["git"]["commit"]) == 40
+    assert manifest["packages"]["torch"] == torch.__version__
+    assert manifest["packages"]["torchtitan"] == "0.2.2" and "triton" in manifest["packages"]
+    assert manifest["device"].startswith("cpu")
+    assert runs["broken"]["status"] == "failed" and runs["hybrid"]["seed"] == 0
+    val_sha = hashlib.sha256((val_dir / "manifest.jsonl").read_bytes()).hexdigest()
+    assert runs["hybrid"]["data"]["heldout"]["manifest_sha256"] == val_sha
+    assert runs["hybrid"]["data"]["train"]["kind"] == "stdlib"
+    assert runs["mla_no_mtp"]["resolved_config"]["model"]["layer_schedule"] == "mha"
+    assert "--debug.seed" in runs["hybrid"]["command"]
+
+    # the report: both variants' rows, the failure with its log's last lines, the plots
+    report = (out / "report.md").read_text()
+    assert report.count("| 1/1 |") == 2 and "| hybrid | 1/1 |" in report and "| mla_no_mtp | 1/1 |" in report and "| broken | 0/1 |" in report
+    assert "## Failed runs" in report and "'Bogus' is not supported" in report
+    for png in ("heldout_vs_flops.png", "heldout_vs_wallclock.png"):
+        data = (out / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        import matplotlib.pyplot as plt
+
+        assert plt.imread(out / "plots" / png).shape[0] > 100
+
+    # resume: nothing runs again, the finished results stay as they were
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+    second = ablate()
+    assert second.returncode == 1
+    assert not trained(second) and second.stdout.count("skipped") == 3
+    assert stamps == {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
