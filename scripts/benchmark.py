@@ -9,7 +9,7 @@ Suites (every figure a ratio against a reference measured in the same invocation
   ablations  one change each against "ours": attention backend, compile off, activation
              checkpointing modes, float8 (torchao), NorMuon vs AdamW, CE implementation.
   speed      issue 17: ours, ours as main was before it (legacy MoE dispatch, per-submodule
-             compile), the peer, then each change toggled alone (SPEED_RUNS).
+             compile, PyTorch gated delta rule), the peer, then each change toggled alone (SPEED_RUNS).
   micro      in-process: optimizer step time NorMuon vs AdamW on the flavor's parameters, and the
              Gated DeltaNet op (ours chunked vs fla where its kernels run correctly).
 
@@ -59,13 +59,15 @@ ABLATION_RUNS = {  # in priority order (a time-limited device call may not reach
     "ce_chunked": ["--loss.ce_impl", "chunked"],
 }
 # Issue 17's changes, each toggled back one at a time against "ours" (in priority order).
-TODAYS_MAIN = ["--model.moe_dispatch", "legacy", "--compile.granularity", "submodules"]
+TODAYS_MAIN = ["--model.moe_dispatch", "legacy", "--compile.granularity", "submodules",
+               "--model.gdn_backend", "torch"]
 SPEED_RUNS = {
     "ours": [],
     "ours_main_today": TODAYS_MAIN,
     "deepseek_v3": PEER_RUNS["deepseek_v3"],
     "dispatch_legacy": ["--model.moe_dispatch", "legacy"],
     "compile_submodules": ["--compile.granularity", "submodules"],
+    "gdn_torch": ["--model.gdn_backend", "torch"],
     "group_align_1": ["--model.moe_group_align", "1"],
     "cudagraphs": ["--compile.cudagraphs"],
     "batch_8": ["--training.local_batch_size", "8"],
