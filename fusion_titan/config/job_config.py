@@ -30,6 +30,16 @@ class Model:
     ssm_type: str | None = None
     moe_seq_aux_weight: float | None = None
     moe_capacity_factor: float | None = None
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    qk_norm: bool | None = None
+    attn_gate: str | None = None
+    rope_fraction: float | None = None
+    attn_rope_theta: float | None = None
+    attn_window: int | None = None
+    block_sparse_block: int | None = None
+    block_sparse_local: int | None = None
+    block_sparse_global: int | None = None
 
 
 @dataclass
