@@ -191,10 +191,10 @@ class SoftmaxAttention(nn.Module):
         """Tokens a decoding cache must keep (0 = all)."""
         return max(self.window, 0)
 
-    def attend(self, q, k, v, document_ids=None) -> torch.Tensor:
+    def attend(self, q, k, v, document_ids=None, backend: str | None = None) -> torch.Tensor:
         """q [B, H, Tq, D], k / v [B, H_kv, Tk, D] (queries = the last Tq keys) -> [B, H, Tq, D]."""
         return causal_attention(q, k, v, scale=self.softmax_scale, window=self.window,
-                                backend=self.backend, document_ids=document_ids)
+                                backend=backend or self.backend, document_ids=document_ids)
 
     def _sigmoid_gate(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -213,10 +213,14 @@ class SoftmaxAttention(nn.Module):
             q = q * self._sigmoid_gate(x)
         q, k = self.rope(q, start), self.rope(k, start)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        backend = self.backend
         if cache is not None:
             k, v = cache.append(k, v, keep_last=self.cache_keep_last)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out = self.attend(q, k, v, document_ids).transpose(1, 2)  # [B, T, H, D]
+            # every decode step has a new key length: a dense SDPA mask, not a FlexAttention
+            # BlockMask (and a recompile) per step
+            backend = "sdpa" if backend == "auto" else backend
+        out = self.attend(q, k, v, document_ids, backend).transpose(1, 2)  # [B, T, H, D]
         if self.gate == "output":
             out = out * self._sigmoid_gate(x)
         return self.wo(out.reshape(bsz, seqlen, -1))

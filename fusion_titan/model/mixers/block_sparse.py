@@ -34,9 +34,9 @@ class BlockSparseAttention(SoftmaxAttention):
     def cache_keep_last(self) -> int:
         return 0  # global tokens are visible from every later position
 
-    def attend(self, q, k, v, document_ids=None):
+    def attend(self, q, k, v, document_ids=None, backend: str | None = None):
         return block_sparse_attention(q, k, v, self.block, self.local, self.n_global,
-                                      scale=self.softmax_scale, backend=self.backend,
+                                      scale=self.softmax_scale, backend=backend or self.backend,
                                       document_ids=document_ids)
 
 
