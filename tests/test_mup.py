@@ -156,11 +156,11 @@ WIDTHS = (BASE, 2 * BASE, 4 * BASE)
 STEPS = 4
 
 
-def coordinates(width: int, mup: bool, cfg) -> dict[str, float]:
+def coordinates(width: int, mup: bool, cfg, **changes) -> dict[str, float]:
     """RMS of the change of each part's output (same fixed batch, before vs after STEPS updates)
-    and the RMS of the final logits."""
+    and the RMS of the final logits. `changes` edit hybrid_args (layer "0" stays attention-type)."""
     torch.manual_seed(0)
-    model = FusionModel(hybrid_args(width, mup))
+    model = FusionModel(hybrid_args(width, mup, **changes))
     model.init_weights()
     opt = _optimizer_factory(cfg)(model)
     data = torch.randint(0, 256, (8, 33), generator=torch.Generator().manual_seed(1))

@@ -39,6 +39,16 @@ class Model:
     moe_dispatch: str | None = None
     moe_group_align: int | None = None
     ffn_hidden_dim: int | None = None
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    qk_norm: bool | None = None
+    attn_gate: str | None = None
+    rope_fraction: float | None = None
+    attn_rope_theta: float | None = None
+    attn_window: int | None = None
+    block_sparse_block: int | None = None
+    block_sparse_local: int | None = None
+    block_sparse_global: int | None = None
 
 
 @dataclass

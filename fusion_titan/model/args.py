@@ -16,9 +16,10 @@ OVERRIDABLE_FIELDS = (
     "logit_softcap", "mup", "sliding_window", "attn_backend", "gdn_backend",
     "moe_bias_update_rate", "use_grouped_mm", "ssm_type", "moe_seq_aux_weight",
     "moe_capacity_factor", "layer_pattern", "residual", "moe_dispatch", "moe_group_align",
-    "moe_router", "moe_router_jitter", "moe_router_norm_topk",
-    "moe_router_z_loss_weight", "moe_aux_loss", "moe_aux_loss_weight",
-    "ffn_hidden_dim",
+    "moe_router", "moe_router_jitter", "moe_router_norm_topk", "moe_router_z_loss_weight",
+    "moe_aux_loss", "moe_aux_loss_weight", "ffn_hidden_dim", "n_kv_heads", "head_dim",
+    "qk_norm", "attn_gate", "rope_fraction", "attn_rope_theta", "attn_window",
+    "block_sparse_block", "block_sparse_local", "block_sparse_global",
 )
 
 # Fields that grow with the width (dim): muP's base model has them scaled by mup_base_dim / dim.
@@ -61,6 +62,11 @@ class FusionModelArgs(BaseModelArgs):
     rope_fraction: float = 1.0  # share of each head's dims that RoPE rotates (partial RoPE)
     attn_rope_theta: float = 10000.0
     attn_window: int = 0  # swa: sliding window in tokens (0 = not set)
+    # block_sparse: a query sees its own block and the block_sparse_local - 1 previous ones
+    # (blocks of block_sparse_block tokens), plus the first block_sparse_global tokens
+    block_sparse_block: int = 128
+    block_sparse_local: int = 4
+    block_sparse_global: int = 128
 
     # DeepSeekMoE
     n_routed_experts: int = 64  # 0 = every attention block gets a dense FFN
@@ -134,13 +140,16 @@ class FusionModelArgs(BaseModelArgs):
         """The muP base model: this flavor at dim = mup_base_dim (docs/model.md, "muP").
 
         Each width field is scaled by mup_base_dim / dim (rounded, at least 1); heads grow in
-        number, not in size, so head dims stay. MLA's KV groups (when set) scale like the heads
-        and are made to divide the base head count. Mamba-2's heads follow dim by construction.
+        number, not in size, so head dims stay. MLA's KV groups and the attention mixers' KV heads
+        (when set) scale like the heads and are made to divide the base head count. Mamba-2's
+        heads follow dim by construction.
         """
         ratio = self.mup_base_dim / self.dim
         base = {name: max(1, round(getattr(self, name) * ratio)) for name in MUP_WIDTH_FIELDS}
-        if self.mla_kv_groups:
-            base["mla_kv_groups"] = math.gcd(max(1, round(self.mla_kv_groups * ratio)), base["n_heads"])
+        for grouped in ("mla_kv_groups", "n_kv_heads"):  # 0 = one per head: scales by itself
+            if getattr(self, grouped):
+                scaled = max(1, round(getattr(self, grouped) * ratio))
+                base[grouped] = math.gcd(scaled, base["n_heads"])
         return self.replace(dim=self.mup_base_dim, **base)
 
     def validate(self) -> None:

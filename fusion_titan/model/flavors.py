@@ -32,6 +32,28 @@ class Flavors(Mapping):
         return len(self._table)
 
 
+# The playground's softmax-attention baselines: Qwen3-0.6B's shape (Qwen3 technical report,
+# Table 1 / its config.json: 28 layers, dim 1024, 16 query / 8 KV heads of 128 with QK-norm,
+# SwiGLU 3072, tied embedding, rope theta 1e6) on the Qwen2.5 vocabulary, no MTP; and its MoE
+# counterpart at the same active parameters. Both keep this recipe's softcap and muP.
+DENSE_0P6B = FusionModelArgs(
+    dim=1024, n_layers=28, vocab_size=152064, layer_pattern="attn*28", ffn_hidden_dim=3072,
+    n_heads=16, n_kv_heads=8, head_dim=128, qk_norm=True, attn_gate="none", rope_fraction=1.0,
+    attn_rope_theta=1e6, max_seq_len=4096, n_routed_experts=0, mtp_depth=0, logit_softcap=15.0,
+    mup=True, mup_base_dim=256,
+)
+# DeepSeekMoE's fine-grained routing (DeepSeekMoE-16B: 2 shared + top-6 of 64 routed experts) with
+# experts 3072 / 8 = 384 wide, so the 8 experts a token touches are exactly dense_0p6b's SwiGLU;
+# the only extra active parameters are the routers (64 x 1024 per layer, +0.3%). No group-limited
+# routing (that is for cross-node expert parallelism).
+MOE_0P6B = DENSE_0P6B.replace(
+    n_routed_experts=64, n_activated_experts=6, n_shared_experts=2, moe_inter_dim=384,
+    n_expert_groups=0, n_limited_groups=0,
+)
+# Their debug sizes: the same block kinds and options at dim 128 (CPU smoke runs).
+DEBUG_0P6B = dict(dim=128, n_layers=4, layer_pattern="attn*4", ffn_hidden_dim=384, n_heads=4,
+                  n_kv_heads=2, head_dim=32, max_seq_len=1024, mup_base_dim=128)
+
 FLAVORS = Flavors({
     # Trains in a few minutes on a 2-core CPU; the real Qwen2.5 vocabulary so it reads real text.
     "debugmodel": FusionModelArgs(
@@ -64,4 +86,10 @@ FLAVORS = Flavors({
         gdn_n_heads=16, gdn_head_k_dim=64, gdn_head_v_dim=128, gdn_conv_size=4,
         mtp_depth=3, logit_softcap=15.0, mup=True, mup_base_dim=256,
     ),
+    "dense_0p6b": DENSE_0P6B,
+    "moe_0p6b": MOE_0P6B,
+    "dense_0p6b_debug": DENSE_0P6B.replace(**DEBUG_0P6B),
+    # 1 shared + top-3 of 8 experts of 96 = the debug dense SwiGLU's 384
+    "moe_0p6b_debug": MOE_0P6B.replace(**DEBUG_0P6B, n_routed_experts=8, n_activated_experts=3,
+                                       n_shared_experts=1, moe_inter_dim=96),
 })
