@@ -30,6 +30,9 @@ class Model:
     ssm_type: str | None = None
     moe_seq_aux_weight: float | None = None
     moe_capacity_factor: float | None = None
+    csa_stride: int | None = None
+    csa_window: int | None = None
+    linear_feature_map: str | None = None
 
 
 @dataclass

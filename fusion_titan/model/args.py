@@ -15,7 +15,8 @@ OVERRIDABLE_FIELDS = (
     "layer_schedule", "n_layers", "n_routed_experts", "n_activated_experts", "mtp_depth",
     "logit_softcap", "mup", "sliding_window", "attn_backend", "gdn_backend",
     "moe_bias_update_rate", "use_grouped_mm", "ssm_type", "moe_seq_aux_weight",
-    "moe_capacity_factor", "layer_pattern", "residual",
+    "moe_capacity_factor", "layer_pattern", "residual", "csa_stride", "csa_window",
+    "linear_feature_map",
 )
 
 # Fields that grow with the width (dim): muP's base model has them scaled by mup_base_dim / dim.
@@ -58,6 +59,9 @@ class FusionModelArgs(BaseModelArgs):
     rope_fraction: float = 1.0  # share of each head's dims that RoPE rotates (partial RoPE)
     attn_rope_theta: float = 10000.0
     attn_window: int = 0  # swa: sliding window in tokens (0 = not set)
+    csa_stride: int = 4  # csa: consecutive keys / values summarised into one compressed entry
+    csa_window: int = 64  # csa: exact causal attention over this many latest tokens
+    linear_feature_map: str = "elu"  # linear: phi of keys and queries, "elu" (elu + 1) or "relu"
 
     # DeepSeekMoE
     n_routed_experts: int = 64  # 0 = every attention block gets a dense FFN
