@@ -25,7 +25,9 @@ Design choices (docs/model.md, "csa"):
 - The two paths have separate softmaxes (as NSA's branches); a query with no complete block yet
   gets a zero compressed output.
 - Packed documents: window attention is masked per document; a summary is visible only inside
-  its own document, and a block straddling a boundary is visible to nobody.
+  its own document, and a block straddling a boundary is visible to nobody. Blocks are aligned to
+  absolute positions (multiples of s), so a document starting mid-block never gets a summary of
+  its first few tokens (they stay readable through the window).
 
 Decoding cache (`CSACache`): the window's last csa_window rotated keys / values, every compressed
 key / value so far, and the raw keys / values of the incomplete block (fewer than s tokens).
