@@ -120,13 +120,13 @@ class CompressedSparseAttention(nn.Module):
     # ------------------------------------------------------------------------------------------
     # projections
 
-    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Partial RoPE of x [B, S, heads, head_dim] at absolute positions [S]."""
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor, end: int) -> torch.Tensor:
+        """Partial RoPE of x [B, S, heads, head_dim] at absolute positions [S], all < end (a
+        Python int, so the table size never needs a device sync)."""
         if self.rope_dim == 0 or x.shape[1] == 0:
             return x
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        table = rope_cache(self.rope_dim, int(positions.max()) + 1, self.rope_theta,
-                           device=x.device, dtype=dtype)
+        table = rope_cache(self.rope_dim, end, self.rope_theta, device=x.device, dtype=dtype)
         rotated = apply_rope(x[..., : self.rope_dim], table, positions=positions)
         return torch.cat([rotated, x[..., self.rope_dim:]], dim=-1)
 
@@ -146,7 +146,7 @@ class CompressedSparseAttention(nn.Module):
         k_c = self._norm(self.k_norm, self.k_compressor(blocks(k_raw)))
         v_c = self.v_compressor(blocks(v_raw))
         last = (torch.arange(first_block, first_block + n, device=k_raw.device) + 1) * self.stride - 1
-        return self._rotate(k_c, last), v_c
+        return self._rotate(k_c, last, (first_block + n) * self.stride), v_c
 
     # ------------------------------------------------------------------------------------------
     # forward
@@ -162,10 +162,11 @@ class CompressedSparseAttention(nn.Module):
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + seqlen, device=x.device)
 
-        q = self._rotate(self._norm(self.q_norm, self.wq(x).view(bsz, seqlen, H, D)), positions)
+        end = start + seqlen
+        q = self._rotate(self._norm(self.q_norm, self.wq(x).view(bsz, seqlen, H, D)), positions, end)
         k_raw = self.wk(x).view(bsz, seqlen, Hkv, D)
         v_raw = self.wv(x).view(bsz, seqlen, Hkv, D)
-        k = self._rotate(self._norm(self.k_norm, k_raw), positions)
+        k = self._rotate(self._norm(self.k_norm, k_raw), positions, end)
 
         if cache is None:
             n_blocks = seqlen // self.stride
