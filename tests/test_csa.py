@@ -250,3 +250,20 @@ def test_hybrid_pattern_model_trains():
     assert losses[-1] < losses[0] - 0.5, losses
     csa = model.layers["2"].mixer
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in csa.parameters())
+
+
+def test_model_decoding_through_csa_and_linear_blocks():
+    from fusion_titan.model.decoding import new_model_cache
+
+    args = csa_args(layer_pattern="csa,gdn,linear,mla", n_layers=4, max_seq_len=64, mtp_depth=0,
+                    n_routed_experts=0)
+    torch.manual_seed(0)
+    model = FusionModel(args)
+    model.init_weights()
+    model = model.double().eval()
+    tokens = torch.randint(0, 256, (2, 19))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = new_model_cache(model, 2)
+        steps = [model(tokens[:, :6], cache=cache)] + [model(tokens[:, t:t + 1], cache=cache) for t in range(6, 19)]
+    assert rel_err(torch.cat(steps, dim=1), full) < 1e-10
