@@ -204,7 +204,9 @@ class CompressedSparseAttention(nn.Module):
         block_v = torch.cat([cache.block_v, new_v.transpose(1, 2).to(cache.block_v.dtype)], dim=2)
 
         cache.length += k.shape[1]
-        cache.window_k, cache.window_v = window_k[:, :, -self.window:], window_v[:, :, -self.window:]
+        # clone: a view would keep a long prefill's whole K/V alive
+        cache.window_k = window_k[:, :, -self.window:].clone()
+        cache.window_v = window_v[:, :, -self.window:].clone()
         cache.block_k, cache.block_v = block_k, block_v
         cache.partial_k, cache.partial_v = pending_k[:, :, complete:], pending_v[:, :, complete:]
         return window_k.transpose(1, 2), window_v.transpose(1, 2), block_k.transpose(1, 2), block_v.transpose(1, 2)
