@@ -50,6 +50,10 @@ class Model:
     block_sparse_local: int | None = None
     block_sparse_global: int | None = None
 
+    csa_stride: int | None = None
+    csa_window: int | None = None
+    linear_feature_map: str | None = None
+
 
 @dataclass
 class Compile:

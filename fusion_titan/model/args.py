@@ -19,7 +19,8 @@ OVERRIDABLE_FIELDS = (
     "moe_router", "moe_router_jitter", "moe_router_norm_topk", "moe_router_z_loss_weight",
     "moe_aux_loss", "moe_aux_loss_weight", "ffn_hidden_dim", "n_kv_heads", "head_dim",
     "qk_norm", "attn_gate", "rope_fraction", "attn_rope_theta", "attn_window",
-    "block_sparse_block", "block_sparse_local", "block_sparse_global",
+    "block_sparse_block", "block_sparse_local", "block_sparse_global", "csa_stride",
+    "csa_window", "linear_feature_map",
 )
 
 # Fields that grow with the width (dim): muP's base model has them scaled by mup_base_dim / dim.
@@ -67,6 +68,9 @@ class FusionModelArgs(BaseModelArgs):
     block_sparse_block: int = 128
     block_sparse_local: int = 4
     block_sparse_global: int = 128
+    csa_stride: int = 4  # csa: consecutive keys / values summarised into one compressed entry
+    csa_window: int = 64  # csa: exact causal attention over this many latest tokens
+    linear_feature_map: str = "elu"  # linear: phi of keys and queries, "elu" (elu + 1) or "relu"
 
     # DeepSeekMoE
     n_routed_experts: int = 64  # 0 = every attention block gets a dense FFN

@@ -53,6 +53,22 @@ MOE_0P6B = DENSE_0P6B.replace(
 # Their debug sizes: the same block kinds and options at dim 128 (CPU smoke runs).
 DEBUG_0P6B = dict(dim=128, n_layers=4, layer_pattern="attn*4", ffn_hidden_dim=384, n_heads=4,
                   n_kv_heads=2, head_dim=32, max_seq_len=1024, mup_base_dim=128)
+# The 95.7M seed's hybrid: 16 layers of (Gated DeltaNet, Gated DeltaNet, compressed sparse
+# attention, softmax attention), dim 576; attention 9 query / 3 KV heads of 64 with QK-norm, a
+# query gate and 50% partial RoPE at theta 20,000; GDN 9 heads of 112-dim keys and values; a
+# dense SwiGLU everywhere (no MoE, no MTP), scaled residuals. The FFN width 1632 puts the model
+# at 95.6M parameters with a 32K vocabulary; it runs on the Qwen2.5 vocabulary (152064, the
+# tokenizer the data pipeline has), which makes it 164.7M (README, "Model sizes"). No muP: the
+# seed's recipe is plain Muon + AdamW (train_configs/hybrid_95m.toml).
+HYBRID_95M = FusionModelArgs(
+    dim=576, n_layers=16, vocab_size=152064, layer_pattern="(gdn,gdn,csa,attn)*4",
+    ffn_hidden_dim=1632, residual="scaled",
+    n_heads=9, n_kv_heads=3, head_dim=64, qk_norm=True, attn_gate="query", rope_fraction=0.5,
+    attn_rope_theta=20000.0, max_seq_len=1024, csa_stride=4, csa_window=64,
+    n_routed_experts=0,
+    gdn_n_heads=9, gdn_head_k_dim=112, gdn_head_v_dim=112, gdn_conv_size=4,
+    mtp_depth=0, logit_softcap=15.0, mup=False,
+)
 
 FLAVORS = Flavors({
     # Trains in a few minutes on a 2-core CPU; the real Qwen2.5 vocabulary so it reads real text.
@@ -92,4 +108,5 @@ FLAVORS = Flavors({
     # 1 shared + top-3 of 8 experts of 96 = the debug dense SwiGLU's 384
     "moe_0p6b_debug": MOE_0P6B.replace(**DEBUG_0P6B, n_routed_experts=8, n_activated_experts=3,
                                        n_shared_experts=1, moe_inter_dim=96),
+    "hybrid_95m": HYBRID_95M,
 })
