@@ -34,6 +34,11 @@ PAD_ID = -1  # never a real token id: "before the sequence / document start"
 HASH_SEED = 10007  # + layer index: each Engram layer hashes with its own multipliers
 
 
+def is_engram_table(name: str) -> bool:
+    """Whether a parameter name (as model.named_parameters gives it) is an Engram table."""
+    return name.startswith("engrams.") and name.endswith(".table.weight")
+
+
 def _is_prime(k: int) -> bool:
     if k < 2:
         return False

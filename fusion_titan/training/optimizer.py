@@ -5,6 +5,8 @@
   part (fusion_titan.optim.hybrid), groups from fusion_titan.training.param_groups;
 - "AdamW" / "Adam": torch's optimizer over the same groups (muP lr multipliers, no decay on
   vectors and the embedding) — the baseline.
+In both, the Engram tables (model/engram.py) are an Adam group of their own, "engram", at
+`[optimizer] engram_lr` (default: lr) without weight decay.
 
 Hooks, in order around `optimizers.step()`:
 - pre-step: close the step's loss record and refuse to step on a non-finite loss part;
@@ -50,6 +52,9 @@ def _groups(model: nn.Module, cfg, muon_separate: bool) -> tuple[list[dict], lis
         *groups_by_multiplier(hidden, mults, cfg.lr, cfg.weight_decay, "adam_hidden"),
         {"params": [p for _, p in named["no_decay"]], "lr": cfg.lr, "weight_decay": 0.0,
          "name": "vectors"},
+        # Engram n-gram tables: lookups like the embedding, with a learning rate of their own
+        {"params": [p for _, p in named["engram_table"]], "weight_decay": 0.0, "name": "engram",
+         "lr": cfg.lr if getattr(cfg, "engram_lr", None) is None else cfg.engram_lr},
     ]
     muon = groups_by_multiplier(named["muon"], mults, cfg.muon_lr, cfg.muon_weight_decay,
                                 "normuon") if muon_separate else []
