@@ -8,7 +8,7 @@ from trainer_runs import SEEDED, run_train, tb_losses
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("mode", ["mhc"])
+@pytest.mark.parametrize("mode", ["hc", "mhc"])
 def test_hyper_engram_layer_pattern_train_with_falling_loss(tmp_path, mode):
     steps = 20
     log = run_train(
