@@ -16,6 +16,14 @@ class Model:
     layer_schedule: str | None = None
     layer_pattern: str | None = None
     residual: str | None = None
+    hyper_streams: int | None = None
+    hyper_mode: str | None = None
+    hyper_dynamic: bool | None = None
+    engram_layers: list[int] | None = None
+    engram_ngram: int | None = None
+    engram_table_size: int | None = None
+    engram_dim: int | None = None
+    engram_heads: int | None = None
     n_layers: int | None = None
     n_routed_experts: int | None = None
     n_activated_experts: int | None = None
@@ -75,6 +83,7 @@ class Optimizer:
     ns_steps: int = 5
     muon_update_scale: str = "muon"
     muon_bucket_mb: float = 512.0
+    engram_lr: float | None = None
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """TrainSpec.parallelize_fn: expert parallel, activation checkpointing, torch.compile, FSDP2.
 
 Built on torchtitan's pieces (ExpertParallel, apply_ac, fully_shard settings) but walking our
-module tree: the trunk's blocks, the MTP modules' blocks, and the tied embedding/head, which stays
-in the root FSDP unit so the one [vocab, dim] table (sharded along vocab) serves both ends.
+module tree: the trunk's blocks, the MTP modules' blocks, the Engram memories (one unit each, their
+tables sharded along the rows), and the tied embedding/head, which stays in the root FSDP unit so
+the one [vocab, dim] table (sharded along vocab) serves both ends.
 """
 
 from __future__ import annotations
@@ -207,6 +208,9 @@ def apply_fsdp(model: nn.Module, parallel_dims, job_config, on_cpu: bool) -> Non
         shard_block(layer)
     for module in model.mtp:
         fully_shard(module, **config, reshard_after_forward=reshard)
+    for engram in model.engrams.values():
+        # its own unit: the n-gram table is sharded along its rows, like the vocabulary table
+        fully_shard(engram, **config, reshard_after_forward=reshard)
     fully_shard(model, **config)  # root: tied embedding/head and the final norm
 
     for module in model.modules():

@@ -20,7 +20,8 @@ OVERRIDABLE_FIELDS = (
     "moe_aux_loss", "moe_aux_loss_weight", "ffn_hidden_dim", "n_kv_heads", "head_dim",
     "qk_norm", "attn_gate", "rope_fraction", "attn_rope_theta", "attn_window",
     "block_sparse_block", "block_sparse_local", "block_sparse_global", "csa_stride",
-    "csa_window", "linear_feature_map",
+    "csa_window", "linear_feature_map", "hyper_streams", "hyper_mode", "hyper_dynamic",
+    "engram_layers", "engram_ngram", "engram_table_size", "engram_dim", "engram_heads",
 )
 
 # Fields that grow with the width (dim): muP's base model has them scaled by mup_base_dim / dim.
@@ -37,7 +38,17 @@ class FusionModelArgs(BaseModelArgs):
     vocab_size: int = 152064
     layer_schedule: str = "5:1"  # a preset period of MLA / recurrent blocks (model/layer_pattern.py)
     layer_pattern: str = ""  # per-layer block kinds, e.g. "(gdn,gdn,csa,attn)*4"; replaces layer_schedule
-    residual: str = "plain"  # plain | scaled (model/residual.py)
+    residual: str = "plain"  # plain | scaled | hyper (model/residual.py)
+    # hyper-connections (residual = "hyper"; model/hyper_connections.py)
+    hyper_streams: int = 4  # n parallel residual streams
+    hyper_mode: str = "hc"  # hc (Zhu et al. 2025) | mhc (Sinkhorn doubly-stochastic stream mixing)
+    hyper_dynamic: bool = True  # add the input-dependent (dynamic) coefficients to the static ones
+    # Engram n-gram memory (model/engram.py); empty engram_layers = off
+    engram_layers: list[int] = dataclasses.field(default_factory=list)  # applied before these blocks
+    engram_ngram: int = 3  # hashes the 2..N-grams ending at each position
+    engram_table_size: int = 65536  # rows per hash head (rounded up to a distinct prime per head)
+    engram_dim: int = 128  # memory width per n-gram order, split across the hash heads
+    engram_heads: int = 4  # hash functions (heads) per n-gram order
     norm_eps: float = 1e-6
     ffn_hidden_dim: int = 6144  # dense SwiGLU width (GDN blocks, and attention blocks without MoE)
 
@@ -172,6 +183,7 @@ class FusionModelArgs(BaseModelArgs):
             raise ValueError(f"ssm_type {self.ssm_type!r} must be 'gdn' or 'mamba2'")
         if self.logit_softcap < 0:
             raise ValueError("logit_softcap must be >= 0 (0 turns it off)")
+        self._check_residual_and_memory()
         if self.mup and self.mup_base_dim <= 0:
             raise ValueError(f"mup_base_dim must be > 0 with mup = true, got {self.mup_base_dim}")
 
@@ -213,6 +225,25 @@ class FusionModelArgs(BaseModelArgs):
         balance = self.moe_aux_loss != "none" and self.moe_aux_loss_weight > 0
         return bool(self.n_routed_experts) and (
             self.moe_seq_aux_weight > 0 or balance or self.moe_router_z_loss_weight > 0)
+
+    def _check_residual_and_memory(self) -> None:
+        if self.residual == "hyper":
+            if self.hyper_streams < 1:
+                raise ValueError(f"hyper_streams must be >= 1, got {self.hyper_streams}")
+            if self.hyper_mode not in ("hc", "mhc"):
+                raise ValueError(f"hyper_mode {self.hyper_mode!r} must be 'hc' or 'mhc'")
+        bad = [i for i in self.engram_layers if not 0 <= i < self.n_layers]
+        if bad or len(set(self.engram_layers)) != len(self.engram_layers):
+            raise ValueError(f"engram_layers {self.engram_layers} must be distinct block indices "
+                             f"in [0, n_layers = {self.n_layers})")
+        if self.engram_layers:
+            if self.engram_ngram < 2:
+                raise ValueError(f"engram_ngram must be >= 2 (it hashes the 2..N-grams), got {self.engram_ngram}")
+            if self.engram_heads < 1 or self.engram_dim % self.engram_heads:
+                raise ValueError(f"engram_dim ({self.engram_dim}) must be a multiple of engram_heads "
+                                 f"({self.engram_heads} >= 1): each hash head gets engram_dim / engram_heads")
+            if self.engram_table_size < 2:
+                raise ValueError(f"engram_table_size must be >= 2, got {self.engram_table_size}")
 
     def update_from_config(self, job_config, **kwargs) -> None:
         model_cfg = job_config.model

@@ -32,7 +32,7 @@ def init_stds(args: FusionModelArgs) -> tuple[float, float]:
 
 
 class FusionBlock(nn.Module):
-    def __init__(self, spec: LayerSpec | str, args: FusionModelArgs):
+    def __init__(self, spec: LayerSpec | str, args: FusionModelArgs, layer_index: int = 0):
         super().__init__()
         spec = LayerSpec(spec) if isinstance(spec, str) else spec
         kind = mixer_kind(spec.mixer)
@@ -51,12 +51,12 @@ class FusionBlock(nn.Module):
             self.moe = ffn
         else:
             self.feed_forward = ffn
-        self.mixer_residual = build_residual(args)
-        self.ffn_residual = build_residual(args)
+        self.mixer_residual = build_residual(args, 2 * layer_index)
+        self.ffn_residual = build_residual(args, 2 * layer_index + 1)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, dim] -> [B, T, dim].
+        """x [B, T, dim] -> [B, T, dim] ([B, T, n, dim] -> same with n hyper-connection streams).
 
         `cache` (decoding only) is this block's mixer cache (mixer.new_cache(); see
         fusion_titan.model.decoding); x is then the next chunk and the cache is updated in place.

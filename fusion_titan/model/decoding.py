@@ -9,7 +9,10 @@ A `ModelCache` holds one mixer cache per trunk block, made by the block's mixer 
   kind "mamba2" -> Mamba2Cache conv state + SSD state: constant size
   other kinds: see each mixer in fusion_titan/model/mixers
 
-plus `position`, the number of tokens consumed so far (= absolute position of the next token).
+plus `position`, the number of tokens consumed so far (= absolute position of the next token),
+and, when the model has Engram layers, `token_history`: the last engram_ngram - 1 token ids per
+sequence (the n-grams of the next tokens reach back into them; model/engram.py).
+Hyper-connection streams (residual = "hyper") are per-token and need no cache.
 The feed-forwards (dense SwiGLU and DeepSeekMoE) are per-token and need no cache; MoE routing is
 token-local in eval mode (capacity dropping and load counting happen in training forwards only),
 so run decoding with `model.eval()`. The MTP modules are training-only and are not used here.
@@ -44,14 +47,25 @@ LayerCache = Any  # whatever the layer's mixer.new_cache() returns (a dataclass 
 class ModelCache:
     """Decoding state of a FusionModel's trunk.
 
-    layers      one cache per trunk block, in `model.layers` order
-    batch_size  the batch the cache was made for
-    position    tokens consumed so far = absolute position of the next token
+    layers         one cache per trunk block, in `model.layers` order
+    batch_size     the batch the cache was made for
+    position       tokens consumed so far = absolute position of the next token
+    history_len    token ids to keep (engram_ngram - 1 with Engram layers, else 0)
+    token_history  [B, <= history_len] the last ids consumed (None before the first chunk)
     """
 
     layers: list[LayerCache] = field(default_factory=list)
     batch_size: int = 1
     position: int = 0
+    history_len: int = 0
+    token_history: torch.Tensor | None = None
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Account for the chunk `tokens` [B, T] just consumed."""
+        self.position += tokens.shape[1]
+        if self.history_len:
+            seen = tokens if self.token_history is None else torch.cat([self.token_history, tokens], 1)
+            self.token_history = seen[:, -self.history_len:]
 
 
 def new_layer_cache(block, batch_size: int, dtype: torch.dtype | None = None, device=None) -> LayerCache:
@@ -67,7 +81,9 @@ def new_model_cache(
     caches are created lazily by the first forward in the activations' dtype (their states in
     float32, or float64 for a float64 model)."""
     layers = [new_layer_cache(b, batch_size, dtype, device) for b in model.layers.values()]
-    return ModelCache(layers=layers, batch_size=batch_size, position=0)
+    args = model.model_args
+    history = args.engram_ngram - 1 if args.engram_layers else 0
+    return ModelCache(layers=layers, batch_size=batch_size, position=0, history_len=history)
 
 
 def _tensor_bytes(obj) -> int:
@@ -89,7 +105,7 @@ def cache_nbytes(cache: ModelCache | LayerCache) -> int:
     is a view of a larger prefill buffer counts as its own size only.
     """
     if isinstance(cache, ModelCache):
-        return sum(_tensor_bytes(layer) for layer in cache.layers)
+        return sum(_tensor_bytes(layer) for layer in cache.layers) + _tensor_bytes(cache.token_history)
     return _tensor_bytes(cache)
 
 

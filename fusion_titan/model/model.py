@@ -1,5 +1,10 @@
 """The fusion hybrid: tied embedding -> blocks of the layer pattern -> norm -> tied head (+ MTP).
 
+With `residual = "hyper"` the embedding is copied into `hyper_streams` streams that the blocks
+carry, summed back before the final norm (model/hyper_connections.py). With `engram_layers`,
+an Engram memory (model/engram.py) adds its gated n-gram lookup to the stream before each of
+those blocks.
+
 With `labels` the forward returns the loss *sums* it needs (the head is fused with softcap and
 cross entropy so full-vocabulary logits never exist); without labels it returns logits.
 torchtitan's trainer passes every non-"input" key of the batch dict as a keyword argument, which
@@ -21,8 +26,10 @@ from ..ops.softcap_cross_entropy import (
     softcap_logits,
 )
 from .args import FusionModelArgs
-from .blocks import FusionBlock
+from .blocks import FusionBlock, init_stds
 from .decoding import ModelCache
+from .engram import Engram
+from .hyper_connections import collapse_streams, expand_streams
 from .moe import DeepSeekMoE
 from .mtp import MTPModule
 from .mup import rescale_init_
@@ -36,8 +43,10 @@ class FusionModel(ModelProtocol):
         self.model_args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict(
-            {str(i): FusionBlock(spec, args) for i, spec in enumerate(args.layer_specs())}
+            {str(i): FusionBlock(spec, args, layer_index=i) for i, spec in enumerate(args.layer_specs())}
         )
+        # keyed by the index of the block they precede
+        self.engrams = nn.ModuleDict({str(i): Engram(args, i) for i in sorted(args.engram_layers)})
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.mtp = nn.ModuleList(MTPModule(args) for _ in range(args.mtp_depth))
         # muP (mup's MuSharedReadout): the tied head's logits times 1/width_mult.
@@ -61,17 +70,24 @@ class FusionModel(ModelProtocol):
         advances by T.
         """
         h = self.tok_embeddings(tokens)
-        if cache is None:
-            for layer in self.layers.values():
+        streams = self.model_args.hyper_streams if self.model_args.residual == "hyper" else 0
+        if streams:
+            h = expand_streams(h, streams)
+        if cache is not None:
+            if document_ids is not None:
+                raise ValueError("document_ids cannot be combined with a decoding cache")
+            self._check_cache(tokens, cache)
+        for name, layer in self.layers.items():
+            if name in self.engrams:
+                previous = None if cache is None else cache.token_history
+                h = self.engrams[name](h, tokens, previous, document_ids)
+            if cache is None:
                 h = layer(h, self.rope, document_ids=document_ids)
-            return h
-        if document_ids is not None:
-            raise ValueError("document_ids cannot be combined with a decoding cache")
-        self._check_cache(tokens, cache)
-        for layer, layer_cache in zip(self.layers.values(), cache.layers):
-            h = layer(h, self.rope, cache=layer_cache)
-        cache.position += tokens.shape[1]
-        return h
+            else:
+                h = layer(h, self.rope, cache=cache.layers[int(name)])
+        if cache is not None:
+            cache.advance(tokens)
+        return collapse_streams(h) if streams else h
 
     def _check_cache(self, tokens: torch.Tensor, cache: ModelCache) -> None:
         if tokens.dim() != 2:
@@ -172,6 +188,9 @@ class FusionModel(ModelProtocol):
         nn.init.normal_(self.tok_embeddings.weight, std=args.init_std)
         for layer in self.layers.values():
             layer.init_weights(args, buffer_device)
+        std, out_std = init_stds(args)
+        for engram in self.engrams.values():
+            engram.init_weights(std, out_std)
         self.norm.reset_parameters()
         for module in self.mtp:
             module.init_weights(args, buffer_device)

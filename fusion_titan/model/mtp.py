@@ -4,7 +4,9 @@ Module k (1-based) predicts token t+k+1 at position t. It concatenates the RMS-n
 state of depth k-1 with the RMS-normalized embedding of token t+k, projects 2*dim -> dim, runs one
 block and a final norm; the embedding table and the output head are shared with the trunk. The
 sequence shrinks by one position per depth, so no token beyond the sample is needed.
-Our MTP blocks use MLA + a dense FFN: they are training-only, so we keep them cheap.
+Our MTP blocks use MLA + a dense FFN: they are training-only, so we keep them cheap. They keep a
+single stream (plain residual) under `residual = "hyper"`: their input is the trunk's summed
+streams, and widening a one-block head would add little. `residual = "scaled"` applies to them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn as nn
 from .args import FusionModelArgs
 from .blocks import FusionBlock, init_stds
 from .layer_pattern import LayerSpec
+from .residual import MULTI_STREAM
 
 
 class MTPModule(nn.Module):
@@ -23,7 +26,8 @@ class MTPModule(nn.Module):
         self.hidden_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.embed_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.proj = nn.Linear(2 * args.dim, args.dim, bias=False)
-        self.block = FusionBlock(LayerSpec("mla", "dense"), args)
+        block_args = args.replace(residual="plain") if args.residual in MULTI_STREAM else args
+        self.block = FusionBlock(LayerSpec("mla", "dense"), block_args)
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, rope: torch.Tensor,

@@ -6,6 +6,8 @@
 - "Muon": plain Muon for the same hidden matrices + torch's AdamW for the rest;
 - "AdamW" / "Adam": torch's optimizer over the same groups (muP lr multipliers, no decay on
   vectors and the embedding) — the baseline.
+In both, the Engram tables (model/engram.py) are an Adam group of their own, "engram", at
+`[optimizer] engram_lr` (default: lr) without weight decay.
 
 Hooks, in order around `optimizers.step()`:
 - pre-step: close the step's loss record and refuse to step on a non-finite loss part;
@@ -57,6 +59,9 @@ def _groups(model: nn.Module, cfg, matrix_rule: str | None) -> tuple[list[dict],
         *groups_by_multiplier(hidden, mults, cfg.lr, cfg.weight_decay, "adam_hidden"),
         {"params": [p for _, p in named["no_decay"]], "lr": cfg.lr, "weight_decay": 0.0,
          "name": "vectors"},
+        # Engram n-gram tables: lookups like the embedding, with a learning rate of their own
+        {"params": [p for _, p in named["engram_table"]], "weight_decay": 0.0, "name": "engram",
+         "lr": cfg.lr if getattr(cfg, "engram_lr", None) is None else cfg.engram_lr},
     ]
     muon = groups_by_multiplier(named["muon"], mults, cfg.muon_lr, cfg.muon_weight_decay,
                                 matrix_rule) if separate else []

@@ -3,8 +3,12 @@
 - NorMuon: matrices of the hidden layers (ndim >= 2; MoE experts [E, out, in] per expert), i.e.
   not the tied embedding/head, not the router gate (its rows are expert scores, not features),
   and not the short depthwise conv kernels.
-- CautiousAdamW / AdamW: everything else; 1-D parameters (norm gains, A_log, dt_bias, D) without
-  weight decay.
+- CautiousAdamW / AdamW: everything else; 1-D parameters (norm gains, A_log, dt_bias, D) and the
+  hyper-connections' static coefficients (`hyper_static_*`, [n] / [n, n]) without weight decay;
+  the hyper-connections' dynamic projections (in `*_residual.`) are Adam matrices: tiny
+  coefficient maps, not features.
+- Engram tables (`engrams.<i>.table.weight`): their own Adam group ("engram", `[optimizer]
+  engram_lr`, no weight decay), like the vocabulary embedding a lookup table.
 - muP, per matrix (fusion_titan/model/mup.py): an Adam-trained matrix with fan-in multiplier m
   (fan_in / the base model's) gets lr / m and weight decay x m (mup's MuAdam); a NorMuon matrix
   gets the spectral-condition multiplier of its shape (`spectral_lr_multiplier`), its weight
@@ -18,12 +22,13 @@ from collections import defaultdict
 
 import torch.nn as nn
 
+from ..model.engram import is_engram_table
 from ..model.mup import base_shapes, fan_in_multipliers, spectral_lr_multiplier
 
 # name fragments of matrices kept out of NorMuon: the tied embedding/head, router gates, and the
 # short depthwise conv kernels (q_conv/k_conv/v_conv of GDN, conv of Mamba-2)
-ADAM_MATRIX_NAMES = ("tok_embeddings", "router.gate", "conv")
-ROLES = ("muon", "adam_matrix", "embedding", "no_decay")
+ADAM_MATRIX_NAMES = ("tok_embeddings", "router.gate", "conv", "_residual.", ".table.weight")
+ROLES = ("muon", "adam_matrix", "embedding", "engram_table", "no_decay")
 
 
 def is_muon_param(name: str, p) -> bool:
@@ -31,10 +36,12 @@ def is_muon_param(name: str, p) -> bool:
 
 
 def role(name: str, p) -> str:
-    if p.ndim < 2:
+    if p.ndim < 2 or "hyper_static_" in name:
         return "no_decay"
     if "tok_embeddings" in name:
         return "embedding"
+    if is_engram_table(name):
+        return "engram_table"
     return "muon" if is_muon_param(name, p) else "adam_matrix"
 
 
