@@ -47,6 +47,7 @@ from ...ops.compressed_attention import (
 )
 from ..args import FusionModelArgs
 from ..flops import average_keys_per_query
+from ..param_init import assign_
 from .attn import PartialRope, QKVProjection, attention_heads, softmax_attention_flops
 from .registry import register_mixer
 
@@ -194,9 +195,9 @@ class CompressedSparseAttention(nn.Module):
         nn.init.trunc_normal_(self.blend_gate.weight, std=std, a=-3 * std, b=3 * std)
         nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
         # mean pooling over the block: weight [D, s*D] = [I/s, ..., I/s]
-        mean = torch.eye(self.head_dim, device=self.wo.weight.device).repeat(1, self.stride) / self.stride
+        mean = torch.eye(self.head_dim).repeat(1, self.stride) / self.stride
         for compressor in (self.k_compressor, self.v_compressor):
-            compressor.weight.copy_(mean)
+            assign_(compressor.weight, mean)  # FSDP may have sharded it already
         self.rope.reset_table()
 
 
