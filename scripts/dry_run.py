@@ -69,14 +69,17 @@ def activation_bytes(args, job_config, local_batch: int) -> tuple[int, str]:
     # decompressed K/V (q_lora + kv_lora + heads x (2 x 192 + 128)), attention output (dim), and
     # for MoE the top-k routed copies of the hidden state in and out plus the SwiGLU
     # intermediates (k x (2 dim + 3 moe_inter)) and the shared experts' (3 x shared width).
+    # Hyper-connections widen the residual stream to hyper_streams copies of dim: a block's input
+    # and output (and, under full AC, what is saved per block) grow with it.
     heads = args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim) * 2 + args.n_heads * args.v_head_dim
     mla = args.q_lora_rank + args.kv_lora_rank + heads + dim
     moe = args.n_activated_experts * (2 * dim + 3 * args.moe_inter_dim) + 3 * args.n_shared_experts * args.moe_inter_dim
-    per_token_block = 2 * (4 * dim + mla + moe)
+    stream = dim * (args.hyper_streams if args.residual == "hyper" else 1)
+    per_token_block = 2 * (2 * stream + 2 * dim + mla + moe)
     block = tokens * per_token_block
     if mode == "full":
-        saved = tokens * dim * 2 * n_layers  # each block's input
-        return saved + block, (f"full AC: every block's bf16 input ({n_layers} x tokens x dim x 2 B) + "
+        saved = tokens * stream * 2 * n_layers  # each block's input (all streams)
+        return saved + block, (f"full AC: every block's bf16 input ({n_layers} x tokens x {stream} x 2 B) + "
                                f"one block recomputed ({per_token_block} B/token)")
     if mode == "none":
         return block * n_layers, f"no AC: {n_layers} blocks x {per_token_block} B/token"

@@ -37,3 +37,17 @@ def assert_prefill_then_decode(layer, cache, dim: int, prefill: int, batch: int 
     outs = [layer(x[:, :prefill], cache=cache)] if prefill else []
     outs += [layer(x[:, t : t + 1], cache=cache) for t in range(prefill, seq_len)]
     assert rel_err(torch.cat(outs, dim=1), full) < 1e-10
+
+
+def train_losses(model, tokens: torch.Tensor, steps: int = 8, lr: float = 3e-3) -> list[float]:
+    """Per-token loss of each of `steps` AdamW steps on `tokens` (their own labels); the last
+    step's gradients are left on the parameters."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(tokens, labels=tokens)["ce_sum"] / tokens.numel()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -12,7 +12,9 @@ from fusion_titan.model.flavors import FLAVORS
 from fusion_titan.model.mixers import mixer_kind
 from fusion_titan.model.mixers.csa import CompressedSparseAttention
 from fusion_titan.model.model import FusionModel
-from mixer_checks import assert_causal, assert_prefill_in_pieces, assert_prefill_then_decode, rel_err
+from mixer_checks import (
+    assert_causal, assert_prefill_in_pieces, assert_prefill_then_decode, rel_err, train_losses,
+)
 
 
 def csa_args(**changes):
@@ -26,6 +28,7 @@ def build_layer(seed=0, **changes):
     args = csa_args(**changes)
     torch.manual_seed(seed)
     layer = CompressedSparseAttention(args).double()
+    layer.init_weights(0.02, 0.02)  # a float64 rope table
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 1.0) + (1.0 if p.ndim == 1 else 0.0))
@@ -62,14 +65,15 @@ def softmax_read(q, keys, values, scale):
     return (scores.softmax(0)[:, None] * torch.stack(values)).sum(0)
 
 
-def reference_csa(layer, x, document_ids=None):
+def reference_csa(layer, args, x, document_ids=None):
     bsz, seqlen, _ = x.shape
     H, Hkv, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
-    s, W, r = layer.stride, layer.window, layer.rope_dim
-    theta, scale = layer.rope_theta, 1 / math.sqrt(D)
-    q = (x @ layer.wq.weight.T).view(bsz, seqlen, H, D)
-    k = (x @ layer.wk.weight.T).view(bsz, seqlen, Hkv, D)
-    v = (x @ layer.wv.weight.T).view(bsz, seqlen, Hkv, D)
+    s, W, r = layer.stride, layer.window, int(D * args.rope_fraction)
+    theta, scale = args.attn_rope_theta, 1 / math.sqrt(D)
+    qkv = layer.qkv
+    q = (x @ qkv.wq.weight.T).view(bsz, seqlen, H, D)
+    k = (x @ qkv.wk.weight.T).view(bsz, seqlen, Hkv, D)
+    v = (x @ qkv.wv.weight.T).view(bsz, seqlen, Hkv, D)
     gate = torch.sigmoid(x @ layer.blend_gate.weight.T)
     doc = (lambda b, t: 0) if document_ids is None else (lambda b, t: int(document_ids[b, t]))
     out = []
@@ -79,10 +83,10 @@ def reference_csa(layer, x, document_ids=None):
             heads = []
             for h in range(H):
                 g = h // (H // Hkv)
-                qv = rotate(rms(q[b, t, h], layer.q_norm), t, r, theta)
+                qv = rotate(rms(q[b, t, h], qkv.q_norm), t, r, theta)
                 window = [j for j in range(max(0, t - W + 1), t + 1) if doc(b, j) == doc(b, t)]
                 local = softmax_read(
-                    qv, [rotate(rms(k[b, j, g], layer.k_norm), j, r, theta) for j in window],
+                    qv, [rotate(rms(k[b, j, g], qkv.k_norm), j, r, theta) for j in window],
                     [v[b, j, g] for j in window], scale)
                 keys, values = [], []
                 for blk in range(seqlen // s):
@@ -91,7 +95,7 @@ def reference_csa(layer, x, document_ids=None):
                     if last > t or any(doc(b, j) != doc(b, t) for j in members):
                         continue
                     kc = layer.k_compressor.weight @ torch.cat([k[b, j, g] for j in members])
-                    keys.append(rotate(rms(kc, layer.k_norm), last, r, theta))
+                    keys.append(rotate(rms(kc, qkv.k_norm), last, r, theta))
                     values.append(layer.v_compressor.weight @ torch.cat([v[b, j, g] for j in members]))
                 distant = softmax_read(qv, keys, values, scale)
                 heads.append(gate[b, t, h] * local + (1 - gate[b, t, h]) * distant)
@@ -111,7 +115,7 @@ def reference_csa(layer, x, document_ids=None):
 def test_forward_matches_reference(changes):
     layer, args = build_layer(**changes)
     x = torch.randn(2, 14, args.dim, dtype=torch.float64)
-    assert rel_err(layer(x), reference_csa(layer, x)) < 1e-12
+    assert rel_err(layer(x), reference_csa(layer, args, x)) < 1e-12
 
 
 def test_gradients_match_reference():
@@ -120,7 +124,7 @@ def test_gradients_match_reference():
     weights = torch.randn(1, 11, args.dim, dtype=torch.float64)
     params = [x] + list(layer.parameters())
     ours = torch.autograd.grad((layer(x) * weights).sum(), params)
-    ref = torch.autograd.grad((reference_csa(layer, x) * weights).sum(), params)
+    ref = torch.autograd.grad((reference_csa(layer, args, x) * weights).sum(), params)
     for (name, _), a, b in zip([("x", x)] + list(layer.named_parameters()), ours, ref):
         assert rel_err(a, b) < 1e-10, name
 
@@ -181,7 +185,7 @@ def test_document_ids_match_reference():
     x = torch.randn(2, 16, args.dim, dtype=torch.float64)
     # row 0: a boundary inside block 1 (tokens 4..7 span documents 0 and 1); row 1: on a block edge
     docs = torch.tensor([[0] * 6 + [1] * 10, [0] * 8 + [1] * 5 + [2] * 3])
-    assert rel_err(layer(x, document_ids=docs), reference_csa(layer, x, docs)) < 1e-12
+    assert rel_err(layer(x, document_ids=docs), reference_csa(layer, args, x, docs)) < 1e-12
     # a document that starts on a block edge gives the same outputs alone as inside the packed row
     # (blocks are aligned to absolute positions: one starting mid-block loses that partial block)
     alone = layer(x[1:, 8:13])
@@ -204,6 +208,8 @@ def test_bad_settings_fail_clearly():
         CompressedSparseAttention(csa_args(csa_stride=0))
     with pytest.raises(ValueError, match="must divide n_heads"):
         CompressedSparseAttention(csa_args(n_kv_heads=3))
+    with pytest.raises(ValueError, match="even number of rotated dims"):  # 16 * 0.3 = 4.8 dims
+        CompressedSparseAttention(csa_args(rope_fraction=0.3))
 
 
 def test_init_compresses_by_the_block_mean():
@@ -238,15 +244,7 @@ def test_hybrid_pattern_model_trains():
     model = FusionModel(args)
     model.init_weights()
     assert [b.kind for b in model.layers.values()] == ["gdn", "gdn", "csa", "mla"]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    tokens = torch.randint(0, 256, (2, 48))
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
-        loss = model(tokens, labels=tokens)["ce_sum"] / tokens.numel()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, torch.randint(0, 256, (2, 48)))
     assert losses[-1] < losses[0] - 0.5, losses
     csa = model.layers["2"].mixer
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in csa.parameters())

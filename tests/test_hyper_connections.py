@@ -182,3 +182,27 @@ def test_parameters_and_flops_per_token_are_counted(mode):
     base = flops_breakdown(plain_args, seq, count_params(plain, plain_args))
     assert math.isclose(parts["matmuls (active params, no embedding)"] - base["matmuls (active params, no embedding)"],
                         6 * added)
+
+
+def test_activation_memory_estimate_grows_with_the_streams():
+    """scripts/dry_run.py's activation estimate counts the n-fold residual stream."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "dry_run.py"
+    spec = importlib.util.spec_from_file_location("dry_run", path)
+    dry_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dry_run)
+    plain = FLAVORS["debugmodel"].replace(vocab_size=VOCAB)
+    hyper = plain.replace(residual="hyper", hyper_streams=4)
+    tokens, d, n_layers = 2 * 64, plain.dim, plain.n_layers + plain.mtp_depth
+    for mode in ("full", "none"):
+        cfg = SimpleNamespace(training=SimpleNamespace(seq_len=64),
+                              activation_checkpoint=SimpleNamespace(mode=mode))
+        grown = dry_run.activation_bytes(hyper, cfg, 2)[0] - dry_run.activation_bytes(plain, cfg, 2)[0]
+        # bf16: each block's input and output hold 4 streams instead of 1 (2 x 3 x D more per
+        # token); under full AC the saved block inputs too
+        per_block = tokens * 2 * 2 * 3 * d
+        want = per_block + tokens * 3 * d * 2 * n_layers if mode == "full" else per_block * n_layers
+        assert grown == want, (mode, grown, want)

@@ -12,7 +12,7 @@ from fusion_titan.model.mixers import mixer_kind
 from fusion_titan.model.mixers.linear import LinearAttention
 from fusion_titan.model.model import FusionModel
 from fusion_titan.ops.linear_attention import chunked_linear_attention, linear_attention_recurrent
-from mixer_checks import assert_causal, assert_prefill_in_pieces, assert_prefill_then_decode, rel_err
+from mixer_checks import assert_causal, assert_prefill_in_pieces, assert_prefill_then_decode, rel_err, train_losses
 
 EPS = 1e-6
 
@@ -163,13 +163,5 @@ def test_model_with_linear_blocks_trains():
     torch.manual_seed(0)
     model = FusionModel(args)
     model.init_weights()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    tokens = torch.randint(0, 256, (2, 40))
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
-        loss = model(tokens, labels=tokens)["ce_sum"] / tokens.numel()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, torch.randint(0, 256, (2, 40)))
     assert losses[-1] < losses[0] - 0.5, losses

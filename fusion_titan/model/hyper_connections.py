@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .param_init import assign_
 
 SINKHORN_ITERS = 20  # DeepSeek's t_max
 DYNAMIC_SCALE_INIT = 0.01  # HC's s_alpha / s_beta, mHC's alpha
@@ -56,16 +57,6 @@ def sinkhorn(logits: torch.Tensor, iters: int = SINKHORN_ITERS) -> torch.Tensor:
         log = log - torch.logsumexp(log, dim=-1, keepdim=True)
         log = log - torch.logsumexp(log, dim=-2, keepdim=True)
     return log.exp()
-
-
-def _assign_(param: torch.Tensor, value: torch.Tensor) -> None:
-    """param <- value (whole); also on an FSDP-sharded DTensor parameter, which takes its shard."""
-    value = value.to(param.dtype)
-    if isinstance(param, DTensor):
-        value = distribute_tensor(value.to(param.to_local().device), param.device_mesh, param.placements)
-    else:
-        value = value.to(param.device)
-    param.copy_(value)
 
 
 class HyperConnection(nn.Module):
@@ -102,13 +93,13 @@ class HyperConnection(nn.Module):
         n, chosen = self.n, self.sublayer_index % self.n
         one_hot, eye = torch.eye(n)[chosen], torch.eye(n)
         if self.mode == "hc":
-            _assign_(self.hyper_static_pre, one_hot)
-            _assign_(self.hyper_static_res, eye)
+            assign_(self.hyper_static_pre, one_hot)
+            assign_(self.hyper_static_res, eye)
             self.hyper_static_post.fill_(1.0)
             scales = ("hyper_scale_alpha", "hyper_scale_beta")
         else:  # logits: 0 where hc has 1, MHC_OFF_LOGIT where it has 0
-            _assign_(self.hyper_static_pre, (1 - one_hot) * MHC_OFF_LOGIT)
-            _assign_(self.hyper_static_res, (1 - eye) * MHC_OFF_LOGIT)
+            assign_(self.hyper_static_pre, (1 - one_hot) * MHC_OFF_LOGIT)
+            assign_(self.hyper_static_res, (1 - eye) * MHC_OFF_LOGIT)
             self.hyper_static_post.zero_()
             scales = ("hyper_scale_pre", "hyper_scale_post", "hyper_scale_res")
         if self.dynamic:

@@ -118,11 +118,12 @@ class PartialRope(nn.Module):
         dtype = torch.float64 if self.table.dtype == torch.float64 else torch.float32
         self.table = self._table(device=self.table.device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """x [B, T, H, D] at positions start_pos .. start_pos + T - 1."""
+    def forward(self, x: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, H, D] at positions start_pos .. start_pos + T - 1, or at `positions` [T] when
+        given (csa rotates its compressed keys at each block's last position)."""
         if self.rope_dim == 0:
             return x
-        rotated = apply_rope(x[..., : self.rope_dim], self.table, start_pos=start_pos)
+        rotated = apply_rope(x[..., : self.rope_dim], self.table, positions=positions, start_pos=start_pos)
         return torch.cat([rotated, x[..., self.rope_dim:]], dim=-1)
 
 
@@ -143,14 +144,23 @@ class QKVProjection(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q, k, v before QK-norm (csa compresses the raw keys)."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
+
+    def norm_q(self, q: torch.Tensor) -> torch.Tensor:
+        return q if self.q_norm is None else self.q_norm(q)
+
+    def norm_k(self, k: torch.Tensor) -> torch.Tensor:
+        return k if self.k_norm is None else self.k_norm(k)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.project(x)
+        return self.norm_q(q), self.norm_k(k), v
 
     def init_weights(self, std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):

@@ -10,11 +10,11 @@ Two attention paths over the same per-head queries, blended per token and head:
   out_h = g_h * window_h + (1 - g_h) * compressed_h,   g = sigmoid(W_gate x)  [B, T, n_heads]
 
 Design choices (docs/model.md, "csa"):
-- Heads as in `attn`: n_heads query heads of head_dim, n_kv_heads K/V heads (GQA), optional
-  per-head RMSNorm on q and k (`qk_norm`), partial RoPE: the first rope_dim = head_dim *
-  rope_fraction dims (rounded down to even) of q and k are rotated, theta attn_rope_theta.
-  The table is computed per call, so there is no positional limit and nothing to re-init.
-  `attn_gate` is not used: the blend gate is csa's gate.
+- Heads as in `attn`, with its pieces (mixers/attn.py): `QKVProjection` (n_heads query heads of
+  head_dim, n_kv_heads K/V heads (GQA), optional per-head RMSNorm on q and k before RoPE) and
+  `PartialRope` (the first rope_fraction of each head's dims, theta attn_rope_theta, a table of
+  max_seq_len positions owned by the mixer and recomputed by init_weights). `attn_gate` is not
+  used: the blend gate is csa's gate.
 - Compressor: NSA-style (Native Sparse Attention, Yuan et al. 2025, its phi) learned linear map
   of the block's s raw (pre-norm, pre-RoPE) keys concatenated, [s * head_dim] -> head_dim,
   shared by the KV heads; one for keys, one for values. Initialised to the block mean, so a new
@@ -47,7 +47,8 @@ from ...ops.compressed_attention import (
 )
 from ..args import FusionModelArgs
 from ..flops import average_keys_per_query
-from ..rope import apply_rope, rope_cache
+from ..param_init import assign_
+from .attn import PartialRope, QKVProjection, attention_heads, softmax_attention_flops
 from .registry import register_mixer
 
 
@@ -80,37 +81,21 @@ class CSACache:
         return self.block_k.shape[2]
 
 
-def partial_rope_dim(head_dim: int, rope_fraction: float) -> int:
-    """Dims of each head that RoPE rotates: head_dim * rope_fraction, rounded down to even."""
-    return int(head_dim * rope_fraction) // 2 * 2
-
-
 class CompressedSparseAttention(nn.Module):
     def __init__(self, args: FusionModelArgs):
         super().__init__()
-        self.n_heads = args.n_heads
-        self.n_kv_heads = args.n_kv_heads or args.n_heads
-        self.head_dim = args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = attention_heads(args)
         self.stride = args.csa_stride
         self.window = args.csa_window
         self.backend = args.attn_backend
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"csa: n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.stride < 1 or self.window < 1:
             raise ValueError(f"csa needs csa_stride >= 1 and csa_window >= 1, got "
                              f"{self.stride} and {self.window}; set them in [model]")
-        if not 0.0 <= args.rope_fraction <= 1.0:
-            raise ValueError(f"rope_fraction must be in [0, 1], got {args.rope_fraction}")
-        self.rope_dim = partial_rope_dim(self.head_dim, args.rope_fraction)
-        self.rope_theta = args.attn_rope_theta
         self.softmax_scale = 1.0 / math.sqrt(self.head_dim)
 
-        kv_width = self.n_kv_heads * self.head_dim
-        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, kv_width, bias=False)
-        self.wv = nn.Linear(args.dim, kv_width, bias=False)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps) if args.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps) if args.qk_norm else None
+        self.qkv = QKVProjection(args.dim, self.n_heads, self.n_kv_heads, self.head_dim,
+                                 args.qk_norm, args.norm_eps)
+        self.rope = PartialRope(self.head_dim, args.rope_fraction, args.attn_rope_theta, args.max_seq_len)
         # block of `stride` raw keys / values (concatenated) -> one compressed key / value
         self.k_compressor = nn.Linear(self.stride * self.head_dim, self.head_dim, bias=False)
         self.v_compressor = nn.Linear(self.stride * self.head_dim, self.head_dim, bias=False)
@@ -118,20 +103,7 @@ class CompressedSparseAttention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
     # ------------------------------------------------------------------------------------------
-    # projections
-
-    def _rotate(self, x: torch.Tensor, positions: torch.Tensor, end: int) -> torch.Tensor:
-        """Partial RoPE of x [B, S, heads, head_dim] at absolute positions [S], all < end (a
-        Python int, so the table size never needs a device sync)."""
-        if self.rope_dim == 0 or x.shape[1] == 0:
-            return x
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        table = rope_cache(self.rope_dim, end, self.rope_theta, device=x.device, dtype=dtype)
-        rotated = apply_rope(x[..., : self.rope_dim], table, positions=positions)
-        return torch.cat([rotated, x[..., self.rope_dim:]], dim=-1)
-
-    def _norm(self, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        return x if norm is None else norm(x)
+    # compressor
 
     def compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor, first_block: int):
         """Raw keys / values [B, n*s, H_kv, D] of n complete blocks -> compressed keys (normed,
@@ -143,10 +115,10 @@ class CompressedSparseAttention(nn.Module):
             x = x.reshape(bsz, n, self.stride, heads, dim).transpose(2, 3)
             return x.reshape(bsz, n, heads, self.stride * dim)
 
-        k_c = self._norm(self.k_norm, self.k_compressor(blocks(k_raw)))
+        k_c = self.qkv.norm_k(self.k_compressor(blocks(k_raw)))
         v_c = self.v_compressor(blocks(v_raw))
         last = (torch.arange(first_block, first_block + n, device=k_raw.device) + 1) * self.stride - 1
-        return self._rotate(k_c, last, (first_block + n) * self.stride), v_c
+        return self.rope(k_c, positions=last), v_c
 
     # ------------------------------------------------------------------------------------------
     # forward
@@ -156,17 +128,15 @@ class CompressedSparseAttention(nn.Module):
         """x [B, T, dim] -> [B, T, dim]; `rope` (the model's MLA table) is not used. With a cache,
         x continues the cached sequence and the cache is updated in place."""
         bsz, seqlen, _ = x.shape
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        H, D = self.n_heads, self.head_dim
         if cache is not None and document_ids is not None:
             raise NotImplementedError("csa: document_ids cannot be combined with a decoding cache")
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + seqlen, device=x.device)
 
-        end = start + seqlen
-        q = self._rotate(self._norm(self.q_norm, self.wq(x).view(bsz, seqlen, H, D)), positions, end)
-        k_raw = self.wk(x).view(bsz, seqlen, Hkv, D)
-        v_raw = self.wv(x).view(bsz, seqlen, Hkv, D)
-        k = self._rotate(self._norm(self.k_norm, k_raw), positions, end)
+        q, k_raw, v_raw = self.qkv.project(x)  # the compressor reads the raw (pre-norm) keys
+        q = self.rope(self.qkv.norm_q(q), start)
+        k = self.rope(self.qkv.norm_k(k_raw), start)
 
         if cache is None:
             n_blocks = seqlen // self.stride
@@ -215,22 +185,20 @@ class CompressedSparseAttention(nn.Module):
     # cache and init
 
     def new_cache(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> CSACache:
-        w = self.wk.weight
+        w = self.qkv.wk.weight
         return CSACache.empty(batch_size, self.n_kv_heads, self.head_dim,
                               dtype or w.dtype, device or w.device)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
-        for linear in (self.wq, self.wk, self.wv, self.blend_gate):
-            nn.init.trunc_normal_(linear.weight, std=std, a=-3 * std, b=3 * std)
+        self.qkv.init_weights(std)
+        nn.init.trunc_normal_(self.blend_gate.weight, std=std, a=-3 * std, b=3 * std)
         nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
         # mean pooling over the block: weight [D, s*D] = [I/s, ..., I/s]
-        mean = torch.eye(self.head_dim, device=self.wk.weight.device).repeat(1, self.stride) / self.stride
+        mean = torch.eye(self.head_dim).repeat(1, self.stride) / self.stride
         for compressor in (self.k_compressor, self.v_compressor):
-            compressor.weight.copy_(mean)
-        for norm in (self.q_norm, self.k_norm):
-            if norm is not None:
-                norm.reset_parameters()
+            assign_(compressor.weight, mean)  # FSDP may have sharded it already
+        self.rope.reset_table()
 
 
 def average_compressed_keys_per_query(seq_len: int, stride: int) -> float:
@@ -240,14 +208,14 @@ def average_compressed_keys_per_query(seq_len: int, stride: int) -> float:
 
 
 def csa_flops_per_token(args, seq_len: int) -> float:
-    """Scores and weighted values, 2 * H * (D + D) per key a query sees: the window keys (causal
-    average) plus the complete blocks (t / stride on average); x3 for forward + backward. The
+    """Softmax attention's count (scores and weighted values) per key a query sees: the window
+    keys (causal average) plus the complete blocks (t / stride on average). The
     compressor and gate are matmuls with parameters, counted by flops.py as 6 x params (it
     counts the compressors as if applied per token: s * D^2 per token instead of n_kv_heads *
     D^2, a small over-count at s = 4, n_kv_heads = 3)."""
     keys = (average_keys_per_query(seq_len, args.csa_window)
             + average_compressed_keys_per_query(seq_len, args.csa_stride))
-    return 3 * 2 * args.n_heads * (2 * args.head_dim) * keys
+    return softmax_attention_flops(args, keys)
 
 
 @register_mixer("csa", family="attention", flops_per_token=csa_flops_per_token)
