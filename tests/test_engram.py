@@ -131,3 +131,18 @@ def test_tables_get_their_own_adam_group():
     (out["ce_sum"] + out["mtp_sums"].sum()).backward()
     opt.step()
     assert all((t != b).any() for t, b in zip(tables, before))
+
+
+def test_engram_model_trains_with_the_plain_residual_and_refuses_hf_export(tmp_path):
+    """torchtitan builds the state-dict adapter for every run: an Engram model must get past it
+    (its training works) while a Hugging Face conversion says why it cannot be done."""
+    from fusion_titan.checkpoint.state_dict_adapter import FusionStateDictAdapter, write_config
+    from fusion_titan.model.flavors import FLAVORS
+
+    args = FLAVORS["debugmodel"].replace(engram_layers=[1], engram_table_size=64, engram_dim=16,
+                                         engram_heads=2)
+    adapter = FusionStateDictAdapter(args)  # what the Trainer does at start-up
+    with pytest.raises(ValueError, match="Engram memory"):
+        adapter.to_hf({})
+    with pytest.raises(ValueError, match="Engram memory"):
+        write_config(args, str(tmp_path))

@@ -8,12 +8,8 @@ import pytest
 import torch
 
 from fusion_titan.model.flavors import FLAVORS
-from fusion_titan.model.mixers import MIXERS
 from fusion_titan.model.model import FusionModel
 from trainer_runs import launch, tb_losses
-
-pytestmark = pytest.mark.skipif("attn" not in MIXERS, reason="the attn mixer is not registered yet")
-
 
 def meta_model(**changes):
     args = FLAVORS["hybrid_95m"].replace(**changes)

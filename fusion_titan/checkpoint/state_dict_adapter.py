@@ -162,13 +162,21 @@ def native_keys(args: FusionModelArgs) -> list[str]:
 def check_hf_exportable(args: FusionModelArgs) -> None:
     """The HF remote code (checkpoint/hf_remote) knows the schedule presets' blocks only."""
     specs = args.layer_specs()
+    unsupported = []
     odd = sorted({s.mixer for s in specs} - {"mla", "gdn", "mamba2"})
-    if odd or any(s.ffn is not None for s in specs) or args.residual != "plain":
+    if odd:
+        unsupported.append(f"mixers {odd}")
+    if any(s.ffn is not None for s in specs):
+        unsupported.append("explicit block FFNs")
+    if args.residual != "plain":
+        unsupported.append(f"residual {args.residual!r}")
+    if args.engram_layers:
+        unsupported.append("Engram memory")
+    if unsupported:
         raise ValueError(
             "Hugging Face export supports MLA / Gated DeltaNet / Mamba-2 blocks with their default "
-            f"FFNs and the plain residual; this model has mixers {odd or 'ok'}, explicit FFNs "
-            f"{any(s.ffn is not None for s in specs)}, residual {args.residual!r}. Use the DCP or "
-            "one torch file (scripts/convert_checkpoint.py dcp-to-torch) instead.")
+            f"FFNs and the plain residual; this model has {', '.join(unsupported)}. Use the DCP "
+            "checkpoint or one torch file (scripts/convert_checkpoint.py dcp-to-torch) instead.")
 
 
 def write_config(args: FusionModelArgs, folder: str, dtype: torch.dtype | None = None) -> str:

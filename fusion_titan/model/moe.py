@@ -340,6 +340,9 @@ def reference_moe_forward(moe: DeepSeekMoE, x: torch.Tensor) -> torch.Tensor:
     autograd graph leaves; no counters or aux loss are touched.
     """
     r = moe.router
+    if not isinstance(r, GroupLimitedRouter):
+        raise TypeError("reference_moe_forward follows the deepseek router only; the softmax_topk "
+                        "router's reference is in tests/test_routers.py")
     bsz, seqlen, dim = x.shape
     tokens = x.reshape(-1, dim)
     n_tokens, n_experts, k = tokens.shape[0], moe.n_experts, moe.top_k

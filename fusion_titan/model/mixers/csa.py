@@ -149,9 +149,12 @@ class CompressedSparseAttention(nn.Module):
             block_docs = None
 
         q = q.transpose(1, 2)  # [B, H, T, D]
+        # decoding: the key length changes every step, so a dense SDPA mask rather than a
+        # FlexAttention BlockMask (and a recompile) per step, as attn does
+        backend = "sdpa" if cache is not None and self.backend == "auto" else self.backend
         local = causal_attention(
             q, window_k.transpose(1, 2), window_v.transpose(1, 2), scale=self.softmax_scale,
-            window=self.window, backend=self.backend, document_ids=document_ids,
+            window=self.window, backend=backend, document_ids=document_ids,
         )
         visible = compressed_visibility(positions, block_k.shape[1], self.stride, document_ids, block_docs)
         distant = compressed_attention(q, block_k.transpose(1, 2), block_v.transpose(1, 2),
