@@ -55,13 +55,12 @@ def jittered(x: torch.Tensor, jitter: float, training: bool) -> torch.Tensor:
     return x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
 
 
-class GroupLimitedRouter(nn.Module):
-    """DeepSeek-V3 router: sigmoid affinities, group-limited top-k, bias-based balancing."""
+class TopKRouter(nn.Module):
+    """What every router has: a bias-free gate linear dim -> n_experts, top-k, input jitter."""
 
-    uses_expert_bias = True  # the bias-update rule (training/moe_balance.py) applies
+    uses_expert_bias = False
 
-    def __init__(self, dim: int, n_experts: int, top_k: int, n_groups: int, n_limited_groups: int,
-                 route_scale: float, jitter: float = 0.0):
+    def __init__(self, dim: int, n_experts: int, top_k: int, jitter: float = 0.0):
         super().__init__()
         if top_k > n_experts:
             raise ValueError(f"top_k ({top_k}) cannot exceed n_experts ({n_experts})")
@@ -70,6 +69,16 @@ class GroupLimitedRouter(nn.Module):
         self.n_experts = n_experts
         self.top_k = top_k
         self.jitter = jitter
+
+
+class GroupLimitedRouter(TopKRouter):
+    """DeepSeek-V3 router: sigmoid affinities, group-limited top-k, bias-based balancing."""
+
+    uses_expert_bias = True  # the bias-update rule (training/moe_balance.py) applies
+
+    def __init__(self, dim: int, n_experts: int, top_k: int, n_groups: int, n_limited_groups: int,
+                 route_scale: float, jitter: float = 0.0):
+        super().__init__(dim, n_experts, top_k, jitter)
         # Group limiting is a no-op with one group or when every group is kept.
         n_groups = n_groups if n_groups and n_groups > 1 else 0
         if n_groups:
@@ -108,21 +117,14 @@ class GroupLimitedRouter(nn.Module):
         return (weights, indices, scores, logits) if return_logits else (weights, indices, scores)
 
 
-class SoftmaxTopKRouter(nn.Module):
+class SoftmaxTopKRouter(TopKRouter):
     """Softmax router with plain top-k (Switch Transformer top-1, GShard / Mixtral-style top-k)."""
 
     uses_expert_bias = False  # no selection bias: the bias-update rule is skipped for it
 
     def __init__(self, dim: int, n_experts: int, top_k: int, jitter: float = 0.0,
                  normalize_topk: bool = False):
-        super().__init__()
-        if top_k > n_experts:
-            raise ValueError(f"top_k ({top_k}) cannot exceed n_experts ({n_experts})")
-        check_jitter(jitter)
-        self.gate = nn.Linear(dim, n_experts, bias=False)
-        self.n_experts = n_experts
-        self.top_k = top_k
-        self.jitter = jitter
+        super().__init__(dim, n_experts, top_k, jitter)
         self.normalize_topk = normalize_topk
 
     @classmethod

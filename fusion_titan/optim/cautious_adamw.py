@@ -22,15 +22,16 @@ divided by the global element count, so 1 and N ranks give the same step even wi
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch.distributed.tensor import DTensor, Partial
 
+from .group_stepping import GroupSteppingOptimizer
 from .local_shards import local, params_with_grads
 
 
-class CautiousAdamW(torch.optim.Optimizer):
+class CautiousAdamW(GroupSteppingOptimizer):
     """AdamW with cautious update masking and cautious (sign-masked) weight decay.
 
     Args:
@@ -66,16 +67,6 @@ class CautiousAdamW(torch.optim.Optimizer):
             cautious=cautious, cautious_wd=cautious_wd,
         )
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
-        return loss
 
     def _step_group(self, group: dict) -> None:
         """One group's step as a few foreach (multi-tensor) kernels over the local shards."""

@@ -25,11 +25,12 @@ parameter, so DCP saves and reshards it like the momentum.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch.distributed.tensor import DTensor
 
+from .group_stepping import GroupSteppingOptimizer
 from .local_shards import local, params_with_grads
 from .matrix_layout import MatrixLayout, matrix_layout
 from .newton_schulz import iteration_dtype, zeropower_via_newtonschulz5
@@ -70,7 +71,7 @@ def same_shape_batches(keys: list, sizes: list[int]) -> list[list[int]]:
     return batches
 
 
-class OrthogonalizedMomentum(torch.optim.Optimizer):
+class OrthogonalizedMomentum(GroupSteppingOptimizer):
     """Base of Muon and NorMuon: momentum, Newton-Schulz on whole matrices (owner-sharded when
     split), and W -= lr * (wd * W + f * O). Subclasses set ROW_STATE and `_row_factors`.
 
@@ -133,16 +134,6 @@ class OrthogonalizedMomentum(torch.optim.Optimizer):
             if self.ROW_STATE is not None:
                 state[self.ROW_STATE] = _per_row_zeros(p)
         return state
-
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
-        return loss
 
     def _step_group(self, group: dict) -> None:
         lr, wd = group["lr"], group["weight_decay"]
