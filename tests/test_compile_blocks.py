@@ -8,16 +8,12 @@ import copy
 
 import pytest
 import torch
-from torchtitan.config.job_config import ActivationCheckpoint
 
-from fusion_titan.infra.parallelize import (
-    apply_activation_checkpointing,
-    apply_compile,
-    block_fullgraph_blocker,
-)
+from fusion_titan.infra.parallelize import apply_compile, block_fullgraph_blocker
 from fusion_titan.model.flavors import FLAVORS
 from fusion_titan.model.model import FusionModel
 from fusion_titan.model.moe import DeepSeekMoE
+from tiny_models import loss_grads_and_load
 
 
 # dynamo + autograd only: fullgraph proves no graph break (inductor on 2 CPU cores takes ~9 min;
@@ -39,31 +35,16 @@ def tiny_model(**changes) -> FusionModel:
     return model
 
 
-def step(model: FusionModel):
-    torch.manual_seed(1)
-    tokens = torch.randint(0, 256, (2, 33))
-    out = model(tokens[:, :-1], labels=tokens[:, 1:])
-    loss = out["ce_sum"] + out["mtp_sums"].sum()
-    loss.backward()
-    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
-             for n, p in model.named_parameters()}
-    moes = [m for m in model.modules() if isinstance(m, DeepSeekMoE)]
-    return loss.detach(), grads, [(m.tokens_per_expert.clone(), m.dropped_tokens.clone()) for m in moes]
-
-
-# AC "full" under the eager backend trips autograd's version check on a MoE buffer (no
-# functionalization there); the compiled-checkpoint path is covered per MoE in test_moe.py and
-# needs the GPU (inductor) to be checked for the whole block.
-@pytest.mark.parametrize("ac_mode", ["none"])
-def test_blocks_compile_fullgraph_and_match_eager(ac_mode):
+# Without activation checkpointing: AC "full" under the eager backend trips autograd's version
+# check on a MoE buffer (no functionalization there); the compiled-checkpoint path is covered per
+# MoE in test_moe.py and needs the GPU (inductor) to be checked for the whole block.
+def test_blocks_compile_fullgraph_and_match_eager():
     torch._dynamo.reset()
     eager = tiny_model()
     compiled = copy.deepcopy(eager)
     assert not any(block_fullgraph_blocker(b) for b in compiled.layers.values())
-    if ac_mode != "none":
-        apply_activation_checkpointing(compiled, ActivationCheckpoint(mode=ac_mode), compile_enabled=True)
     apply_compile(compiled, backend=BACKEND)
-    want, got = step(eager), step(compiled)
+    want, got = loss_grads_and_load(eager), loss_grads_and_load(compiled)
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
     for name, g in want[1].items():
         torch.testing.assert_close(got[1][name], g, rtol=1e-3, atol=1e-3 * g.abs().max().item(), msg=name)
