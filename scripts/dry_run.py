@@ -74,7 +74,7 @@ def activation_bytes(args, job_config, local_batch: int) -> tuple[int, str]:
     heads = args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim) * 2 + args.n_heads * args.v_head_dim
     mla = args.q_lora_rank + args.kv_lora_rank + heads + dim
     moe = args.n_activated_experts * (2 * dim + 3 * args.moe_inter_dim) + 3 * args.n_shared_experts * args.moe_inter_dim
-    stream = dim * (args.hyper_streams if args.residual == "hyper" else 1)
+    stream = dim * args.residual_streams
     per_token_block = 2 * (2 * stream + 2 * dim + mla + moe)
     block = tokens * per_token_block
     if mode == "full":

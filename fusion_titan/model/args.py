@@ -147,6 +147,12 @@ class FusionModelArgs(BaseModelArgs):
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def residual_streams(self) -> int:
+        """Copies of the residual stream the trunk carries: hyper_streams with hyper-connections
+        (the trunk is then [B, T, n, D]), else 1 ([B, T, D])."""
+        return self.hyper_streams if self.residual == "hyper" else 1
+
+    @property
     def width_mult(self) -> float:
         """dim / mup_base_dim: the tied head's muP output multiplier is 1 / width_mult."""
         return self.dim / self.mup_base_dim if self.mup else 1.0

@@ -33,6 +33,7 @@ from .hyper_connections import collapse_streams, expand_streams
 from .moe import DeepSeekMoE
 from .mtp import MTPModule
 from .mup import rescale_init_
+from .residual import MULTI_STREAM
 from .rope import rope_cache
 
 
@@ -70,9 +71,9 @@ class FusionModel(ModelProtocol):
         advances by T.
         """
         h = self.tok_embeddings(tokens)
-        streams = self.model_args.hyper_streams if self.model_args.residual == "hyper" else 0
-        if streams:
-            h = expand_streams(h, streams)
+        multi_stream = self.model_args.residual in MULTI_STREAM
+        if multi_stream:
+            h = expand_streams(h, self.model_args.residual_streams)
         if cache is not None:
             if document_ids is not None:
                 raise ValueError("document_ids cannot be combined with a decoding cache")
@@ -87,7 +88,7 @@ class FusionModel(ModelProtocol):
                 h = layer(h, self.rope, cache=cache.layers[int(name)])
         if cache is not None:
             cache.advance(tokens)
-        return collapse_streams(h) if streams else h
+        return collapse_streams(h) if multi_stream else h
 
     def _check_cache(self, tokens: torch.Tensor, cache: ModelCache) -> None:
         if tokens.dim() != 2:
