@@ -146,7 +146,8 @@ def apply_compile(model: nn.Module, backend: str, granularity: str = "block",
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     static = dict(backend=backend, dynamic=False)
     units = _block_units(model)
-    blockers = {why for why in (block_fullgraph_blocker(_unwrap(u)) for u in units) if why}
+    why_not_fullgraph = {unit: block_fullgraph_blocker(_unwrap(unit)) for unit in units}
+    blockers = {why for why in why_not_fullgraph.values() if why}
     if sharded:
         blockers.add("FSDP / expert parallel (parameters and hooks change between steps)")
     if cudagraphs and (blockers or backend != "inductor" or granularity != "block"):
@@ -169,10 +170,9 @@ def apply_compile(model: nn.Module, backend: str, granularity: str = "block",
             else:
                 block.feed_forward.compile(**static, fullgraph=True)
         return
+    mode = dict(mode="reduce-overhead") if cudagraphs else {}
     for unit in units:
-        fullgraph = not block_fullgraph_blocker(_unwrap(unit))
-        mode = dict(mode="reduce-overhead") if cudagraphs else {}
-        unit.compile(**static, fullgraph=fullgraph, **mode)
+        unit.compile(**static, fullgraph=not why_not_fullgraph[unit], **mode)
     logger.info(f"Compiled {len(units)} blocks whole (dynamic=False"
                 + (", CUDA graphs" if cudagraphs else "") + ")"
                 + (f"; with graph breaks because of {'; '.join(sorted(blockers))}" if blockers else
@@ -195,7 +195,7 @@ def apply_fsdp(model: nn.Module, parallel_dims, job_config, on_cpu: bool) -> Non
     edp_mesh = parallel_dims.get_optional_mesh("efsdp") if parallel_dims.ep_enabled else None
 
     def shard_block(unit: nn.Module) -> None:
-        block = getattr(unit, "_checkpoint_wrapped_module", unit)  # under activation checkpointing
+        block = _unwrap(unit)  # under activation checkpointing
         if block.moe_enabled and edp_mesh is not None:
             experts = block.moe.experts
             # EP already splits dim 0 (experts); shard on dim 1 when dim 0 would run out.
