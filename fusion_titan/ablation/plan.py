@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..data.global_batch import batch_plan
+from ..inference.loading import load_job_config
 from ..model.flops import count_params, flops_per_token
 from ..model.model import FusionModel
 from ..training.preflight import ConfigError, model_args
@@ -70,12 +71,10 @@ class RunPlan:
 def parse_job_config(config: str, overrides: list[str] | tuple[str, ...]):
     """torchtitan's ConfigManager on the TOML + overrides, as the trainer parses them. A bad key
     becomes a ConfigError carrying tyro's message (tyro itself would exit the process)."""
-    from torchtitan.config import ConfigManager
-
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
-            return ConfigManager().parse_args(["--job.config_file", config, *overrides])
+            return load_job_config(config, overrides)
     except SystemExit:
         raise ConfigError(f"{config} with {' '.join(overrides)}: {err.getvalue().strip()[-1500:]}") from None
 
