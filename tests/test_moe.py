@@ -285,7 +285,7 @@ def test_seq_aux_loss_equals_hand_computation():
     # uniform affinities and a perfectly balanced choice give exactly alpha
     uni_s = torch.full((1, 4, 4), 0.5, dtype=torch.float64)
     uni_i = torch.tensor([[[0, 1], [2, 3], [0, 1], [2, 3]]])
-    assert sequence_balance_loss(uni_s, uni_i, 4).item() == pytest.approx(1.0)
+    assert sequence_balance_loss(uni_s, uni_i).item() == pytest.approx(1.0)
 
 
 def test_seq_aux_loss_under_activation_checkpointing():

@@ -24,30 +24,34 @@ from ..ops.precision import compute_dtype
 
 
 def _mean_probs(scores: torch.Tensor) -> torch.Tensor:
-    """P [E]: the mean over tokens of each token's normalized scores."""
-    return (scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)).mean(0)
+    """P [..., E]: the mean over tokens (dim -2) of each token's normalized scores."""
+    return (scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)).mean(-2)
 
 
 def _fractions(chosen: torch.Tensor, n_experts: int, dtype: torch.dtype) -> torch.Tensor:
-    """[E]: the fraction of the entries of `chosen` (any shape) that pick each expert."""
-    flat = chosen.reshape(-1)
-    counts = torch.zeros(n_experts, dtype=dtype, device=chosen.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=dtype))
-    return counts / flat.numel()
+    """chosen [..., N, j] expert ids -> [..., E]: the fraction of the N * j choices that pick
+    each expert."""
+    flat = chosen.flatten(-2)
+    counts = torch.zeros(*flat.shape[:-1], n_experts, dtype=dtype, device=chosen.device)
+    counts.scatter_add_(-1, flat, torch.ones_like(flat, dtype=dtype))
+    return counts / flat.shape[-1]
+
+
+def _weighted_balance(scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """E * sum_i frac_i P_i per group of tokens (leading dims), averaged over the groups."""
+    n_experts = scores.shape[-1]
+    frac = _fractions(chosen, n_experts, scores.dtype)
+    return (n_experts * (frac * _mean_probs(scores)).sum(-1)).mean()
 
 
 def switch_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """scores [N, E], indices [N, k] -> E * sum_i f_i P_i over all k slots (0-dim)."""
-    n_experts = scores.shape[-1]
-    f = _fractions(indices, n_experts, scores.dtype)
-    return n_experts * (f * _mean_probs(scores)).sum()
+    return _weighted_balance(scores, indices)
 
 
 def gshard_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """scores [N, E], indices [N, k] -> E * sum_i c_i P_i with first choices only (0-dim)."""
-    n_experts = scores.shape[-1]
-    c = _fractions(indices[:, 0], n_experts, scores.dtype)
-    return n_experts * (c * _mean_probs(scores)).sum()
+    return _weighted_balance(scores, indices[..., :1])
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -55,20 +59,15 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.to(compute_dtype(logits.dtype)), dim=-1).square().mean()
 
 
-def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Sequence-wise balance loss of DeepSeek-V3 (eq. 17-20), without the alpha factor.
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Sequence-wise balance loss of DeepSeek-V3 (eq. 17-20), without the alpha factor: the
+    Switch form within each sequence, averaged over the batch.
 
     scores [B, T, E] unbiased affinities, indices [B, T, k] chosen experts. Per sequence:
-    f_i = E / (k T) * #tokens choosing i, P_i = mean_t s_{i,t} / sum_j s_{j,t}, loss = sum_i f_i P_i;
-    the batch mean is returned. Only P carries gradient. A perfectly balanced sequence gives 1.
+    f_i = E / (k T) * #tokens choosing i, P_i = mean_t s_{i,t} / sum_j s_{j,t}, loss = sum_i f_i P_i.
+    Only P carries gradient. A perfectly balanced sequence gives 1.
     """
-    bsz, seqlen, k = indices.shape
-    probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
-    p = probs.mean(1)  # [B, E]
-    counts = torch.zeros(bsz, n_experts, dtype=scores.dtype, device=scores.device)
-    counts.scatter_add_(1, indices.reshape(bsz, -1), torch.ones_like(indices.reshape(bsz, -1), dtype=scores.dtype))
-    f = counts * (n_experts / (k * seqlen))
-    return (f * p).sum(-1).mean()
+    return _weighted_balance(scores, indices)
 
 
 # `[model] moe_aux_loss` -> the batch balance loss (None = off)

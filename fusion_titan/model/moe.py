@@ -257,7 +257,7 @@ class DeepSeekMoE(nn.Module):
         aux = torch.zeros((), dtype=scores.dtype, device=scores.device)
         if self.seq_aux_loss_weight > 0:
             aux = aux + self.seq_aux_loss_weight * sequence_balance_loss(
-                scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, -1), self.n_experts)
+                scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, -1))
         if self.aux_loss_weight > 0:
             aux = aux + self.aux_loss_weight * self.balance_loss(scores, indices)
         if self.z_loss_weight > 0:
