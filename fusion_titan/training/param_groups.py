@@ -27,7 +27,7 @@ from ..model.mup import base_shapes, fan_in_multipliers, spectral_lr_multiplier
 
 # name fragments of matrices kept out of NorMuon: the tied embedding/head, router gates, and the
 # short depthwise conv kernels (q_conv/k_conv/v_conv of GDN, conv of Mamba-2)
-ADAM_MATRIX_NAMES = ("tok_embeddings", "router.gate", "conv", "_residual.", ".table.weight")
+ADAM_MATRIX_NAMES = ("tok_embeddings", "router.gate", "conv", "_residual.")
 ROLES = ("muon", "adam_matrix", "embedding", "engram_table", "no_decay")
 
 
