@@ -13,24 +13,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import gdn_micro  # noqa: E402
+from benchmark import gdn_inputs, gdn_micro  # noqa: E402
 
 
 def profile_triton(flavor: str, batch: int, seq: int) -> None:
     """GPU time per kernel of our Triton forward+backward (torch.profiler), 3 calls."""
     import torch
-    import torch.nn.functional as F
 
-    from fusion_titan.model.flavors import FLAVORS
     from fusion_titan.ops.gated_delta_rule_triton import triton_chunk_gated_delta_rule
 
-    a = FLAVORS[flavor]
-    H, K, V = a.gdn_n_heads, a.gdn_head_k_dim, a.gdn_head_v_dim
-    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-    leaves = [F.normalize(mk(batch, seq, H, K), dim=-1), F.normalize(mk(batch, seq, H, K), dim=-1),
-              mk(batch, seq, H, V), -F.softplus(mk(batch, seq, H).float()),
-              torch.sigmoid(mk(batch, seq, H).float()).to(torch.bfloat16)]
-    leaves = [t.requires_grad_() for t in leaves]
+    _, leaves = gdn_inputs(flavor, batch, seq)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             triton_chunk_gated_delta_rule(*leaves)[0].float().square().mean().backward()

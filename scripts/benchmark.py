@@ -178,15 +178,13 @@ def optimizer_micro(flavor: str) -> dict:
     return out
 
 
-def gdn_micro(flavor: str, batch: int, seq: int, compiled: bool = True, reps: int = 5) -> dict:
-    """Gated delta rule op at the flavor's shapes: ours in PyTorch (eager, compiled) and in Triton
-    vs fla (forward; backward too where fla_is_safe()). Ratios are over fla's forward."""
+def gdn_inputs(flavor: str, batch: int, seq: int) -> tuple[str, list]:
+    """(shape label, [q, k, v, g, beta] leaves) of the gated delta rule at the flavor's GDN shapes,
+    as the layer feeds it: l2-normalized q / k, bf16 values, log decays <= 0 in fp32."""
     import torch
     import torch.nn.functional as F
 
     from fusion_titan.model.flavors import FLAVORS
-    from fusion_titan.ops.gated_delta_rule import chunk_gated_delta_rule, fla_is_safe
-    from fusion_titan.ops.gated_delta_rule_triton import triton_chunk_gated_delta_rule
 
     a = FLAVORS[flavor]
     H, K, V = a.gdn_n_heads, a.gdn_head_k_dim, a.gdn_head_v_dim
@@ -197,6 +195,18 @@ def gdn_micro(flavor: str, batch: int, seq: int, compiled: bool = True, reps: in
     gate = -F.softplus(mk(batch, seq, H).float())
     beta = torch.sigmoid(mk(batch, seq, H).float()).to(torch.bfloat16)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, gate, beta)]
+    return f"B{batch} T{seq} H{H} K{K} V{V} bf16", leaves
+
+
+def gdn_micro(flavor: str, batch: int, seq: int, compiled: bool = True, reps: int = 5) -> dict:
+    """Gated delta rule op at the flavor's shapes: ours in PyTorch (eager, compiled) and in Triton
+    vs fla (forward; backward too where fla_is_safe()). Ratios are over fla's forward."""
+    import torch
+
+    from fusion_titan.ops.gated_delta_rule import chunk_gated_delta_rule, fla_is_safe
+    from fusion_titan.ops.gated_delta_rule_triton import triton_chunk_gated_delta_rule
+
+    shape, leaves = gdn_inputs(flavor, batch, seq)
 
     def fwd(fn):
         return lambda: fn(*leaves)[0]
@@ -208,7 +218,7 @@ def gdn_micro(flavor: str, batch: int, seq: int, compiled: bool = True, reps: in
         out[f"{name}_fwd_ms"] = _cuda_time(fwd(fn), reps) * 1e3
         out[f"{name}_fwd_bwd_ms"] = _cuda_time(fwd_bwd(fn), reps) * 1e3
 
-    out = {"shape": f"B{batch} T{seq} H{H} K{K} V{V} bf16"}
+    out = {"shape": shape}
     time_both("ours_torch", lambda q, k, v, g_, b: chunk_gated_delta_rule(q, k, v, g_, b))
     if compiled:
         time_both("ours_torch_compiled", torch.compile(chunk_gated_delta_rule))  # as in the trainer
