@@ -265,3 +265,37 @@ def test_model_decoding_through_csa_and_linear_blocks():
         cache = new_model_cache(model, 2)
         steps = [model(tokens[:, :6], cache=cache)] + [model(tokens[:, t:t + 1], cache=cache) for t in range(6, 19)]
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-10
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU paths: bf16 eager and compiled (FlexAttention window + compressed blocks) vs float64 CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "flex", "sdpa"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_bf16_matches_float64(backend, compiled):
+    """The float64 CPU layer equals the per-query reference (tests above); the GPU's bf16 forward
+    and input gradient, eager and under torch.compile(fullgraph=True), must follow it."""
+    layer, args = build_layer(n_heads=4, n_kv_heads=2, head_dim=64, dim=256, csa_window=64,
+                              attn_backend=backend)
+    with torch.no_grad():  # the test's random parameters at a scale where bf16 is well defined
+        for p in layer.parameters():
+            if p.ndim > 1:
+                p.mul_(0.05)
+    torch.manual_seed(1)
+    x = torch.randn(2, 512, 256, dtype=torch.float64)
+    ids = (torch.rand(2, 512) < 0.01).long().cumsum(-1)
+    x_ref = x.clone().requires_grad_()
+    want = layer(x_ref, document_ids=ids)
+    want.pow(2).sum().backward()
+
+    gpu = CompressedSparseAttention(args).cuda().bfloat16()
+    gpu.load_state_dict(layer.state_dict())  # cast to bf16 by the copy
+    gpu.rope.reset_table()  # the (non-persistent) rope table in float32
+    run = torch.compile(gpu, fullgraph=True) if compiled else gpu
+    x_gpu = x.cuda().bfloat16().requires_grad_()
+    got = run(x_gpu, document_ids=ids.cuda())
+    got.float().pow(2).sum().backward()
+    assert rel_err(got.double().cpu(), want.detach()) < 3e-2
+    assert rel_err(x_gpu.grad.double().cpu(), x_ref.grad) < 5e-2
