@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         plans += runs
     if opts.dry_run:
         return 0
+    # seed-major: a sweep cut short (a time-limited device call) has one seed of every variant first
+    plans.sort(key=lambda plan: list(sweep.seeds).index(plan.seed))
 
     opts.out.mkdir(parents=True, exist_ok=True)
     for plan in plans:

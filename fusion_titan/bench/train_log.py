@@ -9,7 +9,7 @@ import re
 import subprocess
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-STEP_LINE = re.compile(r"step:\s*(\d+)(?:/\d+)?\s+loss:\s*([\d.]+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+)"
+STEP_LINE = re.compile(r"step:\s*(\d+)(?:/\d+)?\s+loss:\s*(nan|[-+]?inf|[\d.]+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+)"
                        r"(?:.*?tflops:\s*([\d.]+))?(?:.*?mfu:\s*([\d.]+)%)?")
 
 
