@@ -45,8 +45,13 @@ PEER_RUNS = {
     "ours_matched": MATCHED,
     "deepseek_v3": PEER + ["--optimizer.name", "AdamW"],
 }
+# NorMuon's Newton-Schulz work is per optimizer step: its share of the step falls with the tokens
+# per step, so it is measured at the TOML's batch and with 4 micro-batches per step (131K tokens).
+GRAD_ACCUM_4 = ["--training.global_batch_size", "32"]
 ABLATION_RUNS = {  # in priority order (a time-limited device call may not reach the last)
     "normuon": ["--optimizer.name", "NorMuon"],
+    "ours_accum_4": GRAD_ACCUM_4,
+    "normuon_accum_4": ["--optimizer.name", "NorMuon", *GRAD_ACCUM_4],
     "float8": ["--model.converters", "quantize.linear.float8",
                "--quantize.linear.float8.recipe_name", "tensorwise"],
     "attn_flex": ["--model.attn_backend", "flex"],
@@ -70,7 +75,8 @@ SPEED_RUNS = {
     "gdn_torch": ["--model.gdn_backend", "torch"],
     "group_align_1": ["--model.moe_group_align", "1"],
     "cudagraphs": ["--compile.cudagraphs"],
-    "batch_8": ["--training.local_batch_size", "8"],
+    "batch_4": ["--training.local_batch_size", "4"],
+    "deepseek_v3_batch_4": [*PEER_RUNS["deepseek_v3"], "--training.local_batch_size", "4"],
     "cce_exact": ["--loss.cce_filter_eps", "off"],
     "cce_eps_1e-3": ["--loss.cce_filter_eps", "1e-3"],
 }

@@ -92,4 +92,21 @@ def test_speed_suite_overrides_parse_against_fusion_1b():
     assert seen["cudagraphs"].compile.cudagraphs is True
     assert seen["group_align_1"].model.moe_group_align == 1
     assert seen["cce_exact"].loss.cce_filter_eps == "off"
-    assert seen["batch_8"].training.local_batch_size == 8
+    assert seen["ours"].training.local_batch_size == 8
+    assert seen["batch_4"].training.local_batch_size == 4
+    assert seen["deepseek_v3_batch_4"].training.local_batch_size == 4
+    assert seen["deepseek_v3_batch_4"].model.name == "deepseek_v3_peer"
+
+
+def test_ablation_rows_with_gradient_accumulation_parse_against_fusion_1b():
+    """normuon_accum_4 / ours_accum_4: 4 micro-batches per optimizer step on one GPU."""
+    from torchtitan.config import ConfigManager
+
+    bench = _load_benchmark()
+    for name in ("ours_accum_4", "normuon_accum_4"):
+        cfg = ConfigManager().parse_args(
+            ["--job.config_file", str(ROOT / "train_configs" / "fusion_1b.toml"), *bench.ABLATION_RUNS[name]])
+        assert cfg.training.global_batch_size == 4 * cfg.training.local_batch_size
+    assert ConfigManager().parse_args(
+        ["--job.config_file", str(ROOT / "train_configs" / "fusion_1b.toml"),
+         *bench.ABLATION_RUNS["normuon_accum_4"]]).optimizer.name == "NorMuon"
