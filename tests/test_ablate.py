@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import tarfile
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
 
 from fusion_titan.ablation.plan import budget_flops, parse_job_config, plan_variant, shape_of
-from fusion_titan.ablation.runner import wall_clock
+from fusion_titan.ablation.runner import run_folder, summarize, wall_clock
+from fusion_titan.ablation.timing import phases
 from fusion_titan.ablation.sweep import SweepError, load_sweep, parse_sweep
 from fusion_titan.model.flavors import FLAVORS
 from fusion_titan.model.model import FusionModel
@@ -169,6 +174,90 @@ def test_wall_clock_from_logged_throughput():
     # 100 tokens per step; 50 tok/s over steps 2-5 (4 steps: 8 s), 200 tok/s over 6-10 (2.5 s)
     seconds = wall_clock([1, 5, 10], {1: 1.0, 5: 50.0, 10: 200.0}, 100)
     assert seconds == {1: 0.0, 5: 8.0, 10: 10.5}
+
+
+def test_phases_from_log_timestamps():
+    """A run's log, written out by hand: 5 s to the first line, init ends at 12 s, step 1 at 20 s,
+    evaluations at steps 1 (2 s) and 4 (3 s), steps 2-4 logged at 23, 24, 26 s, exit at 31 s."""
+    def line(second: float, message: str) -> str:
+        ms = round(second * 1000)
+        return f"[rank0]:[titan] 2026-01-02 03:04:{ms // 1000:02d},{ms % 1000:03d} - root - INFO - {message}"
+    log = "\n".join([
+        "W0102 launcher noise",
+        line(5, "Starting job: x"), line(12, "Training starts at step 1"),
+        line(20, "step:  1/4  loss: 11.0  memory: 1GiB(1%)  tps: 10  mfu: n/a  eta: 1s"),
+        line(22, "validate step:  1  ce: 11.0  perplexity: 9.0  tokens: 8  batches: 1"),
+        line(22.5, "Synchronizing and adjusting timeout for all ProcessGroups to 0:01:40"),
+        line(23, "step:  2/4  loss: 10.0  memory: 1GiB(1%)  tps: 10  mfu: n/a  eta: 1s"),
+        line(24, "step:  3/4  loss: 9.0  memory: 1GiB(1%)  tps: 10  mfu: n/a  eta: 1s"),
+        line(26, "step:  4/4  loss: 8.0  memory: 1GiB(1%)  tps: 10  mfu: n/a  eta: 0s"),
+        line(29, "validate step:  4  ce: 8.5  perplexity: 9.0  tokens: 8  batches: 1"),
+        line(29.2, "Sleeping 2 seconds for other ranks to complete"),
+    ])
+    start = datetime(2026, 1, 2, 3, 4, 0).timestamp()
+    got = phases(log, start, start + 31)
+    want = {"wall": 31, "init": 12, "first_step": 8, "startup": 20, "train": 6 - 2, "eval": 2 + 3, "shutdown": 2}
+    assert got == pytest.approx(want, abs=1e-6)
+    assert got["startup"] + got["train"] + got["eval"] + got["shutdown"] == pytest.approx(got["wall"])
+    # a run killed during step 1: only what its log reached
+    cut = phases(log.split("\n")[:3] and "\n".join(log.split("\n")[:3]), start, start + 15)
+    assert cut["init"] == pytest.approx(12) and cut["startup"] is None and cut["train"] is None
+
+
+def load_ablate_script():
+    spec = importlib.util.spec_from_file_location("ablate_script", ROOT / "scripts/ablate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_cut_sweep_keeps_a_partial_report_and_archive(tmp_path, monkeypatch):
+    """The sweep is cut (KeyboardInterrupt: a device call's time running out) while its second
+    run trains: the report, manifest, plots and the archive hold the first run and name the rest."""
+    ablate = load_ablate_script()
+    sweep = parse_sweep(sweep_dict({"hybrid": [], "mla": ["--model.layer_schedule", "mha"]}, seeds=[0, 1]),
+                        tmp_path / "s.toml")
+    budget = budget_flops(sweep, ngpu=1)
+    plans = sorted([p for v in sweep.variants for p in plan_variant(sweep, v, budget, 1, "")],
+                   key=lambda p: p.seed)
+    trained = []
+
+    def first_run_then_cut(plan, config, out, root, ngpu, timeout):
+        if trained:
+            raise KeyboardInterrupt
+        trained.append(plan)
+        folder = run_folder(out, plan)
+        folder.mkdir(parents=True)
+        (folder / "train.log").write_text("the trainer's log\n")
+        steps = range(1, plan.steps + 1)
+        scalars = {"throughput(tps)": {s: 100.0 for s in steps},
+                   "loss_metrics/global_avg_loss": {s: 10.0 - s for s in steps},
+                   "validation_metrics/loss": {1: 11.0, plan.steps: 9.5}}
+        timing = {"wall": 30.0, "init": 10.0, "first_step": 5.0, "startup": 15.0, "train": 10.0,
+                  "eval": 2.0, "shutdown": 3.0}
+        result = summarize(plan, scalars, timing)
+        (folder / "result.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(ablate, "execute", first_run_then_cut)
+    out, archive = tmp_path / "sweep", tmp_path / "returned" / "sweep.tgz"
+    with pytest.raises(KeyboardInterrupt):
+        ablate.run_sweep(out, sweep, budget, 1, plans, [], archive=archive)
+
+    assert [p.name for p in trained] == [plans[0].name]
+    report = (out / "report.md").read_text()
+    assert "Partial: 1 of 4 runs ended; not run yet: mla seed 0, hybrid seed 1, mla seed 1." in report
+    assert "| hybrid | 1/2 |" in report and "| mla | 0/2 |" in report
+    assert "| hybrid seed 0 | ok | 30.0 | 10.0 | 5.0 | 15.0 | 10.0 | 2.0 | 3.0 |" in report
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == ["ok", "not run", "not run", "not run"]
+    assert manifest["runs"][0]["timing"]["startup"] == 15.0
+    assert (out / "plots" / "heldout_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.rglob("*.partial")) and not list(archive.parent.glob("*.partial"))
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        assert f"sweep/runs/{plans[0].name}/result.json" in names and "sweep/plots/heldout_vs_flops.png" in names
+        assert tar.extractfile("sweep/report.md").read().decode() == report
 
 
 @pytest.fixture(scope="module")
