@@ -4,8 +4,9 @@
     python scripts/ablate.py SWEEP --out DIR --dry-run          # the step counts only, trains nothing
     python scripts/ablate.py SWEEP --out DIR --seeds 0 1 2 --budget-tokens 2e6
     python scripts/ablate.py SWEEP --out DIR --archive OUT/sweep.tgz   # DIR as one tarball too
+    python scripts/ablate.py SWEEP --out DIR --jobs 3                  # 3 runs at once
 
-Each variant x seed trains through run_train.sh, one after another, for the steps that spend the
+Each variant x seed trains through run_train.sh (`jobs` of them at once, else one after another), for the steps that spend the
 sweep's FLOPs budget (fusion_titan/ablation/plan.py), evaluating the held-out data at step 1 and at
 `eval_points` evenly spaced steps. Writes DIR/report.md, DIR/plots/*.png, DIR/manifest.json and one
 folder per run under DIR/runs/, all of them (but the run folders) rewritten after every run, so
@@ -24,7 +25,9 @@ import json
 import os
 import sys
 import tarfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +54,7 @@ def parse(argv):
     ap.add_argument("--only", nargs="+", metavar="VARIANT", help="run these variants only")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
     ap.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
+    ap.add_argument("--jobs", type=int, help="replaces the sweep's jobs: runs trained at once on this machine")
     ap.add_argument("--archive", type=Path, metavar="FILE",
                     help="after every run, write the whole --out directory as one .tar.gz here")
     return ap.parse_args(argv)
@@ -65,6 +69,10 @@ def load(opts):
         changes.update(budget_flops=opts.budget_flops, budget_tokens=None)
     if opts.seeds:
         changes["seeds"] = tuple(opts.seeds)
+    if opts.jobs is not None:
+        if opts.jobs < 1:
+            raise SweepError(f"--jobs {opts.jobs}: give the number of runs to train at once, >= 1")
+        changes["jobs"] = opts.jobs
     config = ROOT / sweep.config
     if not config.is_file():
         raise SweepError(f"{sweep.path}: config {sweep.config!r} is not a file under {ROOT}")
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ablate: {error}", file=sys.stderr)
         return 2
     print(f"{sweep.path}: budget {budget:.4e} training FLOPs per run, seeds {list(sweep.seeds)}, "
-          f"{ngpu} GPU(s)/process(es) per run")
+          f"{ngpu} GPU(s)/process(es) per run, {sweep.jobs} run(s) at once")
     plans, results = [], []
     for variant in sweep.variants:
         try:
@@ -136,21 +144,32 @@ def run_sweep(out: Path, sweep, budget: float, ngpu: int, plans, results: list[d
         print(f"wrote {out / 'report.md'}, {out / 'manifest.json'}, {out / 'plots'}/"
               + (f", {archive}" if archive else "") + f" ({ended} of {len(plans)} runs ended)", flush=True)
 
-    out.mkdir(parents=True, exist_ok=True)
-    publish()
-    for plan in plans:
+    lock = threading.Lock()  # results and outputs: one writer at a time
+
+    def train(plan):
         folder = run_folder(out, plan)
         done = finished(folder, retry_failed)
         if done is not None:
-            print(f"skipped ({done['status']} before): {plan.name}")
+            print(f"skipped ({done['status']} before): {plan.name}", flush=True)
         else:
             print(f"training {plan.name}: {plan.steps} steps ...", flush=True)
             done = execute(plan, sweep.config, out, ROOT, ngpu, sweep.timeout_s)
-            print(f"  {done['status']}" + (f": held-out CE {done['heldout_ce']:.4f}" if done["status"] == "ok"
-                                            else f" (exit code {done['exit_code']}), see {folder}/train.log")
-                  + (f"; {timing_line(done['timing'])}" if done.get("timing") else ""))
-        results.append(done)
-        publish()
+            print(f"  {plan.name}: {done['status']}"
+                  + (f": held-out CE {done['heldout_ce']:.4f}" if done["status"] == "ok"
+                     else f" (exit code {done['exit_code']}), see {folder}/train.log")
+                  + (f"; {timing_line(done['timing'])}" if done.get("timing") else ""), flush=True)
+        with lock:
+            results.append(done)
+            publish()
+
+    out.mkdir(parents=True, exist_ok=True)
+    publish()
+    if sweep.jobs == 1:
+        for plan in plans:
+            train(plan)
+    else:  # threads only wait on their run_train.sh processes; the plans start in order
+        with ThreadPoolExecutor(sweep.jobs) as pool:
+            list(pool.map(train, plans))
     return results
 
 
@@ -186,7 +205,7 @@ def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results) ->
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep_file": str(sweep.path),
         "sweep_text": sweep.text, "budget_flops": budget, "seeds": list(sweep.seeds),
         "git": git, "packages": provenance.package_versions(), "device": provenance.device_name(),
-        "ngpu": ngpu, "base_toml": sweep.config, "base_toml_text": Path(sweep.config).read_text(),
+        "ngpu": ngpu, "jobs": sweep.jobs, "base_toml": sweep.config, "base_toml_text": Path(sweep.config).read_text(),
         "runs": [{
             "variant": p.variant, "seed": p.seed, "run_id": p.run_id, "folder": str(run_folder(out, p)),
             "status": outcome.get((p.variant, p.seed), {"status": NOT_RUN})["status"], "steps": p.steps,
@@ -203,6 +222,10 @@ def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results) ->
     header = [f"Sweep `{sweep.path}` on `{Path(sweep.config).name}`, {budget:.4e} training FLOPs per run, "
               f"seeds {list(sweep.seeds)}, {provenance.device_name()}, commit "
               f"{(git['commit'] or 'unknown')[:12]}{' (dirty)' if git['dirty'] else ''}."]
+    if sweep.jobs > 1:
+        header += ["", f"{sweep.jobs} runs trained at once on this machine: tokens/s, MFU and seconds are "
+                   "those of a shared machine; compare variants at equal FLOPs."]
+    header += [""]
     header += [f"- `{v.name}`: `{' '.join(v.overrides) or '(base)'}`" + (f" — {v.description}" if v.description else "")
                for v in sweep.variants]
     write_text(out / "report.md", markdown("Ablation report", header, results, order, plots, missing))

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -137,6 +139,7 @@ def test_first_sweep_is_consistent():
     ({"budget_flops": 1e12}, "exactly one of budget_tokens"),
     ({"seeds": [1, 1]}, "distinct"),
     ({"evals": 3}, "unknown key"),
+    ({"jobs": 0}, "jobs .runs trained at once. must be an integer >= 1"),
 ])
 def test_bad_sweep_head_is_refused(change, message):
     data = sweep_dict({"a": []})
@@ -211,6 +214,26 @@ def load_ablate_script():
     return module
 
 
+def finished_run(plan, out: Path) -> dict:
+    """What execute() leaves for a run that finished, from made-up TensorBoard scalars."""
+    folder = run_folder(out, plan)
+    folder.mkdir(parents=True)
+    (folder / "train.log").write_text("the trainer's log\n")
+    steps = range(1, plan.steps + 1)
+    scalars = {"throughput(tps)": {s: 100.0 for s in steps},
+               "loss_metrics/global_avg_loss": {s: 10.0 - s for s in steps},
+               "validation_metrics/loss": {1: 11.0, plan.steps: 9.5}}
+    timing = {"wall": 30.0, "init": 10.0, "first_step": 5.0, "startup": 15.0, "train": 10.0,
+              "eval": 2.0, "shutdown": 3.0}
+    result = summarize(plan, scalars, timing)
+    (folder / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def seed_major_plans(sweep, budget):
+    return sorted([p for v in sweep.variants for p in plan_variant(sweep, v, budget, 1, "")], key=lambda p: p.seed)
+
+
 def test_a_cut_sweep_keeps_a_partial_report_and_archive(tmp_path, monkeypatch):
     """The sweep is cut (KeyboardInterrupt: a device call's time running out) while its second
     run trains: the report, manifest, plots and the archive hold the first run and name the rest."""
@@ -218,26 +241,14 @@ def test_a_cut_sweep_keeps_a_partial_report_and_archive(tmp_path, monkeypatch):
     sweep = parse_sweep(sweep_dict({"hybrid": [], "mla": ["--model.layer_schedule", "mha"]}, seeds=[0, 1]),
                         tmp_path / "s.toml")
     budget = budget_flops(sweep, ngpu=1)
-    plans = sorted([p for v in sweep.variants for p in plan_variant(sweep, v, budget, 1, "")],
-                   key=lambda p: p.seed)
+    plans = seed_major_plans(sweep, budget)
     trained = []
 
     def first_run_then_cut(plan, config, out, root, ngpu, timeout):
         if trained:
             raise KeyboardInterrupt
         trained.append(plan)
-        folder = run_folder(out, plan)
-        folder.mkdir(parents=True)
-        (folder / "train.log").write_text("the trainer's log\n")
-        steps = range(1, plan.steps + 1)
-        scalars = {"throughput(tps)": {s: 100.0 for s in steps},
-                   "loss_metrics/global_avg_loss": {s: 10.0 - s for s in steps},
-                   "validation_metrics/loss": {1: 11.0, plan.steps: 9.5}}
-        timing = {"wall": 30.0, "init": 10.0, "first_step": 5.0, "startup": 15.0, "train": 10.0,
-                  "eval": 2.0, "shutdown": 3.0}
-        result = summarize(plan, scalars, timing)
-        (folder / "result.json").write_text(json.dumps(result))
-        return result
+        return finished_run(plan, out)
 
     monkeypatch.setattr(ablate, "execute", first_run_then_cut)
     out, archive = tmp_path / "sweep", tmp_path / "returned" / "sweep.tgz"
@@ -258,6 +269,36 @@ def test_a_cut_sweep_keeps_a_partial_report_and_archive(tmp_path, monkeypatch):
         names = set(tar.getnames())
         assert f"sweep/runs/{plans[0].name}/result.json" in names and "sweep/plots/heldout_vs_flops.png" in names
         assert tar.extractfile("sweep/report.md").read().decode() == report
+
+
+def test_jobs_train_runs_at_once(tmp_path, monkeypatch):
+    """jobs = 2: two runs are in execute() at the same time, every run ends in the outputs."""
+    ablate = load_ablate_script()
+    sweep = parse_sweep(sweep_dict({"hybrid": [], "mla": ["--model.layer_schedule", "mha"]}, seeds=[0, 1],
+                                   jobs=2), tmp_path / "s.toml")
+    budget = budget_flops(sweep, ngpu=1)
+    plans = seed_major_plans(sweep, budget)
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow_run(plan, config, out, root, ngpu, timeout):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.5)
+        with lock:
+            inside[0] -= 1
+        return finished_run(plan, out)
+
+    monkeypatch.setattr(ablate, "execute", slow_run)
+    out = tmp_path / "sweep"
+    results = ablate.run_sweep(out, sweep, budget, 1, plans, [])
+    assert most[0] == 2 and len(results) == 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == ["ok"] * 4 and manifest["jobs"] == 2
+    report = (out / "report.md").read_text()
+    assert "Partial" not in report and "| hybrid | 2/2 |" in report and "| mla | 2/2 |" in report
+    assert "2 runs trained at once" in report
 
 
 @pytest.fixture(scope="module")
