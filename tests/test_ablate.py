@@ -131,7 +131,7 @@ def test_first_sweep_is_consistent():
         p = runs[0]
         assert abs(p.flops - budget) <= p.shape.flops_per_token * p.shape.tokens_per_step * 4 / 2
     assert plans["hybrid"][0].run_id != plans["hybrid"][1].run_id
-    assert plans["hybrid"][0].steps == 128 and plans["adamw"][0].steps == 128
+    assert plans["hybrid"][0].steps == 256 and plans["adamw"][0].steps == 256
 
 
 @pytest.mark.parametrize("change, message", [
@@ -342,7 +342,8 @@ def test_sweep_runs_reports_and_resumes(tmp_path, heldout):
     env = dict(os.environ, FUSION_FORCE_CPU="1", NGPU="1", PYTHONUNBUFFERED="1")
 
     def ablate() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "scripts/ablate.py", str(path), "--out", str(out)],
+        return subprocess.run([sys.executable, "scripts/ablate.py", str(path), "--out", str(out),
+                               "--archive", str(tmp_path / "sweep.tgz")],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
 
     first = ablate()
@@ -367,6 +368,13 @@ def test_sweep_runs_reports_and_resumes(tmp_path, heldout):
         assert [p["step"] for p in result["curve"]] == [1, steps // 2, steps]
         assert [p["flops"] for p in result["curve"]] == pytest.approx(
             [s * result["flops"] / steps for s in (1, steps // 2, steps)], rel=1e-9)
+        # where the time went: every phase measured, and together the process's wall time
+        timing = result["timing"]
+        assert all(timing[k] > 0 for k in ("init", "first_step", "train", "eval", "shutdown")), timing
+        assert timing["startup"] + timing["train"] + timing["eval"] + timing["shutdown"] == \
+            pytest.approx(timing["wall"], abs=1e-6)
+        assert timing["shutdown"] >= 2  # torchtitan sleeps 2 s after the last step
+        assert runs[name]["timing"] == timing
     curve = json.loads((Path(runs["mla_no_mtp"]["folder"]) / "result.json").read_text())["curve"]
     assert curve[-1]["heldout_ce"] < curve[0]["heldout_ce"]  # training lowered the held-out loss
 
@@ -386,6 +394,10 @@ def test_sweep_runs_reports_and_resumes(tmp_path, heldout):
     report = (out / "report.md").read_text()
     assert report.count("| 1/1 |") == 2 and "| hybrid | 1/1 |" in report and "| mla_no_mtp | 1/1 |" in report and "| broken | 0/1 |" in report
     assert "## Failed runs" in report and "'Bogus' is not supported" in report
+    assert "## Where the time went" in report and "Partial" not in report
+    with tarfile.open(tmp_path / "sweep.tgz") as tar:  # the whole out folder, run folders too
+        assert tar.extractfile("out/report.md").read().decode() == report
+        assert f"out/runs/{Path(runs['hybrid']['folder']).name}/train.log" in tar.getnames()
     for png in ("heldout_vs_flops.png", "heldout_vs_wallclock.png"):
         data = (out / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
