@@ -6,12 +6,13 @@
     python scripts/ablate.py SWEEP --out DIR --archive OUT/sweep.tgz   # DIR as one tarball too
     python scripts/ablate.py SWEEP --out DIR --jobs 3                  # 3 runs at once
 
-Each variant x seed trains through run_train.sh (`jobs` of them at once, else one after another), for the steps that spend the
-sweep's FLOPs budget (fusion_titan/ablation/plan.py), evaluating the held-out data at step 1 and at
-`eval_points` evenly spaced steps. Writes DIR/report.md, DIR/plots/*.png, DIR/manifest.json and one
-folder per run under DIR/runs/, all of them (but the run folders) rewritten after every run, so
-a sweep cut short keeps what finished (the report names the runs still missing); --archive FILE
-rewrites one .tar.gz of DIR after every run too. Re-running the same command skips every run that already ended
+Each variant x seed trains through run_train.sh (`jobs` of them at once, else one after
+another) for the steps that spend the sweep's FLOPs budget (fusion_titan/ablation/plan.py),
+evaluating the held-out data at step 1 and at `eval_points` evenly spaced steps. Writes
+DIR/report.md, DIR/plots/*.png, DIR/manifest.json and one folder per run under DIR/runs/; all but
+the run folders are rewritten before the first run and after every run, so a sweep cut short
+keeps what ended (the report names the runs still missing); --archive FILE rewrites one .tar.gz
+of DIR after every run too. Re-running the same command skips every run that already ended
 (identified by a hash of its TOML, overrides, seed and GPU count); --retry-failed reruns failures.
 Exit code 0 when every run finished, 1 when one failed (the report has its log's last lines),
 2 for a sweep that cannot start.
@@ -205,7 +206,8 @@ def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results) ->
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep_file": str(sweep.path),
         "sweep_text": sweep.text, "budget_flops": budget, "seeds": list(sweep.seeds),
         "git": git, "packages": provenance.package_versions(), "device": provenance.device_name(),
-        "ngpu": ngpu, "jobs": sweep.jobs, "base_toml": sweep.config, "base_toml_text": Path(sweep.config).read_text(),
+        "ngpu": ngpu, "jobs": sweep.jobs, "base_toml": sweep.config,
+        "base_toml_text": Path(sweep.config).read_text(),
         "runs": [{
             "variant": p.variant, "seed": p.seed, "run_id": p.run_id, "folder": str(run_folder(out, p)),
             "status": outcome.get((p.variant, p.seed), {"status": NOT_RUN})["status"], "steps": p.steps,

@@ -112,7 +112,8 @@ def wall_column(runs: list[dict]) -> str:
     def mean(key):
         values = [r["timing"][key] for r in runs if r.get("timing") and r["timing"].get(key) is not None]
         return statistics.mean(values) if values else None
-    return f"{seconds(mean('wall'))} ({seconds(mean('startup'))} + {seconds(mean('train'))} + {seconds(mean('eval'))})"
+    startup, train, evaluation = (seconds(mean(k)) for k in ("startup", "train", "eval"))
+    return f"{seconds(mean('wall'))} ({startup} + {train} + {evaluation})"
 
 
 def plot(results: list[dict], order: list[str], out: Path) -> list[str]:

@@ -48,7 +48,8 @@ def _autotune(configs: list[triton.Config], key: list[str], restore_value: list[
     best config without benchmarking again; only a benchmark needs restore_value."""
     if _interpreting():
         return lambda fn: _FixedConfig(fn, configs[0].kwargs)
-    cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    cache = ({"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters
+             else {})
     return triton.autotune(configs=configs, key=key, restore_value=restore_value, **cache)
 
 
