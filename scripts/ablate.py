@@ -3,11 +3,16 @@
     python scripts/ablate.py train_configs/ablations/debug_sweep.toml --out outputs/ablations/debug
     python scripts/ablate.py SWEEP --out DIR --dry-run          # the step counts only, trains nothing
     python scripts/ablate.py SWEEP --out DIR --seeds 0 1 2 --budget-tokens 2e6
+    python scripts/ablate.py SWEEP --out DIR --archive OUT/sweep.tgz   # DIR as one tarball too
+    python scripts/ablate.py SWEEP --out DIR --jobs 3                  # 3 runs at once
 
-Each variant x seed trains through run_train.sh, one after another, for the steps that spend the
-sweep's FLOPs budget (fusion_titan/ablation/plan.py), evaluating the held-out data at step 1 and at
-`eval_points` evenly spaced steps. Writes DIR/report.md, DIR/plots/*.png, DIR/manifest.json and one
-folder per run under DIR/runs/. Re-running the same command skips every run that already ended
+Each variant x seed trains through run_train.sh (`jobs` of them at once, else one after
+another) for the steps that spend the sweep's FLOPs budget (fusion_titan/ablation/plan.py),
+evaluating the held-out data at step 1 and at `eval_points` evenly spaced steps. Writes
+DIR/report.md, DIR/plots/*.png, DIR/manifest.json and one folder per run under DIR/runs/; all but
+the run folders are rewritten before the first run and after every run, so a sweep cut short
+keeps what ended (the report names the runs still missing); --archive FILE rewrites one .tar.gz
+of DIR after every run too. Re-running the same command skips every run that already ended
 (identified by a hash of its TOML, overrides, seed and GPU count); --retry-failed reruns failures.
 Exit code 0 when every run finished, 1 when one failed (the report has its log's last lines),
 2 for a sweep that cannot start.
@@ -18,8 +23,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import tarfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 from fusion_titan.ablation import provenance  # noqa: E402
 from fusion_titan.ablation.plan import budget_flops, default_ngpu, plan_variant  # noqa: E402
-from fusion_titan.ablation.report import markdown, plot  # noqa: E402
+from fusion_titan.ablation.report import NOT_RUN, markdown, plot  # noqa: E402
 from fusion_titan.ablation.runner import execute, finished, run_folder  # noqa: E402
 from fusion_titan.ablation.sweep import SweepError, load_sweep  # noqa: E402
 from fusion_titan.data.shards import MANIFEST  # noqa: E402
@@ -46,6 +55,9 @@ def parse(argv):
     ap.add_argument("--only", nargs="+", metavar="VARIANT", help="run these variants only")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
     ap.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
+    ap.add_argument("--jobs", type=int, help="replaces the sweep's jobs: runs trained at once on this machine")
+    ap.add_argument("--archive", type=Path, metavar="FILE",
+                    help="after every run, write the whole --out directory as one .tar.gz here")
     return ap.parse_args(argv)
 
 
@@ -58,6 +70,10 @@ def load(opts):
         changes.update(budget_flops=opts.budget_flops, budget_tokens=None)
     if opts.seeds:
         changes["seeds"] = tuple(opts.seeds)
+    if opts.jobs is not None:
+        if opts.jobs < 1:
+            raise SweepError(f"--jobs {opts.jobs}: give the number of runs to train at once, >= 1")
+        changes["jobs"] = opts.jobs
     config = ROOT / sweep.config
     if not config.is_file():
         raise SweepError(f"{sweep.path}: config {sweep.config!r} is not a file under {ROOT}")
@@ -94,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ablate: {error}", file=sys.stderr)
         return 2
     print(f"{sweep.path}: budget {budget:.4e} training FLOPs per run, seeds {list(sweep.seeds)}, "
-          f"{ngpu} GPU(s)/process(es) per run")
+          f"{ngpu} GPU(s)/process(es) per run, {sweep.jobs} run(s) at once")
     plans, results = [], []
     for variant in sweep.variants:
         try:
@@ -113,22 +129,73 @@ def main(argv: list[str] | None = None) -> int:
     # seed-major: a sweep cut short (a time-limited device call) has one seed of every variant first
     plans.sort(key=lambda plan: list(sweep.seeds).index(plan.seed))
 
-    opts.out.mkdir(parents=True, exist_ok=True)
-    for plan in plans:
-        folder = run_folder(opts.out, plan)
-        done = finished(folder, opts.retry_failed)
+    results = run_sweep(opts.out, sweep, budget, ngpu, plans, results, opts.retry_failed, opts.archive)
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+def run_sweep(out: Path, sweep, budget: float, ngpu: int, plans, results: list[dict],
+              retry_failed: bool = False, archive: Path | None = None) -> list[dict]:
+    """Train (or skip) every plan in order; the outputs are rewritten before the first run and
+    after each one, so whatever cuts the sweep short leaves the report of the runs that ended."""
+    def publish():
+        write_outputs(out, sweep, budget, ngpu, plans, results)
+        if archive is not None:
+            write_archive(out, archive)
+        ended = sum(1 for r in results if r.get("exit_code") != "config")
+        print(f"wrote {out / 'report.md'}, {out / 'manifest.json'}, {out / 'plots'}/"
+              + (f", {archive}" if archive else "") + f" ({ended} of {len(plans)} runs ended)", flush=True)
+
+    lock = threading.Lock()  # results and outputs: one writer at a time
+
+    def train(plan):
+        folder = run_folder(out, plan)
+        done = finished(folder, retry_failed)
         if done is not None:
-            print(f"skipped ({done['status']} before): {plan.name}")
+            print(f"skipped ({done['status']} before): {plan.name}", flush=True)
         else:
             print(f"training {plan.name}: {plan.steps} steps ...", flush=True)
-            done = execute(plan, sweep.config, opts.out, ROOT, ngpu, sweep.timeout_s)
-            print(f"  {done['status']}" + (f": held-out CE {done['heldout_ce']:.4f}" if done["status"] == "ok"
-                                            else f" (exit code {done['exit_code']}), see {folder}/train.log"))
-        results.append(done)
+            done = execute(plan, sweep.config, out, ROOT, ngpu, sweep.timeout_s)
+            print(f"  {plan.name}: {done['status']}"
+                  + (f": held-out CE {done['heldout_ce']:.4f}" if done["status"] == "ok"
+                     else f" (exit code {done['exit_code']}), see {folder}/train.log")
+                  + (f"; {timing_line(done['timing'])}" if done.get("timing") else ""), flush=True)
+        with lock:
+            results.append(done)
+            publish()
 
-    write_outputs(opts.out, sweep, budget, ngpu, plans, results)
-    print(f"wrote {opts.out / 'report.md'}, {opts.out / 'manifest.json'}, {opts.out / 'plots'}/")
-    return 0 if all(r["status"] == "ok" for r in results) else 1
+    out.mkdir(parents=True, exist_ok=True)
+    publish()
+    if sweep.jobs == 1:
+        for plan in plans:
+            train(plan)
+    else:  # threads only wait on their run_train.sh processes; the plans start in order
+        with ThreadPoolExecutor(sweep.jobs) as pool:
+            list(pool.map(train, plans))
+    return results
+
+
+def timing_line(timing: dict) -> str:
+    shown = ", ".join(f"{k} {timing[k]:.1f}" for k in ("startup", "train", "eval", "shutdown")
+                      if timing.get(k) is not None)
+    return f"{timing['wall']:.1f} s ({shown})"
+
+
+def write_archive(out: Path, archive: Path) -> None:
+    """out/ as archive (a .tar.gz whose top folder is out's name), replaced atomically."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(archive.name + ".partial")
+    base, skip = out.resolve(), {archive.resolve(), partial.resolve()}
+    with tarfile.open(partial, "w:gz") as tar:  # (an archive inside out/ is not put in itself)
+        tar.add(base, arcname=base.name,
+                filter=lambda info: None if base.parent / info.name in skip else info)
+    os.replace(partial, archive)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace path's content atomically: a sweep killed mid-write keeps the previous version."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results) -> None:
@@ -139,24 +206,31 @@ def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results) ->
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep_file": str(sweep.path),
         "sweep_text": sweep.text, "budget_flops": budget, "seeds": list(sweep.seeds),
         "git": git, "packages": provenance.package_versions(), "device": provenance.device_name(),
-        "ngpu": ngpu, "base_toml": sweep.config, "base_toml_text": Path(sweep.config).read_text(),
+        "ngpu": ngpu, "jobs": sweep.jobs, "base_toml": sweep.config,
+        "base_toml_text": Path(sweep.config).read_text(),
         "runs": [{
             "variant": p.variant, "seed": p.seed, "run_id": p.run_id, "folder": str(run_folder(out, p)),
-            "status": outcome[(p.variant, p.seed)]["status"], "steps": p.steps,
+            "status": outcome.get((p.variant, p.seed), {"status": NOT_RUN})["status"], "steps": p.steps,
+            "timing": outcome.get((p.variant, p.seed), {}).get("timing"),
             "command": ["./run_train.sh", "--job.dump_folder", str(run_folder(out, p).resolve()), *p.args],
             "env": {"CONFIG_FILE": sweep.config, "NGPU": str(ngpu)},
             "data": provenance.data_checksums(p.resolved["data"]), "resolved_config": p.resolved,
         } for p in plans],
         "config_failures": [r for r in results if r.get("exit_code") == "config"],
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    write_text(out / "manifest.json", json.dumps(manifest, indent=1, default=str))
     plots = plot(results, order, out / "plots")
+    missing = [(p.variant, p.seed) for p in plans if (p.variant, p.seed) not in outcome]
     header = [f"Sweep `{sweep.path}` on `{Path(sweep.config).name}`, {budget:.4e} training FLOPs per run, "
               f"seeds {list(sweep.seeds)}, {provenance.device_name()}, commit "
               f"{(git['commit'] or 'unknown')[:12]}{' (dirty)' if git['dirty'] else ''}."]
+    if sweep.jobs > 1:
+        header += ["", f"{sweep.jobs} runs trained at once on this machine: tokens/s, MFU and seconds are "
+                   "those of a shared machine; compare variants at equal FLOPs."]
+    header += [""]
     header += [f"- `{v.name}`: `{' '.join(v.overrides) or '(base)'}`" + (f" — {v.description}" if v.description else "")
                for v in sweep.variants]
-    (out / "report.md").write_text(markdown("Ablation report", header, results, order, plots))
+    write_text(out / "report.md", markdown("Ablation report", header, results, order, plots, missing))
 
 
 if __name__ == "__main__":

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import tarfile
+import threading
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
 
 from fusion_titan.ablation.plan import budget_flops, parse_job_config, plan_variant, shape_of
-from fusion_titan.ablation.runner import wall_clock
+from fusion_titan.ablation.runner import run_folder, summarize, wall_clock
+from fusion_titan.ablation.timing import phases
 from fusion_titan.ablation.sweep import SweepError, load_sweep, parse_sweep
 from fusion_titan.model.flavors import FLAVORS
 from fusion_titan.model.model import FusionModel
@@ -124,7 +131,7 @@ def test_first_sweep_is_consistent():
         p = runs[0]
         assert abs(p.flops - budget) <= p.shape.flops_per_token * p.shape.tokens_per_step * 4 / 2
     assert plans["hybrid"][0].run_id != plans["hybrid"][1].run_id
-    assert plans["hybrid"][0].steps == 128 and plans["adamw"][0].steps == 128
+    assert plans["hybrid"][0].steps == 256 and plans["adamw"][0].steps == 256
 
 
 @pytest.mark.parametrize("change, message", [
@@ -132,6 +139,7 @@ def test_first_sweep_is_consistent():
     ({"budget_flops": 1e12}, "exactly one of budget_tokens"),
     ({"seeds": [1, 1]}, "distinct"),
     ({"evals": 3}, "unknown key"),
+    ({"jobs": 0}, "jobs .runs trained at once. must be an integer >= 1"),
 ])
 def test_bad_sweep_head_is_refused(change, message):
     data = sweep_dict({"a": []})
@@ -169,6 +177,128 @@ def test_wall_clock_from_logged_throughput():
     # 100 tokens per step; 50 tok/s over steps 2-5 (4 steps: 8 s), 200 tok/s over 6-10 (2.5 s)
     seconds = wall_clock([1, 5, 10], {1: 1.0, 5: 50.0, 10: 200.0}, 100)
     assert seconds == {1: 0.0, 5: 8.0, 10: 10.5}
+
+
+def test_phases_from_log_timestamps():
+    """A run's log, written out by hand: 5 s to the first line, init ends at 12 s, step 1 at 20 s,
+    evaluations at steps 1 (2 s) and 4 (3 s), steps 2-4 logged at 23, 24, 26 s, exit at 31 s."""
+    def line(second: float, message: str) -> str:
+        ms = round(second * 1000)
+        return f"[rank0]:[titan] 2026-01-02 03:04:{ms // 1000:02d},{ms % 1000:03d} - root - INFO - {message}"
+    log = "\n".join([
+        "W0102 launcher noise",
+        line(5, "Starting job: x"), line(12, "Training starts at step 1"),
+        line(20, "step:  1/4  loss: 11.0  memory: 1GiB(1%)  tps: 10  mfu: n/a  eta: 1s"),
+        line(22, "validate step:  1  ce: 11.0  perplexity: 9.0  tokens: 8  batches: 1"),
+        line(22.5, "Synchronizing and adjusting timeout for all ProcessGroups to 0:01:40"),
+        line(23, "step:  2/4  loss: 10.0  memory: 1GiB(1%)  tps: 10  mfu: n/a  eta: 1s"),
+        line(24, "step:  3/4  loss: 9.0  memory: 1GiB(1%)  tps: 10  mfu: n/a  eta: 1s"),
+        line(26, "step:  4/4  loss: 8.0  memory: 1GiB(1%)  tps: 10  mfu: n/a  eta: 0s"),
+        line(29, "validate step:  4  ce: 8.5  perplexity: 9.0  tokens: 8  batches: 1"),
+        line(29.2, "Sleeping 2 seconds for other ranks to complete"),
+    ])
+    start = datetime(2026, 1, 2, 3, 4, 0).timestamp()
+    got = phases(log, start, start + 31)
+    want = {"wall": 31, "init": 12, "first_step": 8, "startup": 20, "train": 6 - 2, "eval": 2 + 3, "shutdown": 2}
+    assert got == pytest.approx(want, abs=1e-6)
+    assert got["startup"] + got["train"] + got["eval"] + got["shutdown"] == pytest.approx(got["wall"])
+    # a run killed during step 1: only what its log reached
+    cut = phases(log.split("\n")[:3] and "\n".join(log.split("\n")[:3]), start, start + 15)
+    assert cut["init"] == pytest.approx(12) and cut["startup"] is None and cut["train"] is None
+
+
+def load_ablate_script():
+    spec = importlib.util.spec_from_file_location("ablate_script", ROOT / "scripts/ablate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def finished_run(plan, out: Path) -> dict:
+    """What execute() leaves for a run that finished, from made-up TensorBoard scalars."""
+    folder = run_folder(out, plan)
+    folder.mkdir(parents=True)
+    (folder / "train.log").write_text("the trainer's log\n")
+    steps = range(1, plan.steps + 1)
+    scalars = {"throughput(tps)": {s: 100.0 for s in steps},
+               "loss_metrics/global_avg_loss": {s: 10.0 - s for s in steps},
+               "validation_metrics/loss": {1: 11.0, plan.steps: 9.5}}
+    timing = {"wall": 30.0, "init": 10.0, "first_step": 5.0, "startup": 15.0, "train": 10.0,
+              "eval": 2.0, "shutdown": 3.0}
+    result = summarize(plan, scalars, timing)
+    (folder / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def seed_major_plans(sweep, budget):
+    return sorted([p for v in sweep.variants for p in plan_variant(sweep, v, budget, 1, "")], key=lambda p: p.seed)
+
+
+def test_a_cut_sweep_keeps_a_partial_report_and_archive(tmp_path, monkeypatch):
+    """The sweep is cut (KeyboardInterrupt: a device call's time running out) while its second
+    run trains: the report, manifest, plots and the archive hold the first run and name the rest."""
+    ablate = load_ablate_script()
+    sweep = parse_sweep(sweep_dict({"hybrid": [], "mla": ["--model.layer_schedule", "mha"]}, seeds=[0, 1]),
+                        tmp_path / "s.toml")
+    budget = budget_flops(sweep, ngpu=1)
+    plans = seed_major_plans(sweep, budget)
+    trained = []
+
+    def first_run_then_cut(plan, config, out, root, ngpu, timeout):
+        if trained:
+            raise KeyboardInterrupt
+        trained.append(plan)
+        return finished_run(plan, out)
+
+    monkeypatch.setattr(ablate, "execute", first_run_then_cut)
+    out, archive = tmp_path / "sweep", tmp_path / "returned" / "sweep.tgz"
+    with pytest.raises(KeyboardInterrupt):
+        ablate.run_sweep(out, sweep, budget, 1, plans, [], archive=archive)
+
+    assert [p.name for p in trained] == [plans[0].name]
+    report = (out / "report.md").read_text()
+    assert "Partial: 1 of 4 runs ended; not run yet: mla seed 0, hybrid seed 1, mla seed 1." in report
+    assert "| hybrid | 1/2 |" in report and "| mla | 0/2 |" in report
+    assert "| hybrid seed 0 | ok | 30.0 | 10.0 | 5.0 | 15.0 | 10.0 | 2.0 | 3.0 |" in report
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == ["ok", "not run", "not run", "not run"]
+    assert manifest["runs"][0]["timing"]["startup"] == 15.0
+    assert (out / "plots" / "heldout_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.rglob("*.partial")) and not list(archive.parent.glob("*.partial"))
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        assert f"sweep/runs/{plans[0].name}/result.json" in names and "sweep/plots/heldout_vs_flops.png" in names
+        assert tar.extractfile("sweep/report.md").read().decode() == report
+
+
+def test_jobs_train_runs_at_once(tmp_path, monkeypatch):
+    """jobs = 2: two runs are in execute() at the same time, every run ends in the outputs."""
+    ablate = load_ablate_script()
+    sweep = parse_sweep(sweep_dict({"hybrid": [], "mla": ["--model.layer_schedule", "mha"]}, seeds=[0, 1],
+                                   jobs=2), tmp_path / "s.toml")
+    budget = budget_flops(sweep, ngpu=1)
+    plans = seed_major_plans(sweep, budget)
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow_run(plan, config, out, root, ngpu, timeout):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.5)
+        with lock:
+            inside[0] -= 1
+        return finished_run(plan, out)
+
+    monkeypatch.setattr(ablate, "execute", slow_run)
+    out = tmp_path / "sweep"
+    results = ablate.run_sweep(out, sweep, budget, 1, plans, [])
+    assert most[0] == 2 and len(results) == 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == ["ok"] * 4 and manifest["jobs"] == 2
+    report = (out / "report.md").read_text()
+    assert "Partial" not in report and "| hybrid | 2/2 |" in report and "| mla | 2/2 |" in report
+    assert "2 runs trained at once" in report
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +342,8 @@ def test_sweep_runs_reports_and_resumes(tmp_path, heldout):
     env = dict(os.environ, FUSION_FORCE_CPU="1", NGPU="1", PYTHONUNBUFFERED="1")
 
     def ablate() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "scripts/ablate.py", str(path), "--out", str(out)],
+        return subprocess.run([sys.executable, "scripts/ablate.py", str(path), "--out", str(out),
+                               "--archive", str(tmp_path / "sweep.tgz")],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
 
     first = ablate()
@@ -237,6 +368,13 @@ def test_sweep_runs_reports_and_resumes(tmp_path, heldout):
         assert [p["step"] for p in result["curve"]] == [1, steps // 2, steps]
         assert [p["flops"] for p in result["curve"]] == pytest.approx(
             [s * result["flops"] / steps for s in (1, steps // 2, steps)], rel=1e-9)
+        # where the time went: every phase measured, and together the process's wall time
+        timing = result["timing"]
+        assert all(timing[k] > 0 for k in ("init", "first_step", "train", "eval", "shutdown")), timing
+        assert timing["startup"] + timing["train"] + timing["eval"] + timing["shutdown"] == \
+            pytest.approx(timing["wall"], abs=1e-6)
+        assert timing["shutdown"] >= 2  # torchtitan sleeps 2 s after the last step
+        assert runs[name]["timing"] == timing
     curve = json.loads((Path(runs["mla_no_mtp"]["folder"]) / "result.json").read_text())["curve"]
     assert curve[-1]["heldout_ce"] < curve[0]["heldout_ce"]  # training lowered the held-out loss
 
@@ -256,6 +394,10 @@ def test_sweep_runs_reports_and_resumes(tmp_path, heldout):
     report = (out / "report.md").read_text()
     assert report.count("| 1/1 |") == 2 and "| hybrid | 1/1 |" in report and "| mla_no_mtp | 1/1 |" in report and "| broken | 0/1 |" in report
     assert "## Failed runs" in report and "'Bogus' is not supported" in report
+    assert "## Where the time went" in report and "Partial" not in report
+    with tarfile.open(tmp_path / "sweep.tgz") as tar:  # the whole out folder, run folders too
+        assert tar.extractfile("out/report.md").read().decode() == report
+        assert f"out/runs/{Path(runs['hybrid']['folder']).name}/train.log" in tar.getnames()
     for png in ("heldout_vs_flops.png", "heldout_vs_wallclock.png"):
         data = (out / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -43,6 +43,27 @@ def test_stdlib_corpus_is_real_text():
     assert "def " in read_document(files[0]) or "class " in read_document(files[0])
 
 
+def test_stdlib_listing_is_the_rglob_one(tmp_path):
+    """The pruned walk lists what `sorted(root.rglob("*.py"))` minus skipped folders did, in the
+    same order: on a tree with skipped, symlinked and small files, and on the real stdlib."""
+    from fusion_titan.data.stdlib_corpus import _SKIP_PARTS, stdlib_root
+
+    def by_rglob(root):
+        return [p for p in sorted(root.rglob("*.py")) if not _SKIP_PARTS.intersection(p.relative_to(root).parts)
+                and 512 <= p.stat().st_size <= 400_000]
+
+    for folder in ("a/b", "a/test", "site-packages/x", "c"):
+        (tmp_path / folder).mkdir(parents=True)
+    for name in ("a/z.py", "a/b/y.py", "a/b/B.py", "a/test/t.py", "site-packages/x/s.py", "c/c.py", "a.py"):
+        (tmp_path / name).write_text("x = 1\n" * 200)
+    (tmp_path / "a/b/small.py").write_text("x = 1\n")
+    (tmp_path / "link").symlink_to(tmp_path / "c", target_is_directory=True)
+    listed = stdlib_files(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in listed] == ["a/b/B.py", "a/b/y.py", "a/z.py", "a.py", "c/c.py"]
+    assert listed == by_rglob(tmp_path)
+    assert stdlib_files() == by_rglob(stdlib_root())
+
+
 def test_rows_are_the_seeded_document_stream_packed(tokenizer):
     """Against an independent packing: shuffle, tokenize + EOS, concatenate, rows of 33 tokens
     that overlap by one (a row's last label is the next row's first input)."""

@@ -2,11 +2,14 @@
 
 Plots (one line per variant, the mean over its seeds, the band spanning min..max of the seeds):
 held-out CE vs training FLOPs (`heldout_vs_flops.png`) and vs steady-state training seconds
-(`heldout_vs_wallclock.png`, step 1's compilation excluded; see runner.py).
+(`heldout_vs_wallclock.png`, step 1's compilation excluded; see runner.py). Where each run's
+wall time went (startup, training, evaluation, shutdown: timing.py) has its own table. A partial
+report (a sweep still running, or cut short) names the runs that have not run yet.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 
@@ -17,6 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 PLOTS = {"heldout_vs_flops.png": ("flops", "training FLOPs"),
          "heldout_vs_wallclock.png": ("seconds", "training seconds (after step 1)")}
+NOT_RUN = "not run"  # the status of a planned run with no outcome yet
+PHASES = ("wall", "init", "first_step", "startup", "train", "eval", "shutdown")
 
 
 def spread(values: list[float | None], fmt: str) -> str:
@@ -41,17 +46,42 @@ def by_variant(results: list[dict], order: list[str]) -> dict[str, list[dict]]:
     return groups
 
 
+def seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def timing_table(results: list[dict]) -> list[str]:
+    """One row per run that ended: its seconds per phase (timing.py)."""
+    timed = [r for r in results if r.get("timing")]
+    if not timed:
+        return []
+    lines = ["", "## Where the time went", "",
+             "Seconds per run, from the trainer's log timestamps: startup = init (launcher, imports, "
+             "data, model build) + step 1 (autotuning, compilation); train excludes evaluations; "
+             "shutdown = last line to process exit.", "",
+             "| run | status | " + " | ".join(PHASES) + " |", "|---|---|" + "---|" * len(PHASES)]
+    for r in timed:
+        lines.append(f"| {r['variant']} seed {r['seed']} | {r['status']} | "
+                     + " | ".join(seconds(r["timing"].get(k)) for k in PHASES) + " |")
+    return lines
+
+
 def markdown(title: str, header_lines: list[str], results: list[dict], order: list[str],
-             plots: list[str]) -> str:
+             plots: list[str], missing: list[tuple[str, int]] = ()) -> str:
+    """The report; missing: the (variant, seed) runs planned that have no outcome yet."""
     ok = [r for r in results if r["status"] == "ok"]
-    lines = [f"# {title}", "", *header_lines, "",
+    planned = len(results) + len(missing)
+    partial = ([f"**Partial: {len(results)} of {planned} runs ended; not run yet: "
+                + ", ".join(f"{v} seed {s}" for v, s in missing) + ".**", ""] if missing else [])
+    lines = [f"# {title}", "", *header_lines, "", *partial,
              "| variant | seeds ok | params total | active | GFLOP/token | steps | tokens | training FLOPs "
-             "| tokens/s | MFU % | final train loss | final train CE | held-out CE | held-out perplexity |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| tokens/s | MFU % | final train loss | final train CE | held-out CE | held-out perplexity "
+             "| wall s (startup + train + eval) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in by_variant(ok, order).items():
-        tried = sum(1 for r in results if r["variant"] == name)
+        tried = sum(1 for r in results if r["variant"] == name) + sum(1 for v, _ in missing if v == name)
         if not runs:
-            lines.append(f"| {name} | 0/{tried} |" + " |" * 12)
+            lines.append(f"| {name} | 0/{tried} |" + " |" * 13)
             continue
         r0 = runs[0]
         col = lambda key, fmt: spread([r[key] for r in runs], fmt)  # noqa: E731
@@ -60,11 +90,12 @@ def markdown(title: str, header_lines: list[str], results: list[dict], order: li
             f"| {r0['flops_per_token'] / 1e9:.3f} | {r0['steps']} | {r0['tokens']:,} | {r0['flops']:.3e} "
             f"| {col('tokens_per_second', ',.0f')} | {col('mfu_percent', '.1f')} "
             f"| {col('final_train_loss', '.4f')} | {col('final_train_ce', '.4f')} | {col('heldout_ce', '.4f')} "
-            f"| {col('heldout_perplexity', '.2f')} |")
+            f"| {col('heldout_perplexity', '.2f')} | {wall_column(runs)} |")
     lines += ["", "Mean ± sample standard deviation over the seeds that finished. tokens/s (all devices) "
               "and MFU: steady state (step 1, with compilation, excluded). Train loss: what is "
               "minimized (CE + MTP and balance terms); train CE: next-token CE alone, comparable "
               "across MTP depths."]
+    lines += timing_table(results)
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
         lines += ["", "## Failed runs", ""]
@@ -74,6 +105,15 @@ def markdown(title: str, header_lines: list[str], results: list[dict], order: li
     if plots:
         lines += ["", "## Plots", "", *[f"![{p}](plots/{p})" for p in plots]]
     return "\n".join(lines) + "\n"
+
+
+def wall_column(runs: list[dict]) -> str:
+    """'wall (startup + train + eval)', means over the seeds, in seconds."""
+    def mean(key):
+        values = [r["timing"][key] for r in runs if r.get("timing") and r["timing"].get(key) is not None]
+        return statistics.mean(values) if values else None
+    startup, train, evaluation = (seconds(mean(k)) for k in ("startup", "train", "eval"))
+    return f"{seconds(mean('wall'))} ({startup} + {train} + {evaluation})"
 
 
 def plot(results: list[dict], order: list[str], out: Path) -> list[str]:
@@ -107,7 +147,9 @@ def plot(results: list[dict], order: list[str], out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / filename, dpi=110)
+        partial = out / f"{filename}.partial"  # replaced atomically: a cut sweep keeps the last one
+        fig.savefig(partial, dpi=110, format="png")
+        os.replace(partial, out / filename)
         plt.close(fig)
         written.append(filename)
     return written

@@ -10,6 +10,7 @@ Wall clock: the trainer logs tokens/s per device for each logged interval (valid
 checkpoint time excluded: fusion_titan/training/metrics.py restarts its clock after them). The
 seconds of an interval are its tokens per device / that rate; step 1 (compilation, warm-up) is
 reported apart and left out of the curve and of tokens/s, which then describe the steady state.
+The whole process's time, startup and evaluations included, is split by timing.py (`timing`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from ..bench.train_log import run_captured, strip_ansi
 from ..training.tb_scalars import read_all_scalars
 from .plan import RunPlan
+from .timing import phases
 
 RESULT, FAILURE, LOG = "result.json", "failure.json", "train.log"
 TAIL_LINES = 25
@@ -53,7 +55,7 @@ def wall_clock(steps: list[int], tps: dict[int, float], local_tokens_per_step: f
     return seconds
 
 
-def summarize(plan: RunPlan, scalars: dict[str, dict[int, float]], elapsed: float) -> dict:
+def summarize(plan: RunPlan, scalars: dict[str, dict[int, float]], timing: dict) -> dict:
     """The run's numbers from its TensorBoard scalars (fusion_titan/training/tb_scalars.py)."""
     tps = scalars.get("throughput(tps)", {})
     logged = sorted(tps)
@@ -74,10 +76,11 @@ def summarize(plan: RunPlan, scalars: dict[str, dict[int, float]], elapsed: floa
         "params_total": plan.shape.params_total, "params_active": plan.shape.params_active,
         "flops_per_token": plan.shape.flops_per_token, "tokens_per_step": plan.shape.tokens_per_step,
         "first_step_seconds": local_tokens / tps[logged[0]],
+        "timing": timing,  # seconds per phase of the whole process (timing.py)
         "train_seconds": steady,  # after step 1
         "tokens_per_second": (plan.steps - 1) * plan.shape.tokens_per_step / steady if steady else None,
         "mfu_percent": statistics.mean(mfu) if mfu else None,
-        "process_seconds": elapsed,
+        "process_seconds": timing["wall"],
         "final_train_loss": scalars["loss_metrics/global_avg_loss"][plan.steps],
         "final_train_ce": scalars.get("loss_metrics/ce", {}).get(plan.steps),
         "heldout_ce": val[plan.steps], "heldout_perplexity": ppl.get(plan.steps),
@@ -99,20 +102,20 @@ def execute(plan: RunPlan, config: str, out: Path, root: Path, ngpu: int, timeou
     if ngpu:
         env["NGPU"] = str(ngpu)
     cmd = ["./run_train.sh", "--job.dump_folder", str(folder.resolve()), *plan.args]
-    start = time.time()
+    start = time.time()  # wall clock: the log's timestamps are compared with it
     log, code = run_captured(cmd, cwd=root, env=env, timeout=timeout)
-    elapsed = time.time() - start
+    timing = phases(log, start, time.time())
     (folder / LOG).write_text(log)
     result = None
     if code == 0:
         try:
-            result = summarize(plan, read_all_scalars(folder), elapsed)
+            result = summarize(plan, read_all_scalars(folder), timing)
         except (RuntimeError, KeyError) as e:
             code, log = "unreadable", f"{log}\nharness: {type(e).__name__}: {e}"
     if result is None:
         tail = strip_ansi(log).rstrip().splitlines()[-TAIL_LINES:]
         result = {"status": "failed", "variant": plan.variant, "seed": plan.seed, "run_id": plan.run_id,
-                  "exit_code": code, "process_seconds": elapsed, "log_tail": tail}
+                  "exit_code": code, "process_seconds": timing["wall"], "timing": timing, "log_tail": tail}
         (folder / FAILURE).write_text(json.dumps(result, indent=1))
     else:
         (folder / RESULT).write_text(json.dumps(result, indent=1))

@@ -9,6 +9,7 @@
     val_data = "outputs/data/heldout_docs"     # prepared directory whose val split is evaluated
     ngpu = 0                                   # 0 = run_train.sh's default
     timeout_s = 3600                           # per run
+    jobs = 1                                   # runs trained at once (they share the machine)
 
     [variants.hybrid]
     overrides = []
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SWEEP_KEYS = {"config", "overrides", "budget_tokens", "budget_flops", "seeds", "eval_points",
-              "val_data", "ngpu", "timeout_s"}
+              "val_data", "ngpu", "timeout_s", "jobs"}
 VARIANT_KEYS = {"overrides", "description"}
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # Keys the harness sets itself (budget, seeds, evaluation points, run folders); in a sweep they
@@ -64,6 +65,7 @@ class Sweep:
     val_data: str = ""
     ngpu: int = 0
     timeout_s: float = 3600.0
+    jobs: int = 1
     text: str = field(default="", repr=False)  # the file as read, for the manifest
 
 
@@ -104,6 +106,9 @@ def parse_sweep(data: dict, path: Path, text: str = "") -> Sweep:
     eval_points = head.get("eval_points", 4)
     if not isinstance(eval_points, int) or eval_points < 1:
         raise SweepError(f"{path} [sweep]: eval_points must be an integer >= 1")
+    jobs = head.get("jobs", 1)
+    if not isinstance(jobs, int) or jobs < 1:
+        raise SweepError(f"{path} [sweep]: jobs (runs trained at once) must be an integer >= 1")
     variants = data.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise SweepError(f"{path}: needs at least one [variants.NAME] table")
@@ -126,7 +131,7 @@ def parse_sweep(data: dict, path: Path, text: str = "") -> Sweep:
         variants=tuple(parsed), budget_tokens=head.get("budget_tokens"),
         budget_flops=head.get("budget_flops"), seeds=tuple(seeds), eval_points=eval_points,
         val_data=str(head.get("val_data", "")), ngpu=int(head.get("ngpu", 0)),
-        timeout_s=float(head.get("timeout_s", 3600)), text=text)
+        timeout_s=float(head.get("timeout_s", 3600)), jobs=jobs, text=text)
 
 
 def load_sweep(path: str | Path) -> Sweep:

@@ -19,6 +19,7 @@ vn, chunk states and their gradients) in the inputs' dtype for bf16/fp16, fp32 o
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -39,10 +40,17 @@ def _autotune(configs: list[triton.Config], key: list[str], restore_value: list[
 
     restore_value names the arguments a kernel updates in place: the autotuner runs every config
     several times on the first call, and without a restore each run would add to them again
-    (right under the interpreter, which does not tune; wrong on the GPU)."""
+    (right under the interpreter, which does not tune; wrong on the GPU).
+
+    cache_results (where this Triton's autotune has it): the timings go to Triton's cache
+    directory, keyed by the Triton version, the GPU target, the kernel's source, the configs and
+    the tuning key, so a later process on the same machine (the next run of a sweep) takes the
+    best config without benchmarking again; only a benchmark needs restore_value."""
     if _interpreting():
         return lambda fn: _FixedConfig(fn, configs[0].kwargs)
-    return triton.autotune(configs=configs, key=key, restore_value=restore_value)
+    cache = ({"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters
+             else {})
+    return triton.autotune(configs=configs, key=key, restore_value=restore_value, **cache)
 
 
 class _FixedConfig:
