@@ -53,6 +53,7 @@ SKIPPED = {
     "long_context_memory.py --max-len 32768": "needs a GPU (CUDA is its default device)",
     "python scripts/benchmark.py": "needs a GPU",
     "first_sweep.toml --out outputs/ablations/first": "needs a GPU (fusion_1b-sized, 12 runs)",
+    "playground_sweep.toml --out outputs/ablations/playground": "needs a GPU (fusion_1b-sized, 14 runs)",
 }
 
 
