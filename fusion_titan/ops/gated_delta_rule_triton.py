@@ -66,57 +66,206 @@ def _cfgs(values: list[tuple[int, int, int]]) -> list[triton.Config]:
 # Forward
 # ---------------------------------------------------------------------------
 
+SUB = tl.constexpr(16)  # the blocked inverse works on 16x16 blocks (tl.dot's smallest tile): a chunk is 4 sub-chunks
 
-@_autotune(_cfgs([(64, 4, 2), (128, 8, 1), (32, 4, 1)]), key=["K", "V"])
+
+@triton.jit
+def _substitute_row(X, sel):
+    """Row r (sel) of X = (I + L)^-1 - I, L strictly lower, from X's rows above r.
+
+    X holds -L from row r down, so -l_r is read from X itself, and -l_r X only meets the rows
+    above r (l_r is zero from column r on): row r = -l_r - l_r X."""
+    neg_l = tl.sum(tl.where(sel, X, 0.0), 0)
+    return tl.where(sel, (neg_l + tl.sum(neg_l[:, None] * X, 0))[None, :], X)
+
+
+@triton.jit
+def _unit_lower_inverse(A00, A10, A11, A20, A21, A22, A30, A31, A32, A33, PREC: tl.constexpr):
+    """(I + A)^-1 of a strictly lower 64x64 A given by its 16x16 blocks A_ij (i >= j); the same blocks back.
+
+    The four diagonal blocks by forward substitution, elementwise in fp32 and in one loop (15 steps,
+    not 63); then block forward substitution with matmuls: T_ij = -T_ii sum_{j<=l<i} A_il T_lj."""
+    o = tl.arange(0, SUB)
+    X0, X1, X2, X3 = -A00, -A11, -A22, -A33  # rows 0 and 1 are final already
+    for r in range(2, SUB):
+        sel = (o == r)[:, None]
+        X0 = _substitute_row(X0, sel)
+        X1 = _substitute_row(X1, sel)
+        X2 = _substitute_row(X2, sel)
+        X3 = _substitute_row(X3, sel)
+    eye = (o[:, None] == o[None, :]).to(tl.float32)
+    T00, T11, T22, T33 = X0 + eye, X1 + eye, X2 + eye, X3 + eye
+    T10 = -tl.dot(T11, tl.dot(A10, T00, input_precision=PREC), input_precision=PREC)
+    T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=PREC), input_precision=PREC)
+    T32 = -tl.dot(T33, tl.dot(A32, T22, input_precision=PREC), input_precision=PREC)
+    T20 = -tl.dot(T22, tl.dot(A20, T00, input_precision=PREC) + tl.dot(A21, T10, input_precision=PREC),
+                  input_precision=PREC)
+    T31 = -tl.dot(T33, tl.dot(A31, T11, input_precision=PREC) + tl.dot(A32, T21, input_precision=PREC),
+                  input_precision=PREC)
+    T30 = -tl.dot(T33, tl.dot(A30, T00, input_precision=PREC) + tl.dot(A31, T10, input_precision=PREC)
+                  + tl.dot(A32, T20, input_precision=PREC), input_precision=PREC)
+    return T00, T10, T11, T20, T21, T22, T30, T31, T32, T33
+
+
+@triton.jit
+def _lower_matmul(T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, x0, x1, x2, x3, PREC: tl.constexpr):
+    """T x by 16-row blocks, T block lower triangular (its blocks above the diagonal are zero)."""
+    y0 = tl.dot(T00, x0, input_precision=PREC)
+    y1 = tl.dot(T10, x0, input_precision=PREC) + tl.dot(T11, x1, input_precision=PREC)
+    y2 = tl.dot(T20, x0, input_precision=PREC) + tl.dot(T21, x1, input_precision=PREC)
+    y2 += tl.dot(T22, x2, input_precision=PREC)
+    y3 = tl.dot(T30, x0, input_precision=PREC) + tl.dot(T31, x1, input_precision=PREC)
+    y3 += tl.dot(T32, x2, input_precision=PREC) + tl.dot(T33, x3, input_precision=PREC)
+    return y0, y1, y2, y3
+
+
+@triton.jit
+def _load_block(ptr, i: tl.constexpr, j: tl.constexpr, BT: tl.constexpr):
+    """Block (i, j) of a row-major BT x BT matrix, as fp32."""
+    o = tl.arange(0, SUB)
+    return tl.load(ptr + (o + i * SUB)[:, None] * BT + (o + j * SUB)[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _store_block(ptr, i: tl.constexpr, j: tl.constexpr, BT: tl.constexpr, x):
+    o = tl.arange(0, SUB)
+    tl.store(ptr + (o + i * SUB)[:, None] * BT + (o + j * SUB)[None, :], x)
+
+
+@triton.jit
+def _store_unit_lower_inverse(ptr, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, BT: tl.constexpr):
+    """The 64x64 matrix of the ten blocks, zeros above the diagonal blocks, row-major at ptr."""
+    zero = tl.zeros([SUB, SUB], dtype=tl.float32)
+    _store_block(ptr, 0, 0, BT, T00)
+    _store_block(ptr, 0, 1, BT, zero)
+    _store_block(ptr, 0, 2, BT, zero)
+    _store_block(ptr, 0, 3, BT, zero)
+    _store_block(ptr, 1, 0, BT, T10)
+    _store_block(ptr, 1, 1, BT, T11)
+    _store_block(ptr, 1, 2, BT, zero)
+    _store_block(ptr, 1, 3, BT, zero)
+    _store_block(ptr, 2, 0, BT, T20)
+    _store_block(ptr, 2, 1, BT, T21)
+    _store_block(ptr, 2, 2, BT, T22)
+    _store_block(ptr, 2, 3, BT, zero)
+    _store_block(ptr, 3, 0, BT, T30)
+    _store_block(ptr, 3, 1, BT, T31)
+    _store_block(ptr, 3, 2, BT, T32)
+    _store_block(ptr, 3, 3, BT, T33)
+
+
+@triton.jit
+def _unit_lower_inverse_kernel(A_ptr, Ai_ptr, BT: tl.constexpr, PREC: tl.constexpr):
+    """(I + A)^-1 of one strictly lower BT x BT matrix per program: the blocked inverse on its own."""
+    tl.static_assert(BT == 4 * SUB)
+    a = A_ptr + tl.program_id(0).to(tl.int64) * BT * BT
+    Ti = _unit_lower_inverse(_load_block(a, 0, 0, BT), _load_block(a, 1, 0, BT), _load_block(a, 1, 1, BT),
+                             _load_block(a, 2, 0, BT), _load_block(a, 2, 1, BT), _load_block(a, 2, 2, BT),
+                             _load_block(a, 3, 0, BT), _load_block(a, 3, 1, BT), _load_block(a, 3, 2, BT),
+                             _load_block(a, 3, 3, BT), PREC)
+    _store_unit_lower_inverse(Ai_ptr + tl.program_id(0).to(tl.int64) * BT * BT, *Ti, BT)
+
+
+def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + A)^-1 of every strictly lower [CHUNK, CHUNK] matrix of a float32 [..., CHUNK, CHUNK] A,
+    by the forward's blocked inverse (tests check it against a float64 solve)."""
+    if A.shape[-2:] != (CHUNK, CHUNK) or A.dtype != torch.float32:
+        raise ValueError(f"unit_lower_inverse takes float32 [..., {CHUNK}, {CHUNK}] matrices, got {A.dtype} "
+                         f"{tuple(A.shape)}")
+    A = A.contiguous()
+    out = torch.empty_like(A)
+    n = A.numel() // (CHUNK * CHUNK)
+    if n:
+        _unit_lower_inverse_kernel[(n,)](A, out, BT=CHUNK, PREC="ieee")
+    return out
+
+
+@triton.jit
+def _sub_chunk(k_ptr, g_ptr, beta_ptr, t0, i_b, i_h, T, H, K: tl.constexpr, BK: tl.constexpr):
+    """The 16 tokens from t0: their rows in the [B, T, H, *] inputs, k [16, BK], g, beta in fp32;
+    zeros past T (no decay, no write)."""
+    t = t0 + tl.arange(0, SUB)
+    m_t = t < T
+    tok = (i_b * T + t) * H + i_h
+    o_k = tl.arange(0, BK)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+    b_g = tl.load(g_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
+    return tok, m_t, b_k.to(tl.float32), b_g, b_beta
+
+
+@triton.jit
+def _kkt_block(k_i, k_j, G_i, G_j, beta_i, DIAGONAL: tl.constexpr, PREC: tl.constexpr):
+    """Block (i, j) of A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)) for sub-chunks i >= j."""
+    diff = G_i[:, None] - G_j[None, :]
+    if DIAGONAL:  # mask before exp: G_i - G_j > 0 above the diagonal could overflow
+        o = tl.arange(0, SUB)
+        diff = tl.where(o[:, None] > o[None, :], diff, float("-inf"))
+    return tl.dot(k_i, tl.trans(k_j), input_precision=PREC) * tl.exp(diff) * beta_i[:, None]
+
+
+@triton.jit
+def _store_rows(ptr, rows, cols, m_cols, C: tl.constexpr, x):
+    tl.store(ptr + rows[:, None] * C + cols[None, :], x.to(ptr.dtype.element_ty), mask=m_cols[None, :])
+
+
+@_autotune(_cfgs([(64, 4, 1), (128, 4, 1), (32, 2, 1), (64, 2, 1)]), key=["K", "V"])
 @triton.jit
 def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
                     T, H, Tp, K: tl.constexpr, V: tl.constexpr,
                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk: G = cumsum(g), Tm = (I + A)^-1 by forward substitution, w, u."""
+    """Per chunk, as four 16-token sub-chunks: G = cumsum(g), Tm = (I + A)^-1 (blocked), w, u."""
+    tl.static_assert(BT == 4 * SUB)
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    o_t = tl.arange(0, BT)
-    t = i_c * BT + o_t
-    m_t = t < T
+    t0 = i_c * BT
+    row0 = i_bh * Tp + t0  # first row of the chunk in the [B*H, Tp, *] intermediates
+    o_s = tl.arange(0, SUB)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    tok = (i_b * T + t) * H + i_h  # row of [B, T, H, *] inputs
-    row = i_bh * Tp + t  # row of the [B*H, Tp, *] intermediates
+    tok0, m0, k0, g0, beta0 = _sub_chunk(k_ptr, g_ptr, beta_ptr, t0, i_b, i_h, T, H, K, BK)
+    tok1, m1, k1, g1, beta1 = _sub_chunk(k_ptr, g_ptr, beta_ptr, t0 + SUB, i_b, i_h, T, H, K, BK)
+    tok2, m2, k2, g2, beta2 = _sub_chunk(k_ptr, g_ptr, beta_ptr, t0 + 2 * SUB, i_b, i_h, T, H, K, BK)
+    tok3, m3, k3, g3, beta3 = _sub_chunk(k_ptr, g_ptr, beta_ptr, t0 + 3 * SUB, i_b, i_h, T, H, K, BK)
+    G0 = tl.cumsum(g0, axis=0)
+    G1 = tl.sum(g0, axis=0) + tl.cumsum(g1, axis=0)
+    G2 = tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.cumsum(g2, axis=0)
+    G3 = tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.sum(g2, axis=0) + tl.cumsum(g3, axis=0)
+    tl.store(G_ptr + row0 + o_s, G0)
+    tl.store(G_ptr + row0 + SUB + o_s, G1)
+    tl.store(G_ptr + row0 + 2 * SUB + o_s, G2)
+    tl.store(G_ptr + row0 + 3 * SUB + o_s, G3)
 
-    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-    b_k = b_k.to(tl.float32)
-    b_g = tl.load(g_ptr + tok, mask=m_t, other=0.0).to(tl.float32)  # padding: no decay
-    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)  # padding: no write
-    b_G = tl.cumsum(b_g, axis=0)
-    tl.store(G_ptr + row, b_G)
+    Tm = _unit_lower_inverse(
+        _kkt_block(k0, k0, G0, G0, beta0, True, PREC),
+        _kkt_block(k1, k0, G1, G0, beta1, False, PREC), _kkt_block(k1, k1, G1, G1, beta1, True, PREC),
+        _kkt_block(k2, k0, G2, G0, beta2, False, PREC), _kkt_block(k2, k1, G2, G1, beta2, False, PREC),
+        _kkt_block(k2, k2, G2, G2, beta2, True, PREC),
+        _kkt_block(k3, k0, G3, G0, beta3, False, PREC), _kkt_block(k3, k1, G3, G1, beta3, False, PREC),
+        _kkt_block(k3, k2, G3, G2, beta3, False, PREC), _kkt_block(k3, k3, G3, G3, beta3, True, PREC),
+        PREC)
+    _store_unit_lower_inverse(Tm_ptr + row0 * BT, *Tm, BT)
 
-    strict = o_t[:, None] > o_t[None, :]
-    # mask before exp: G_i - G_j > 0 above the diagonal could overflow
-    decay = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], float("-inf")))
-    b_A = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * decay * b_beta[:, None]
-
-    # (I + A)^-1 = I + X with X_i = -A_i - A_i X (row i only needs the rows above it).
-    # Elementwise in fp32. A faster 16x16-block version (tf32x3 tl.dot, commit 71aaa7d) failed
-    # its GPU test together with the in-place dvn under autotuning (fixed since, restore_value):
-    # which of the two was wrong is not known yet.
-    b_X = tl.zeros([BT, BT], dtype=tl.float32)
-    for i in range(1, BT):
-        sel = (o_t == i)[:, None]
-        a_i = tl.sum(tl.where(sel, b_A, 0.0), 0)
-        x_i = -a_i - tl.sum(a_i[:, None] * b_X, 0)
-        b_X = tl.where(sel, x_i[None, :], b_X)
-    b_Tm = b_X + (o_t[:, None] == o_t[None, :]).to(tl.float32)
-    tl.store(Tm_ptr + row[:, None] * BT + o_t[None, :], b_Tm)
-
-    b_kb = b_k * (b_beta * tl.exp(b_G))[:, None]
-    b_w = tl.dot(b_Tm, b_kb, input_precision=PREC)
-    tl.store(w_ptr + row[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty), mask=m_k[None, :])
+    # w = Tm (beta a k), u = Tm (beta v), a = exp(G)
+    w0, w1, w2, w3 = _lower_matmul(*Tm, k0 * (beta0 * tl.exp(G0))[:, None], k1 * (beta1 * tl.exp(G1))[:, None],
+                                   k2 * (beta2 * tl.exp(G2))[:, None], k3 * (beta3 * tl.exp(G3))[:, None], PREC)
+    _store_rows(w_ptr, row0 + o_s, o_k, m_k, K, w0)
+    _store_rows(w_ptr, row0 + SUB + o_s, o_k, m_k, K, w1)
+    _store_rows(w_ptr, row0 + 2 * SUB + o_s, o_k, m_k, K, w2)
+    _store_rows(w_ptr, row0 + 3 * SUB + o_s, o_k, m_k, K, w3)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_u = tl.dot(b_Tm, b_v.to(tl.float32) * b_beta[:, None], input_precision=PREC)
-        tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty), mask=m_v[None, :])
+        v0 = tl.load(v_ptr + tok0[:, None] * V + o_v[None, :], mask=m0[:, None] & m_v[None, :], other=0.0)
+        v1 = tl.load(v_ptr + tok1[:, None] * V + o_v[None, :], mask=m1[:, None] & m_v[None, :], other=0.0)
+        v2 = tl.load(v_ptr + tok2[:, None] * V + o_v[None, :], mask=m2[:, None] & m_v[None, :], other=0.0)
+        v3 = tl.load(v_ptr + tok3[:, None] * V + o_v[None, :], mask=m3[:, None] & m_v[None, :], other=0.0)
+        u0, u1, u2, u3 = _lower_matmul(*Tm, v0.to(tl.float32) * beta0[:, None], v1.to(tl.float32) * beta1[:, None],
+                                       v2.to(tl.float32) * beta2[:, None], v3.to(tl.float32) * beta3[:, None], PREC)
+        _store_rows(u_ptr, row0 + o_s, o_v, m_v, V, u0)
+        _store_rows(u_ptr, row0 + SUB + o_s, o_v, m_v, V, u1)
+        _store_rows(u_ptr, row0 + 2 * SUB + o_s, o_v, m_v, V, u2)
+        _store_rows(u_ptr, row0 + 3 * SUB + o_s, o_v, m_v, V, u3)
 
 
 @_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"])
