@@ -4,15 +4,19 @@ Same math, layout and arguments as `chunk_gated_delta_rule` in gated_delta_rule.
 docstring for the derivation). Per (batch, head) and chunk of BT tokens, with G the in-chunk
 cumulative log decay, a = exp(G), D_ij = exp(G_i - G_j), s = scale and S the chunk-start state:
 
-    A  = strict_lower(beta_i k_i.k_j D_ij),  Tm = (I + A)^-1
-    u  = Tm (beta v),  w = Tm (beta a k)                         # _prepare_kernel  (parallel)
+    A  = strict_lower(beta_i k_i.k_j D_ij),  Tm = (I + A)^-1    # _inverse_kernel  (parallel)
+    u  = Tm (beta v),  w = Tm (beta a k)                         # _wu_kernel       (parallel)
     vn = u - w S,  S' = exp(G_last) S + (k exp(G_last - G))^T vn  # _fwd_state_kernel (sequential)
     o  = s (q a) S + (s q k^T * D, causal) vn                     # _fwd_output_kernel (parallel)
+
+Tm is inverted as fla does it: A in 16x16 blocks, the diagonal blocks by forward substitution
+(elementwise, fp32), then block forward substitution with matmuls (_unit_lower_inverse).
 
 Backward: the in-chunk part of dvn (the gradient of vn) in parallel, one sequential pass for dS
 (the gradient of every chunk-end state, from the last chunk back; it completes dvn) and one
 parallel pass for everything else.
 Only the chunk scans are sequential; the state stays in registers (fp32) across the chunk loop.
+The backward reuses the forward's G, Tm, w, chunk states and vn (saved, not recomputed).
 Every product accumulates in fp32; G and Tm are stored in fp32, the larger intermediates (w, u,
 vn, chunk states and their gradients) in the inputs' dtype for bf16/fp16, fp32 otherwise.
 """
@@ -108,18 +112,6 @@ def _unit_lower_inverse(A00, A10, A11, A20, A21, A22, A30, A31, A32, A33, PREC: 
 
 
 @triton.jit
-def _lower_matmul(T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, x0, x1, x2, x3, PREC: tl.constexpr):
-    """T x by 16-row blocks, T block lower triangular (its blocks above the diagonal are zero)."""
-    y0 = tl.dot(T00, x0, input_precision=PREC)
-    y1 = tl.dot(T10, x0, input_precision=PREC) + tl.dot(T11, x1, input_precision=PREC)
-    y2 = tl.dot(T20, x0, input_precision=PREC) + tl.dot(T21, x1, input_precision=PREC)
-    y2 += tl.dot(T22, x2, input_precision=PREC)
-    y3 = tl.dot(T30, x0, input_precision=PREC) + tl.dot(T31, x1, input_precision=PREC)
-    y3 += tl.dot(T32, x2, input_precision=PREC) + tl.dot(T33, x3, input_precision=PREC)
-    return y0, y1, y2, y3
-
-
-@triton.jit
 def _load_block(ptr, i: tl.constexpr, j: tl.constexpr, BT: tl.constexpr):
     """Block (i, j) of a row-major BT x BT matrix, as fp32."""
     o = tl.arange(0, SUB)
@@ -180,18 +172,38 @@ def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# The interpreter's tl.dot multiplies bf16 bit patterns as integers: there, 16-bit operands go through
+# fp32 (the same products: 16-bit ones are exact in fp32).
+_NATIVE_16BIT_DOT = tl.constexpr(not _interpreting())
+
+
 @triton.jit
-def _sub_chunk(k_ptr, g_ptr, beta_ptr, t0, i_b, i_h, T, H, K: tl.constexpr, BK: tl.constexpr):
-    """The 16 tokens from t0: their rows in the [B, T, H, *] inputs, k [16, BK], g, beta in fp32;
-    zeros past T (no decay, no write)."""
+def _dot_as_loaded(a, b, PREC: tl.constexpr):
+    """a @ b accumulated in fp32, from operands as loaded: in their own dtype when they share it
+    (bf16 / fp16 products are exact in fp32, and the tensor cores take them natively), else in fp32."""
+    if a.dtype == b.dtype and (_NATIVE_16BIT_DOT or a.dtype == tl.float32):
+        return tl.dot(a, b, input_precision=PREC)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def _sub_chunk(g_ptr, beta_ptr, t0, i_b, i_h, T, H):
+    """The 16 tokens from t0: their rows in the [B, T, H, *] inputs, mask (t < T), g and beta in fp32
+    (zeros past T: no decay, no write)."""
     t = t0 + tl.arange(0, SUB)
     m_t = t < T
     tok = (i_b * T + t) * H + i_h
-    o_k = tl.arange(0, BK)
-    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
     b_g = tl.load(g_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
     b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
-    return tok, m_t, b_k.to(tl.float32), b_g, b_beta
+    return tok, m_t, b_g, b_beta
+
+
+@triton.jit
+def _load_rows(ptr, tok, m_t, C: tl.constexpr, BC: tl.constexpr):
+    """Rows tok of a [*, C] input as a [16, BC] tile in its own dtype, zeros where masked."""
+    o_c = tl.arange(0, BC)
+    return tl.load(ptr + tok[:, None] * C + o_c[None, :], mask=m_t[:, None] & (o_c < C)[None, :], other=0.0)
 
 
 @triton.jit
@@ -201,32 +213,24 @@ def _kkt_block(k_i, k_j, G_i, G_j, beta_i, DIAGONAL: tl.constexpr, PREC: tl.cons
     if DIAGONAL:  # mask before exp: G_i - G_j > 0 above the diagonal could overflow
         o = tl.arange(0, SUB)
         diff = tl.where(o[:, None] > o[None, :], diff, float("-inf"))
-    return tl.dot(k_i, tl.trans(k_j), input_precision=PREC) * tl.exp(diff) * beta_i[:, None]
+    return _dot_as_loaded(k_i, tl.trans(k_j), PREC) * tl.exp(diff) * beta_i[:, None]
 
 
+@_autotune([triton.Config({}, num_warps=nw) for nw in (4, 2, 1)], key=["K"])
 @triton.jit
-def _store_rows(ptr, rows, cols, m_cols, C: tl.constexpr, x):
-    tl.store(ptr + rows[:, None] * C + cols[None, :], x.to(ptr.dtype.element_ty), mask=m_cols[None, :])
-
-
-@_autotune(_cfgs([(64, 4, 1), (128, 4, 1), (32, 2, 1), (64, 2, 1)]), key=["K", "V"])
-@triton.jit
-def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
-                    T, H, Tp, K: tl.constexpr, V: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk, as four 16-token sub-chunks: G = cumsum(g), Tm = (I + A)^-1 (blocked), w, u."""
+def _inverse_kernel(k_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, T, H, Tp, K: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk, as four 16-token sub-chunks: G = cumsum(g) and Tm = (I + A)^-1 (blocked)."""
     tl.static_assert(BT == 4 * SUB)
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_c * BT
     row0 = i_bh * Tp + t0  # first row of the chunk in the [B*H, Tp, *] intermediates
     o_s = tl.arange(0, SUB)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    tok0, m0, k0, g0, beta0 = _sub_chunk(k_ptr, g_ptr, beta_ptr, t0, i_b, i_h, T, H, K, BK)
-    tok1, m1, k1, g1, beta1 = _sub_chunk(k_ptr, g_ptr, beta_ptr, t0 + SUB, i_b, i_h, T, H, K, BK)
-    tok2, m2, k2, g2, beta2 = _sub_chunk(k_ptr, g_ptr, beta_ptr, t0 + 2 * SUB, i_b, i_h, T, H, K, BK)
-    tok3, m3, k3, g3, beta3 = _sub_chunk(k_ptr, g_ptr, beta_ptr, t0 + 3 * SUB, i_b, i_h, T, H, K, BK)
+    tok0, m0, g0, beta0 = _sub_chunk(g_ptr, beta_ptr, t0, i_b, i_h, T, H)
+    tok1, m1, g1, beta1 = _sub_chunk(g_ptr, beta_ptr, t0 + SUB, i_b, i_h, T, H)
+    tok2, m2, g2, beta2 = _sub_chunk(g_ptr, beta_ptr, t0 + 2 * SUB, i_b, i_h, T, H)
+    tok3, m3, g3, beta3 = _sub_chunk(g_ptr, beta_ptr, t0 + 3 * SUB, i_b, i_h, T, H)
     G0 = tl.cumsum(g0, axis=0)
     G1 = tl.sum(g0, axis=0) + tl.cumsum(g1, axis=0)
     G2 = tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.cumsum(g2, axis=0)
@@ -236,6 +240,11 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
     tl.store(G_ptr + row0 + 2 * SUB + o_s, G2)
     tl.store(G_ptr + row0 + 3 * SUB + o_s, G3)
 
+    # k k^T from k as loaded (_dot_as_loaded)
+    k0 = _load_rows(k_ptr, tok0, m0, K, BK)
+    k1 = _load_rows(k_ptr, tok1, m1, K, BK)
+    k2 = _load_rows(k_ptr, tok2, m2, K, BK)
+    k3 = _load_rows(k_ptr, tok3, m3, K, BK)
     Tm = _unit_lower_inverse(
         _kkt_block(k0, k0, G0, G0, beta0, True, PREC),
         _kkt_block(k1, k0, G1, G0, beta1, False, PREC), _kkt_block(k1, k1, G1, G1, beta1, True, PREC),
@@ -246,29 +255,42 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
         PREC)
     _store_unit_lower_inverse(Tm_ptr + row0 * BT, *Tm, BT)
 
-    # w = Tm (beta a k), u = Tm (beta v), a = exp(G)
-    w0, w1, w2, w3 = _lower_matmul(*Tm, k0 * (beta0 * tl.exp(G0))[:, None], k1 * (beta1 * tl.exp(G1))[:, None],
-                                   k2 * (beta2 * tl.exp(G2))[:, None], k3 * (beta3 * tl.exp(G3))[:, None], PREC)
-    _store_rows(w_ptr, row0 + o_s, o_k, m_k, K, w0)
-    _store_rows(w_ptr, row0 + SUB + o_s, o_k, m_k, K, w1)
-    _store_rows(w_ptr, row0 + 2 * SUB + o_s, o_k, m_k, K, w2)
-    _store_rows(w_ptr, row0 + 3 * SUB + o_s, o_k, m_k, K, w3)
+
+# sm_90 compile (no GPU at hand): 8 warps keep these under 255 registers, 4 spill
+@_autotune(_cfgs([(32, 8, 1), (64, 8, 1), (16, 8, 1)]), key=["K", "V"])
+@triton.jit
+def _wu_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
+               T, H, Tp, K: tl.constexpr, V: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk: w = Tm (beta a k), u = Tm (beta v), a = exp(G), with Tm as one [BT, BT] tile.
+
+    Its own kernel (as fla's recompute_w_u): held in registers through the V loop, the ten
+    16x16 blocks of the inverse kernel pushed it past 255 registers (sm_90 compile)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    t = i_c * BT + o_t
+    m_t = t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    tok = (i_b * T + t) * H + i_h  # row of [B, T, H, *] inputs
+    row = i_bh * Tp + t  # row of the [B*H, Tp, *] intermediates
+
+    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
+    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
+    b_G = tl.load(G_ptr + row)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    b_w = tl.dot(b_Tm, b_k.to(tl.float32) * (b_beta * tl.exp(b_G))[:, None], input_precision=PREC)
+    tl.store(w_ptr + row[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty), mask=m_k[None, :])
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        v0 = tl.load(v_ptr + tok0[:, None] * V + o_v[None, :], mask=m0[:, None] & m_v[None, :], other=0.0)
-        v1 = tl.load(v_ptr + tok1[:, None] * V + o_v[None, :], mask=m1[:, None] & m_v[None, :], other=0.0)
-        v2 = tl.load(v_ptr + tok2[:, None] * V + o_v[None, :], mask=m2[:, None] & m_v[None, :], other=0.0)
-        v3 = tl.load(v_ptr + tok3[:, None] * V + o_v[None, :], mask=m3[:, None] & m_v[None, :], other=0.0)
-        u0, u1, u2, u3 = _lower_matmul(*Tm, v0.to(tl.float32) * beta0[:, None], v1.to(tl.float32) * beta1[:, None],
-                                       v2.to(tl.float32) * beta2[:, None], v3.to(tl.float32) * beta3[:, None], PREC)
-        _store_rows(u_ptr, row0 + o_s, o_v, m_v, V, u0)
-        _store_rows(u_ptr, row0 + SUB + o_s, o_v, m_v, V, u1)
-        _store_rows(u_ptr, row0 + 2 * SUB + o_s, o_v, m_v, V, u2)
-        _store_rows(u_ptr, row0 + 3 * SUB + o_s, o_v, m_v, V, u3)
+        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_u = tl.dot(b_Tm, b_v.to(tl.float32) * b_beta[:, None], input_precision=PREC)
+        tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty), mask=m_v[None, :])
 
 
-@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"])
+@_autotune(_cfgs([(32, 8, 2), (64, 8, 2), (16, 4, 2)]), key=["K", "V"])
 @triton.jit
 def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
                       T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
@@ -307,7 +329,7 @@ def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
         tl.store(ht_ptr + i_bh * K * V + kv, b_S, mask=m_kv)
 
 
-@_autotune(_cfgs([(64, 4, 2), (128, 8, 2), (32, 4, 2)]), key=["K", "V"])
+@_autotune(_cfgs([(64, 4, 2), (64, 8, 2), (32, 4, 2)]), key=["K", "V"])
 @triton.jit
 def _fwd_output_kernel(q_ptr, k_ptr, G_ptr, S_ptr, vn_ptr, o_ptr, scale,
                        T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
@@ -325,16 +347,17 @@ def _fwd_output_kernel(q_ptr, k_ptr, G_ptr, S_ptr, vn_ptr, o_ptr, scale,
     tok = (i_b * T + t) * H + i_h
     row = i_bh * Tp + t
     m_tk = m_t[:, None] & m_k[None, :]
-    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
     b_G = tl.load(G_ptr + row)
     b_S = tl.load(S_ptr + (i_bh * N + i_c) * K * V + o_k[:, None] * V + o_v[None, :],
-                  mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                  mask=m_k[:, None] & m_v[None, :], other=0.0)
     b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
     causal = o_t[:, None] >= o_t[None, :]
     decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
-    b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * decay * scale
-    b_o = tl.dot(b_q * (scale * tl.exp(b_G))[:, None], b_S, input_precision=PREC)
+    # q k^T and q S from the stored values (the row scales s exp(G) applied to the fp32 products)
+    b_P = _dot_as_loaded(b_q, tl.trans(b_k), PREC) * decay * scale
+    b_o = _dot_as_loaded(b_q, b_S, PREC) * (scale * tl.exp(b_G))[:, None]
     b_o += tl.dot(b_P, b_vn, input_precision=PREC)
     tl.store(o_ptr + tok[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
@@ -567,7 +590,8 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         o = torch.empty_like(v, dtype=q.dtype)
         meta = dict(K=K, V=V, BT=BT, BK=_block(K), PREC=_precision(q.dtype))
 
-        _prepare_kernel[(N, B * H)](k, v, g, beta, G, Tm, w, u, T, H, Tp, **meta)
+        _inverse_kernel[(N, B * H)](k, g, beta, G, Tm, T, H, Tp, K=K, BT=BT, BK=meta["BK"], PREC=meta["PREC"])
+        _wu_kernel[(N, B * H)](k, v, beta, G, Tm, w, u, T, H, Tp, **meta)
         _fwd_state_kernel[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
             k, w, u, G, h0 if h0 is not None else G, S, vn, ht if ht is not None else G,
             T, H, Tp, N, **meta, HAS_H0=h0 is not None, STORE_FINAL=ht is not None)
