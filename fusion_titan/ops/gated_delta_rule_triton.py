@@ -19,6 +19,9 @@ Only the chunk scans are sequential; the state stays in registers (fp32) across 
 The backward reuses the forward's G, Tm, w, chunk states and vn (saved, not recomputed).
 Every product accumulates in fp32; G and Tm are stored in fp32, the larger intermediates (w, u,
 vn, chunk states and their gradients) in the inputs' dtype for bf16/fp16, fp32 otherwise.
+Autotune configs: picked among those that compile for sm_90 without register spills (triton.compile
+for GPUTarget("cuda", 90, 32) runs without a GPU; cuobjdump -res-usage shows the spills), except
+_bwd_grads_kernel, which spills in every config tried.
 """
 
 from __future__ import annotations
@@ -256,7 +259,6 @@ def _inverse_kernel(k_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, T, H, Tp, K: tl.const
     _store_unit_lower_inverse(Tm_ptr + row0 * BT, *Tm, BT)
 
 
-# sm_90 compile (no GPU at hand): 8 warps keep these under 255 registers, 4 spill
 @_autotune(_cfgs([(32, 8, 1), (64, 8, 1), (16, 8, 1)]), key=["K", "V"])
 @triton.jit
 def _wu_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
@@ -397,7 +399,7 @@ def _bwd_local_kernel(q_ptr, k_ptr, G_ptr, do_ptr, dvn_ptr, scale,
     tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
 
 
-@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"], restore_value=["dvn_ptr"])
+@_autotune(_cfgs([(32, 8, 2), (16, 8, 2), (64, 8, 2)]), key=["K", "V"], restore_value=["dvn_ptr"])
 @triton.jit
 def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_ptr, dh0_ptr, scale,
                       T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
