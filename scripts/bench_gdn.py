@@ -111,7 +111,7 @@ def main() -> None:
         from fusion_titan.ops import gated_delta_rule_triton as kernels
 
         for name in ("_inverse_kernel", "_wu_kernel", "_fwd_state_kernel", "_fwd_output_kernel",
-                     "_bwd_local_kernel", "_bwd_state_kernel", "_bwd_grads_kernel"):
+                     "_bwd_local_kernel", "_bwd_state_kernel", "_bwd_qk_kernel", "_bwd_wy_kernel"):
             print(f"{name}: {getattr(getattr(kernels, name), 'best_config', None)}")
     except Exception as e:  # reporting only
         print(f"configs unavailable: {e}")

@@ -13,15 +13,17 @@ Tm is inverted as fla does it: A in 16x16 blocks, the diagonal blocks by forward
 (elementwise, fp32), then block forward substitution with matmuls (_unit_lower_inverse).
 
 Backward: the in-chunk part of dvn (the gradient of vn) in parallel, one sequential pass for dS
-(the gradient of every chunk-end state, from the last chunk back; it completes dvn) and one
-parallel pass for everything else.
+(the gradient of every chunk-end state, from the last chunk back; it completes dvn), then two
+parallel passes (as fla splits them): the gradients through o and the states (_bwd_qk_kernel),
+then those through w, u and the inverse (_bwd_wy_kernel).
 Only the chunk scans are sequential; the state stays in registers (fp32) across the chunk loop.
 The backward reuses the forward's G, Tm, w, chunk states and vn (saved, not recomputed).
 Every product accumulates in fp32; G and Tm are stored in fp32, the larger intermediates (w, u,
 vn, chunk states and their gradients) in the inputs' dtype for bf16/fp16, fp32 otherwise.
 Autotune configs: picked among those that compile for sm_90 without register spills (triton.compile
-for GPUTarget("cuda", 90, 32) runs without a GPU; cuobjdump -res-usage shows the spills), except
-_bwd_grads_kernel, which spills in every config tried.
+for GPUTarget("cuda", 90, 32) runs without a GPU; cuobjdump -res-usage shows the spills; the fp32
+path with "ieee" products spills, it is not the training path). _bwd_wy_kernel still spills a few
+bytes (24-40).
 """
 
 from __future__ import annotations
@@ -447,13 +449,13 @@ def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_p
     tl.store(dh0_ptr + i_bh * K * V + kv, b_dS, mask=m_kv)
 
 
-@_autotune(_cfgs([(64, 8, 1), (32, 8, 1), (32, 4, 1)]), key=["K", "V"])
+@_autotune(_cfgs([(32, 8, 1), (32, 8, 2), (16, 8, 1)]), key=["K", "V"])
 @triton.jit
-def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_ptr, vn_ptr, dvn_ptr,
-                      do_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, scale,
-                      T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
-                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk, given S (start state), dS_end, vn and dvn: dq, dk, dv, dg, dbeta."""
+def _bwd_qk_kernel(q_ptr, k_ptr, G_ptr, S_ptr, dS_ptr, vn_ptr, dvn_ptr, do_ptr, dq_ptr, dk_ptr, dG_ptr, dw_ptr,
+                   scale, T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk, the gradients through o and the chunk-end state: dq; the parts of dk and dG
+    (the gradient of G) they give; dw (for _bwd_wy_kernel)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
@@ -464,48 +466,37 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
     tok = (i_b * T + t) * H + i_h
     row = i_bh * Tp + t
     m_tk = m_t[:, None] & m_k[None, :]
-    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
-    b_G = tl.load(G_ptr + row)
-    b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
-    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
-    b_a = tl.exp(b_G)
     state = (i_bh * N + i_c) * K * V
 
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # do S^T
     b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # do vn^T
-    b_dk2 = tl.zeros([BT, BK], dtype=tl.float32)  # vn dS_end^T
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)  # vn dS_end^T
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # -dvn S^T
-    b_dTm = tl.zeros([BT, BT], dtype=tl.float32)  # du (beta v)^T, then + dw (beta a k)^T
-    b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_SdS = tl.zeros([BK], dtype=tl.float32)  # rows of sum(S * dS_end): feeds d exp(G_last)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        m_tv = m_t[:, None] & m_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         kv = o_k[:, None] * V + o_v[None, :]
-        b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
-        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
-        b_S = tl.load(S_ptr + state + kv, mask=m_kv, other=0.0).to(tl.float32)
-        b_dSe = tl.load(dS_ptr + state + kv, mask=m_kv, other=0.0).to(tl.float32)
-        b_dq += tl.dot(b_do, tl.trans(b_S), input_precision=PREC)
-        b_dP += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
-        b_dk2 += tl.dot(b_vn, tl.trans(b_dSe), input_precision=PREC)
-        b_dw -= tl.dot(b_dvn, tl.trans(b_S), input_precision=PREC)
-        b_SdS += tl.sum(b_S * b_dSe, 1)
-        # u = Tm (beta v), du = dvn
-        b_dvb = tl.dot(tl.trans(b_Tm), b_dvn, input_precision=PREC)
-        tl.store(dv_ptr + tok[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
-                 mask=m_tv)
-        b_dbeta += tl.sum(b_v * b_dvb, 1)
-        b_dTm += tl.dot(b_dvn, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
+        # products of stored values take them as loaded (_dot_as_loaded)
+        b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_S = tl.load(S_ptr + state + kv, mask=m_kv, other=0.0)
+        b_dSe = tl.load(dS_ptr + state + kv, mask=m_kv, other=0.0)
+        b_dq += _dot_as_loaded(b_do, tl.trans(b_S), PREC)
+        b_dP += _dot_as_loaded(b_do, tl.trans(b_vn), PREC)
+        b_dk += _dot_as_loaded(b_vn, tl.trans(b_dSe), PREC)
+        b_dw -= _dot_as_loaded(b_dvn, tl.trans(b_S), PREC)
+        b_SdS += tl.sum(b_S.to(tl.float32) * b_dSe.to(tl.float32), 1)
+    tl.store(dw_ptr + row[:, None] * K + o_k[None, :], b_dw.to(dw_ptr.dtype.element_ty), mask=m_k[None, :])
 
+    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_G = tl.load(G_ptr + row)
+    b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
     # o = s (q a) S: dq, and its dG through a
-    b_dq = b_dq * (scale * b_a)[:, None]
+    b_dq = b_dq * (scale * tl.exp(b_G))[:, None]
     b_dG = tl.sum(b_q * b_dq, 1)
     # o += P vn with P = s q k^T D (causal)
     causal = o_t[:, None] >= o_t[None, :]
@@ -516,35 +507,80 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
     b_dG += tl.sum(b_dPP, 1) - tl.sum(b_dPP, 0)
     b_dQK = b_dP * decay * scale
     b_dq += tl.dot(b_dQK, b_k, input_precision=PREC)
-    b_dk = tl.dot(tl.trans(b_dQK), b_q, input_precision=PREC)
     # S_end = exp(G_last) S + (k exp(G_last - G))^T vn
-    b_dk2 = b_dk2 * tl.exp(b_gl - b_G)[:, None]
-    b_dk += b_dk2
-    b_kdk2 = tl.sum(b_k * b_dk2, 1)
-    b_dG -= b_kdk2
-    b_dgl = tl.sum(b_kdk2, 0) + tl.exp(b_gl) * tl.sum(b_SdS, 0)
+    b_dk = b_dk * tl.exp(b_gl - b_G)[:, None]
+    b_kdk = tl.sum(b_k * b_dk, 1)
+    b_dG -= b_kdk
+    b_dG += tl.where(o_t == BT - 1, tl.sum(b_kdk, 0) + tl.exp(b_gl) * tl.sum(b_SdS, 0), 0.0)  # d G_last
+    b_dk += tl.dot(tl.trans(b_dQK), b_q, input_precision=PREC)
+    tl.store(dq_ptr + tok[:, None] * K + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
+    tl.store(dk_ptr + row[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty), mask=m_k[None, :])
+    tl.store(dG_ptr + row, b_dG)
+
+
+@_autotune(_cfgs([(16, 8, 1), (32, 8, 1), (64, 8, 1)]), key=["K", "V"])
+@triton.jit
+def _bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, dvn_ptr, dw_ptr, dk_part_ptr, dG_part_ptr,
+                   dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, T, H, Tp, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk, the gradients through u = Tm (beta v), w = Tm (beta a k) and Tm = (I + A)^-1:
+    dv, dbeta, and dk and dg completed (with _bwd_qk_kernel's parts)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    t = i_c * BT + o_t
+    m_t = t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    tok = (i_b * T + t) * H + i_h
+    row = i_bh * Tp + t
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
+    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
+
+    # Tm^T dTm, with dTm = du (beta v)^T + dw (beta a k)^T and du = dvn: Tm^T du is dvb below
+    b_TdT = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=(o_v < V)[None, :], other=0.0)
+        b_dvn = b_dvn.to(tl.float32)
+        # u = Tm (beta v), du = dvn
+        b_dvb = tl.dot(tl.trans(b_Tm), b_dvn, input_precision=PREC)
+        tl.store(dv_ptr + tok[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
+                 mask=m_tv)
+        b_dbeta += tl.sum(b_v * b_dvb, 1)
+        b_TdT += tl.dot(b_dvb, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
+
+    b_k16 = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = b_k16.to(tl.float32)
+    b_G = tl.load(G_ptr + row)
+    b_a = tl.exp(b_G)
+    b_dw = tl.load(dw_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
     # vn = u - w S, w = Tm (beta a k)
     b_dkb = tl.dot(tl.trans(b_Tm), b_dw, input_precision=PREC)
-    b_dk += b_dkb * (b_beta * b_a)[:, None]
+    b_dk = b_dkb * (b_beta * b_a)[:, None]
     b_kdkb = tl.sum(b_k * b_dkb, 1)
     b_dbeta += b_a * b_kdkb
-    b_dG += b_beta * b_a * b_kdkb
-    b_dTm += tl.dot(b_dw, tl.trans(b_k * (b_beta * b_a)[:, None]), input_precision=PREC)
+    b_dG = b_beta * b_a * b_kdkb
+    b_TdT += tl.dot(b_dkb, tl.trans(b_k * (b_beta * b_a)[:, None]), input_precision=PREC)
     # Tm = (I + A)^-1: dA = -Tm^T dTm Tm^T on the strict lower triangle
     strict = o_t[:, None] > o_t[None, :]
-    b_dA = -tl.dot(tl.dot(tl.trans(b_Tm), b_dTm, input_precision=PREC), tl.trans(b_Tm), input_precision=PREC)
+    b_dA = -tl.dot(b_TdT, tl.trans(b_Tm), input_precision=PREC)
     b_dA = tl.where(strict, b_dA, 0.0)
-    sdecay = tl.where(strict, decay, 0.0)
-    b_kkD = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * sdecay
+    sdecay = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], float("-inf")))
+    b_kkD = _dot_as_loaded(b_k16, tl.trans(b_k16), PREC) * sdecay
     b_dbeta += tl.sum(b_dA * b_kkD, 1)
     b_dAA = b_dA * b_kkD * b_beta[:, None]
     b_dG += tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0)
     b_dAk = b_dA * sdecay * b_beta[:, None]
-    b_dk += tl.dot(b_dAk, b_k, input_precision=PREC) + tl.dot(tl.trans(b_dAk), b_k, input_precision=PREC)
+    b_dk += tl.dot(b_dAk + tl.trans(b_dAk), b_k, input_precision=PREC)  # A_ij has k_i.k_j: both sides
 
-    b_dG += tl.where(o_t == BT - 1, b_dgl, 0.0)
+    b_dk += tl.load(dk_part_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+    b_dG += tl.load(dG_part_ptr + row)
     b_dg = tl.cumsum(b_dG, axis=0, reverse=True)  # G = cumsum(g)
-    tl.store(dq_ptr + tok[:, None] * K + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
     tl.store(dk_ptr + tok[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
     tl.store(dg_ptr + tok, b_dg.to(dg_ptr.dtype.element_ty), mask=m_t)
     tl.store(dbeta_ptr + tok, b_dbeta.to(dbeta_ptr.dtype.element_ty), mask=m_t)
@@ -626,9 +662,12 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dg = torch.empty(B, T, H, device=q.device, dtype=ctx.g_dtype)
         dbeta = torch.empty_like(beta)
-        _bwd_grads_kernel[(N, B * H)](
-            q, k, v, beta, G, Tm, S, dS, vn, dvn, do, dq, dk, dv, dg, dbeta, scale,
-            T, H, Tp, N, **meta)
+        dw, dk_part = torch.empty(B * H, Tp, K, **big), torch.empty(B * H, Tp, K, **big)
+        dG_part = torch.empty(B * H, Tp, device=q.device, dtype=torch.float32)
+        _bwd_qk_kernel[(N, B * H)](
+            q, k, G, S, dS, vn, dvn, do, dq, dk_part, dG_part, dw, scale, T, H, Tp, N, **meta)
+        _bwd_wy_kernel[(N, B * H)](
+            k, v, beta, G, Tm, dvn, dw, dk_part, dG_part, dk, dv, dg, dbeta, T, H, Tp, **meta)
         dh0 = None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype)
         return dq, dk, dv, dg, dbeta, None, dh0, None
 
