@@ -294,7 +294,7 @@ def _wu_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
         tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty), mask=m_v[None, :])
 
 
-@_autotune(_cfgs([(32, 8, 2), (64, 8, 2), (16, 4, 2)]), key=["K", "V"])
+@_autotune(_cfgs([(32, 8, 2), (64, 8, 2), (16, 8, 2)]), key=["K", "V"])
 @triton.jit
 def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
                       T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
@@ -518,7 +518,7 @@ def _bwd_qk_kernel(q_ptr, k_ptr, G_ptr, S_ptr, dS_ptr, vn_ptr, dvn_ptr, do_ptr, 
     tl.store(dG_ptr + row, b_dG)
 
 
-@_autotune(_cfgs([(16, 8, 1), (32, 8, 1), (64, 8, 1)]), key=["K", "V"])
+@_autotune(_cfgs([(16, 8, 1), (32, 8, 1), (16, 8, 2)]), key=["K", "V"])
 @triton.jit
 def _bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, dvn_ptr, dw_ptr, dk_part_ptr, dG_part_ptr,
                    dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, T, H, Tp, K: tl.constexpr, V: tl.constexpr,
