@@ -220,6 +220,17 @@ def test_gpu_triton_bf16_vs_cpu_float64_reference():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["dense", "gdn_like", "padded"])
+def test_gpu_blocked_inverse_vs_float64_solve(case):
+    from fusion_titan.ops.gated_delta_rule_triton import unit_lower_inverse
+
+    A = _inverse_cases()[case]
+    Ai = unit_lower_inverse(A.float().cuda())
+    assert rel_err(Ai.double().cpu(), _unit_lower_inverse_reference(A)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_triton_float32_tight_vs_reference():
     inputs, do, dS = _bf16_case(B=1, T=200, H=2, seed=9)
     o_ref, s_ref, g_ref = reference_and_grads(inputs, do, dS)

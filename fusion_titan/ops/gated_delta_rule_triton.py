@@ -268,8 +268,8 @@ def _wu_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Per chunk: w = Tm (beta a k), u = Tm (beta v), a = exp(G), with Tm as one [BT, BT] tile.
 
-    Its own kernel (as fla's recompute_w_u): held in registers through the V loop, the ten
-    16x16 blocks of the inverse kernel pushed it past 255 registers (sm_90 compile)."""
+    Its own kernel (as fla's recompute_w_u): fused into _inverse_kernel, with the ten 16x16 blocks
+    held through the V loop, it went past 255 registers and spilled (sm_90 compile)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
