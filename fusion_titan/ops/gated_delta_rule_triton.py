@@ -201,6 +201,23 @@ def _dot_as_loaded(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _chunk_tile(T, H, Tp, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """This program's chunk (grid axis 0) of one sequence-head (axis 1): the token offsets, the
+    chunk's rows of the [B, T, H, *] inputs (tok) and of the [B*H, Tp, *] intermediates (row), and
+    the token and key-dim masks."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    t = i_c * BT + o_t
+    m_t = t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    tok = (i_b * T + t) * H + i_h
+    row = i_bh * Tp + t
+    return i_c, i_bh, o_t, m_t, o_k, m_k, tok, row
+
+
+@triton.jit
 def _sub_chunk(g_ptr, beta_ptr, t0, i_b, i_h, T, H):
     """The 16 tokens from t0: their rows in the [B, T, H, *] inputs, mask (t < T), g and beta in fp32
     (zeros past T: no decay, no write)."""
@@ -278,15 +295,7 @@ def _wu_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
 
     Its own kernel (as fla's recompute_w_u): fused into _inverse_kernel, with the ten 16x16 blocks
     held through the V loop, it went past 255 registers and spilled (sm_90 compile)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_t = tl.arange(0, BT)
-    t = i_c * BT + o_t
-    m_t = t < T
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    tok = (i_b * T + t) * H + i_h  # row of [B, T, H, *] inputs
-    row = i_bh * Tp + t  # row of the [B*H, Tp, *] intermediates
+    i_c, i_bh, o_t, m_t, o_k, m_k, tok, row = _chunk_tile(T, H, Tp, K, BT, BK)
 
     b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
     b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
@@ -464,15 +473,7 @@ def _bwd_qk_kernel(q_ptr, k_ptr, G_ptr, S_ptr, dS_ptr, vn_ptr, dvn_ptr, do_ptr, 
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Per chunk, the gradients through o and the chunk-end state: dq; the parts of dk and dG
     (the gradient of G) they give; dw (for _bwd_wy_kernel)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_t = tl.arange(0, BT)
-    t = i_c * BT + o_t
-    m_t = t < T
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    tok = (i_b * T + t) * H + i_h
-    row = i_bh * Tp + t
+    i_c, i_bh, o_t, m_t, o_k, m_k, tok, row = _chunk_tile(T, H, Tp, K, BT, BK)
     m_tk = m_t[:, None] & m_k[None, :]
     state = (i_bh * N + i_c) * K * V
 
@@ -533,15 +534,7 @@ def _bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, dvn_ptr, dw_ptr, dk_pa
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Per chunk, the gradients through u = Tm (beta v), w = Tm (beta a k) and Tm = (I + A)^-1:
     dv, dbeta, and dk and dg completed (with _bwd_qk_kernel's parts)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_t = tl.arange(0, BT)
-    t = i_c * BT + o_t
-    m_t = t < T
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    tok = (i_b * T + t) * H + i_h
-    row = i_bh * Tp + t
+    i_c, i_bh, o_t, m_t, o_k, m_k, tok, row = _chunk_tile(T, H, Tp, K, BT, BK)
     m_tk = m_t[:, None] & m_k[None, :]
     b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
     b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
