@@ -19,6 +19,20 @@ local batch, as 2 micro-batches on one GPU or one per GPU on two.
   when that part ran).
 
 Writes report.json and same_losses.png under --out; prints a summary.
+
+Profiling one run's step (e.g. why NorMuon loses more than AdamW to expert parallel):
+
+    python scripts/two_gpu_checks.py --profile fsdp2_ep2_normuon [--steps 12] [--flat] [--out DIR]
+
+`--profile RUN` (one_gpu, fsdp2 or fsdp2_ep2, with `_normuon` for NorMuon; comma-separate
+several) trains that run from the seed checkpoint with torchtitan's profiler on step
+`steps - 1` and writes `profile_<RUN>.md` at the top of --out, per rank: step time, GPU-busy
+time, the optimizer step's host time and the GPU time / count of the kernels it launched, NCCL
+time inside and outside it, host syncs and cudaMalloc/cudaFree calls inside and outside it, and
+the top kernels of the step and of the optimizer (fusion_titan/bench/trace_summary.py). Given
+alone, --profile runs no other part (add --parts to run them too). `--flat` leaves only flat
+files at the top of --out (each run's log copied there; the seed, run folders and traces
+deleted): what a device output folder needs.
 """
 
 from __future__ import annotations
@@ -37,7 +51,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fusion_titan.bench.trace_summary import format_ranks, summarize_ranks  # noqa: E402
 from fusion_titan.bench.train_log import parse_steps, strip_ansi  # noqa: E402
+
+EP2 = ["--parallelism.expert_parallel_degree", "2"]
+NORMUON = ["--optimizer.name", "NorMuon"]
+# run name -> (GPUs, overrides); "<name>_normuon" is the same run with NorMuon
+RUNS = {"one_gpu": (1, []), "fsdp2": (2, []), "fsdp2_ep2": (2, EP2)}
+PROFILE_FOLDER = "prof"
+
+
+def named_run(name: str) -> tuple[int, list[str]]:
+    """(GPUs, overrides) of a run name of the same / throughput parts."""
+    base, normuon = (name[:-len("_normuon")], True) if name.endswith("_normuon") else (name, False)
+    if base not in RUNS:
+        choices = ", ".join(f"{n}, {n}_normuon" for n in RUNS)
+        raise SystemExit(f"--profile {name}: unknown run; choose from {choices}")
+    ngpu, extra = RUNS[base]
+    return ngpu, (NORMUON if normuon else []) + extra
 from fusion_titan.training.tb_scalars import read_scalars  # noqa: E402
 
 
@@ -141,6 +172,16 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def flatten(out: Path) -> None:
+    """Only flat files left at the top of `out`: each run's log copied up, every folder
+    (seed checkpoint, run dumps, traces) deleted."""
+    for folder in [p for p in out.iterdir() if p.is_dir()]:
+        log = folder / f"{folder.name}.log"
+        if log.is_file():
+            shutil.copy(log, out / log.name)
+        shutil.rmtree(folder)
+
+
 def max_rel(a: dict, b: dict, steps) -> float | None:
     common = [s for s in steps if s in a and s in b]
     if not common:
@@ -176,11 +217,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5, help="steps excluded from tokens/s")
     ap.add_argument("--local-batch", type=int, default=4)
-    ap.add_argument("--parts", default="same,throughput,faults,resume")
+    ap.add_argument("--parts", default=None,
+                    help="default: same,throughput,faults,resume (none when --profile is given)")
+    ap.add_argument("--profile", default="", help="comma list of run names to profile one step of")
+    ap.add_argument("--flat", action="store_true",
+                    help="leave only flat files at the top of --out (device output folders)")
     ap.add_argument("--out", default="outputs/two_gpu")
     ap.add_argument("extra", nargs="*", help="overrides added to every run")
     args = ap.parse_args()
-    parts = set(args.parts.split(","))
+    profiled = [name for name in args.profile.split(",") if name]
+    for name in profiled:
+        named_run(name)  # refuse a bad name before any run
+    if profiled and args.steps < 5:
+        ap.error("--profile needs --steps >= 5 (torchtitan's profiler warms up 3 steps)")
+    if args.parts is None:
+        args.parts = "" if profiled else "same,throughput,faults,resume"
+    parts = set(filter(None, args.parts.split(",")))
     runner = Runner(args)
     runner.out.mkdir(parents=True, exist_ok=True)
     runner.make_seed()
@@ -189,24 +241,22 @@ def main() -> None:
     save = lambda: (runner.out / "report.json").write_text(json.dumps(report, indent=1))  # noqa: E731
     all_steps = range(1, args.steps + 1)
     no_ckpt = ["--checkpoint.no-enable"]
-    ep2 = ["--parallelism.expert_parallel_degree", "2"]
 
     if "same" in parts or "throughput" in parts:
-        optimizers = ([[]] if "same" in parts else []) + \
-            ([["--optimizer.name", "NorMuon"]] if "throughput" in parts else [])
-        for opt in optimizers:
-            tag = "_normuon" if opt else ""
-            one = runner.train(f"one_gpu{tag}", 1, no_ckpt + opt)
+        tags = ([""] if "same" in parts else []) + (["_normuon"] if "throughput" in parts else [])
+        for tag in tags:
+            one = runner.train(f"one_gpu{tag}", 1, no_ckpt + named_run(f"one_gpu{tag}")[1])
             rows = [one]
-            for name, extra in ((f"fsdp2{tag}", []), (f"fsdp2_ep2{tag}", ep2)):
-                r = runner.train(name, 2, no_ckpt + opt + extra)
+            for name in (f"fsdp2{tag}", f"fsdp2_ep2{tag}"):
+                ngpu, extra = named_run(name)
+                r = runner.train(name, ngpu, no_ckpt + extra)
                 r["max_rel_loss_vs_1gpu"] = max_rel(r["losses"], one["losses"], all_steps)
                 if r["tps_per_gpu"] and one["tps_per_gpu"]:
                     r["tps_per_gpu_vs_1gpu"] = r["tps_per_gpu"] / one["tps_per_gpu"]
                 rows.append(r)
             report["runs"] += rows
             save()
-            if not opt:
+            if not tag:
                 plot(rows, runner.out / "same_losses.png")
 
     every = max(1, args.steps // 4)
@@ -242,7 +292,24 @@ def main() -> None:
         report["runs"] += [to_one, one_ref, to_two]
         save()
 
+    for name in profiled:
+        ngpu, extra = named_run(name)
+        dump = runner.out / f"{name}_profile"
+        prof = ["--profiling.enable_profiling", "--profiling.profile_freq", str(args.steps - 1),
+                "--profiling.save_traces_folder", PROFILE_FOLDER]
+        r = runner.train(dump.name, ngpu, no_ckpt + extra + prof)
+        summary = summarize_ranks(dump / PROFILE_FOLDER)
+        (runner.out / f"profile_{name}.md").write_text(format_ranks(
+            f"{name}: one profiled step (step {args.steps - 1} of {args.steps}), {ngpu} GPU(s), "
+            f"{r.get('tps_per_gpu') or 0:.0f} tokens/s per GPU", summary))
+        r["profile"] = {rank: {k: v for k, v in s.items() if "top" not in k}
+                        for rank, s in summary.items()}
+        report["runs"].append(r)
+        save()
+
     save()
+    if args.flat:
+        flatten(runner.out)
     print("\n| run | GPUs | starts at | tokens/s per GPU | x 1 GPU | peak GiB | max rel loss diff |")
     print("|---|---|---|---|---|---|---|")
     for r in report["runs"]:
