@@ -81,7 +81,8 @@ def optimizer_share(events: list[dict], top: int = 8) -> dict:
         "optimizer_gpu_ms": sum(e["dur"] for e in opt_kernels) / 1e3,
         "optimizer_kernels": len(opt_kernels),
         "optimizer_nccl_ms": nccl(opt_kernels),
-        "other_nccl_ms": nccl(kernels) - nccl(opt_kernels),
+        "other_nccl_ms": nccl([e for e in kernels
+                               if e.get("args", {}).get("correlation") not in launched]),
         "optimizer_syncs": calls(SYNC_CALLS, inside),
         "other_syncs": calls(SYNC_CALLS, lambda e: not inside(e)),
         "optimizer_alloc_calls": calls(ALLOC_CALLS, inside),
