@@ -10,6 +10,10 @@ local batch, as 2 micro-batches on one GPU or one per GPU on two.
 - same: 1 GPU, FSDP 2 and FSDP 2 x EP 2 (the TOML's optimizer); per-step losses compared with
   the 1-GPU run (max relative difference) and plotted (same_losses.png).
 - throughput: the same three runs with NorMuon; per-GPU tokens/s of every run vs its 1-GPU run.
+  Every run also reports, over the measured steps, the busiest expert-parallel rank's load over
+  the ranks' mean (`moe/mean_max_over_mean_ep_rank_load`, EP runs: each MoE layer's all-to-all
+  waits for that rank, so routing that drifts out of balance slows EP runs only) and the
+  allocator's retries (`memory/num_alloc_retries`).
 - faults: FSDP 2 with asynchronous checkpoints every `steps/4` steps; a second identical run is
   killed with SIGKILL (torchrun and both ranks) as soon as the second checkpoint's folder
   appears, i.e. during its asynchronous save, then restarted with the same command: it must
@@ -69,7 +73,7 @@ def named_run(name: str) -> tuple[int, list[str]]:
         raise SystemExit(f"--profile {name}: unknown run; choose from {choices}")
     ngpu, extra = RUNS[base]
     return ngpu, (NORMUON if normuon else []) + extra
-from fusion_titan.training.tb_scalars import read_scalars  # noqa: E402
+from fusion_titan.training.tb_scalars import read_all_scalars  # noqa: E402
 
 
 class Runner:
@@ -137,13 +141,15 @@ class Runner:
             proc.wait()
         log = strip_ansi(log_path.read_text())
         steps = parse_steps(log)
+        scalars = read_all_scalars(dump)
         measured = [v["tps"] for s, v in steps.items() if s > self.args.warmup]
         result = {"name": name, "ngpu": ngpu, "extra": " ".join(extra), "rc": proc.returncode,
                   "wall_s": round(time.time() - t0, 1),
                   "losses": {int(k): v for k, v in
-                             read_scalars(dump, "loss_metrics/global_avg_loss").items()},
+                             scalars.get("loss_metrics/global_avg_loss", {}).items()},
                   "tps_per_gpu": statistics.mean(measured) if measured else None,
-                  "peak_gib": max((v["mem_gib"] for v in steps.values()), default=None)}
+                  "peak_gib": max((v["mem_gib"] for v in steps.values()), default=None),
+                  **self.step_stats(scalars)}
         resumed = [ln for ln in log.splitlines() if "Training starts at step" in ln]
         result["starts_at"] = resumed[-1].split("step")[-1].strip(" .") if resumed else None
         if killed is not None:
@@ -152,6 +158,20 @@ class Runner:
             result["error"] = " | ".join(log.splitlines()[-8:])[-1000:]
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
         return result
+
+
+    def step_stats(self, scalars: dict[str, dict[int, float]]) -> dict:
+        """From the run's TensorBoard, over the measured steps: the mean busiest-EP-rank load
+        over the ranks' mean (each MoE layer's all-to-all waits for that rank; EP runs only) and
+        the allocator's retries (cudaFree-and-retry; a fragmented cache)."""
+        out = {}
+        for key, tag, reduce in (
+                ("ep_rank_load_max_over_mean", "moe/mean_max_over_mean_ep_rank_load", statistics.mean),
+                ("alloc_retries", "memory/num_alloc_retries", max)):
+            values = [v for s, v in scalars.get(tag, {}).items() if s > self.args.warmup]
+            if values:
+                out[key] = reduce(values)
+        return out
 
 
 def descendants(pid: int) -> list[int]:
@@ -235,21 +255,31 @@ def main() -> None:
     parts = set(filter(None, args.parts.split(",")))
     runner = Runner(args)
     runner.out.mkdir(parents=True, exist_ok=True)
+    try:
+        run_parts(args, runner, parts, profiled)
+    finally:
+        if args.flat:  # also when a run fails: the summaries written so far stay
+            flatten(runner.out)
+
+
+def run_parts(args, runner: Runner, parts: set[str], profiled: list[str]) -> None:
     runner.make_seed()
     report: dict = {"config": args.config, "steps": args.steps, "local_batch": args.local_batch,
                     "runs": []}
     save = lambda: (runner.out / "report.json").write_text(json.dumps(report, indent=1))  # noqa: E731
     all_steps = range(1, args.steps + 1)
-    no_ckpt = ["--checkpoint.no-enable"]
+    # load the seed (copied in as step-0) and save nothing: with checkpointing off it would not
+    # be loaded, and each run would start from its own initialization
+    from_seed = ["--checkpoint.enable", "--checkpoint.load_only"]
 
     if "same" in parts or "throughput" in parts:
         tags = ([""] if "same" in parts else []) + (["_normuon"] if "throughput" in parts else [])
         for tag in tags:
-            one = runner.train(f"one_gpu{tag}", 1, no_ckpt + named_run(f"one_gpu{tag}")[1])
+            one = runner.train(f"one_gpu{tag}", 1, from_seed + named_run(f"one_gpu{tag}")[1])
             rows = [one]
             for name in (f"fsdp2{tag}", f"fsdp2_ep2{tag}"):
                 ngpu, extra = named_run(name)
-                r = runner.train(name, ngpu, no_ckpt + extra)
+                r = runner.train(name, ngpu, from_seed + extra)
                 r["max_rel_loss_vs_1gpu"] = max_rel(r["losses"], one["losses"], all_steps)
                 if r["tps_per_gpu"] and one["tps_per_gpu"]:
                     r["tps_per_gpu_vs_1gpu"] = r["tps_per_gpu"] / one["tps_per_gpu"]
@@ -297,28 +327,30 @@ def main() -> None:
         dump = runner.out / f"{name}_profile"
         prof = ["--profiling.enable_profiling", "--profiling.profile_freq", str(args.steps - 1),
                 "--profiling.save_traces_folder", PROFILE_FOLDER]
-        r = runner.train(dump.name, ngpu, no_ckpt + extra + prof)
+        r = runner.train(dump.name, ngpu, from_seed + extra + prof)
         summary = summarize_ranks(dump / PROFILE_FOLDER)
         (runner.out / f"profile_{name}.md").write_text(format_ranks(
             f"{name}: one profiled step (step {args.steps - 1} of {args.steps}), {ngpu} GPU(s), "
-            f"{r.get('tps_per_gpu') or 0:.0f} tokens/s per GPU", summary))
+            f"{r.get('tps_per_gpu') or 0:.0f} tokens/s per GPU, EP-rank load max/mean "
+            f"{r.get('ep_rank_load_max_over_mean', 'n/a')}, alloc retries "
+            f"{r.get('alloc_retries', 'n/a')}", summary))
         r["profile"] = {rank: {k: v for k, v in s.items() if "top" not in k}
                         for rank, s in summary.items()}
         report["runs"].append(r)
         save()
 
     save()
-    if args.flat:
-        flatten(runner.out)
-    print("\n| run | GPUs | starts at | tokens/s per GPU | x 1 GPU | peak GiB | max rel loss diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| run | GPUs | starts at | tokens/s per GPU | x 1 GPU | peak GiB | max rel loss diff "
+          "| EP-rank load max/mean | alloc retries |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in report["runs"]:
         diff = next((r[k] for k in ("max_rel_loss_vs_1gpu", "max_rel_loss_vs_uninterrupted",
                                     "max_rel_loss_vs_writer") if r.get(k) is not None), None)
         tps = f"{r['tps_per_gpu']:.0f}" if r.get("tps_per_gpu") else "n/a"
         ratio = f"{r['tps_per_gpu_vs_1gpu']:.2f}" if r.get("tps_per_gpu_vs_1gpu") else ""
         print(f"| {r['name']} | {r['ngpu']} | {r.get('starts_at')} | {tps} | {ratio} | "
-              f"{r.get('peak_gib')} | {'' if diff is None else f'{diff:.2e}'} |"
+              f"{r.get('peak_gib')} | {'' if diff is None else f'{diff:.2e}'} | "
+              f"{r.get('ep_rank_load_max_over_mean', '')} | {r.get('alloc_retries', '')} |"
               + (f" killed: {r['killed']}" if "killed" in r else "")
               + (f" ERROR {r['error']}" if "error" in r else ""))
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import collections
 import math
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_normuon_owner_sharding import _free_port
 
 WORLD = 2
 DEBUG_DIMS = dict(vocab_size=512)  # the debug flavor with a small vocabulary (quick on CPU)
@@ -124,12 +124,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _whole_model_work() -> tuple[int, int]:
