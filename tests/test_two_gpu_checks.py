@@ -1,20 +1,17 @@
 """scripts/two_gpu_checks.py's pieces that run without a GPU: run names, seed loading, the
 per-run step statistics and the flat output folder."""
 
-import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_eval import script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("two_gpu_checks", ROOT / "scripts" / "two_gpu_checks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("two_gpu_checks")
 
 
 def test_run_names_give_gpus_and_overrides_that_parse():
