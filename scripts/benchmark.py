@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fusion_titan.bench.trace_summary import summarize_trace  # noqa: E402,F401  (re-exported)
 from fusion_titan.bench.train_log import parse_steps, run_captured, strip_ansi  # noqa: E402
 
 PEER = ["--experimental.custom_import", "fusion_titan.bench.deepseek_peer",
@@ -110,29 +111,6 @@ def train_run(name: str, config: str, overrides: list[str], steps: int, warmup: 
     if profile:
         result["profile"] = summarize_trace(dump / "prof")
     return result
-
-
-def summarize_trace(folder: Path, top: int = 15) -> dict:
-    """Top GPU kernels of the profiled step and how busy the GPU was during it."""
-    traces = sorted(folder.rglob("rank0_trace.json"))
-    if not traces:
-        return {"error": f"no trace under {folder}"}
-    events = json.loads(traces[-1].read_text())["traceEvents"]
-    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
-    steps = [e for e in events if str(e.get("name", "")).startswith("ProfilerStep#")]
-    if not kernels:
-        return {"error": "no kernel events"}
-    by_name: dict[str, float] = {}
-    for e in kernels:
-        by_name[e["name"][:90]] = by_name.get(e["name"][:90], 0.0) + e["dur"]
-    busy = sum(e["dur"] for e in kernels)
-    span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels))
-    step_us = max((e["dur"] for e in steps), default=span)
-    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
-    return {"step_ms": step_us / 1e3, "gpu_busy_ms": busy / 1e3,
-            "gpu_busy_fraction": busy / step_us if step_us else None,
-            "n_kernels": len(kernels),
-            "top": [(name, round(us / 1e3, 2), round(us / busy, 3)) for name, us in ranked]}
 
 
 # ---------------------------------------------------------------------------

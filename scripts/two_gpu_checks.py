@@ -10,6 +10,10 @@ local batch, as 2 micro-batches on one GPU or one per GPU on two.
 - same: 1 GPU, FSDP 2 and FSDP 2 x EP 2 (the TOML's optimizer); per-step losses compared with
   the 1-GPU run (max relative difference) and plotted (same_losses.png).
 - throughput: the same three runs with NorMuon; per-GPU tokens/s of every run vs its 1-GPU run.
+  Every run also reports, over the measured steps, the busiest expert-parallel rank's load over
+  the ranks' mean (`moe/mean_max_over_mean_ep_rank_load`, EP runs: each MoE layer's all-to-all
+  waits for that rank, so routing that drifts out of balance slows EP runs only) and the
+  allocator's retries (`memory/num_alloc_retries`).
 - faults: FSDP 2 with asynchronous checkpoints every `steps/4` steps; a second identical run is
   killed with SIGKILL (torchrun and both ranks) as soon as the second checkpoint's folder
   appears, i.e. during its asynchronous save, then restarted with the same command: it must
@@ -19,6 +23,20 @@ local batch, as 2 micro-batches on one GPU or one per GPU on two.
   when that part ran).
 
 Writes report.json and same_losses.png under --out; prints a summary.
+
+Profiling one run's step (e.g. why NorMuon loses more than AdamW to expert parallel):
+
+    python scripts/two_gpu_checks.py --profile fsdp2_ep2_normuon [--steps 12] [--flat] [--out DIR]
+
+`--profile RUN` (one_gpu, fsdp2 or fsdp2_ep2, with `_normuon` for NorMuon; comma-separate
+several) trains that run from the seed checkpoint with torchtitan's profiler on step
+`steps - 1` and writes `profile_<RUN>.md` at the top of --out, per rank: step time, GPU-busy
+time, the optimizer step's host time and the GPU time / count of the kernels it launched, NCCL
+time inside and outside it, host syncs and cudaMalloc/cudaFree calls inside and outside it, and
+the top kernels of the step and of the optimizer (fusion_titan/bench/trace_summary.py). Given
+alone, --profile runs no other part (add --parts to run them too). `--flat` leaves only flat
+files at the top of --out (each run's log copied there; the seed, run folders and traces
+deleted): what a device output folder needs.
 """
 
 from __future__ import annotations
@@ -37,8 +55,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fusion_titan.bench.trace_summary import format_ranks, summarize_ranks  # noqa: E402
 from fusion_titan.bench.train_log import parse_steps, strip_ansi  # noqa: E402
-from fusion_titan.training.tb_scalars import read_scalars  # noqa: E402
+
+EP2 = ["--parallelism.expert_parallel_degree", "2"]
+NORMUON = ["--optimizer.name", "NorMuon"]
+# run name -> (GPUs, overrides); "<name>_normuon" is the same run with NorMuon
+RUNS = {"one_gpu": (1, []), "fsdp2": (2, []), "fsdp2_ep2": (2, EP2)}
+PROFILE_FOLDER = "prof"
+
+
+def named_run(name: str) -> tuple[int, list[str]]:
+    """(GPUs, overrides) of a run name of the same / throughput parts."""
+    base, normuon = (name[:-len("_normuon")], True) if name.endswith("_normuon") else (name, False)
+    if base not in RUNS:
+        choices = ", ".join(f"{n}, {n}_normuon" for n in RUNS)
+        raise SystemExit(f"--profile {name}: unknown run; choose from {choices}")
+    ngpu, extra = RUNS[base]
+    return ngpu, (NORMUON if normuon else []) + extra
+from fusion_titan.training.tb_scalars import read_all_scalars  # noqa: E402
 
 
 class Runner:
@@ -106,13 +141,15 @@ class Runner:
             proc.wait()
         log = strip_ansi(log_path.read_text())
         steps = parse_steps(log)
+        scalars = read_all_scalars(dump)
         measured = [v["tps"] for s, v in steps.items() if s > self.args.warmup]
         result = {"name": name, "ngpu": ngpu, "extra": " ".join(extra), "rc": proc.returncode,
                   "wall_s": round(time.time() - t0, 1),
                   "losses": {int(k): v for k, v in
-                             read_scalars(dump, "loss_metrics/global_avg_loss").items()},
+                             scalars.get("loss_metrics/global_avg_loss", {}).items()},
                   "tps_per_gpu": statistics.mean(measured) if measured else None,
-                  "peak_gib": max((v["mem_gib"] for v in steps.values()), default=None)}
+                  "peak_gib": max((v["mem_gib"] for v in steps.values()), default=None),
+                  **self.step_stats(scalars)}
         resumed = [ln for ln in log.splitlines() if "Training starts at step" in ln]
         result["starts_at"] = resumed[-1].split("step")[-1].strip(" .") if resumed else None
         if killed is not None:
@@ -121,6 +158,20 @@ class Runner:
             result["error"] = " | ".join(log.splitlines()[-8:])[-1000:]
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
         return result
+
+
+    def step_stats(self, scalars: dict[str, dict[int, float]]) -> dict:
+        """From the run's TensorBoard, over the measured steps: the mean busiest-EP-rank load
+        over the ranks' mean (each MoE layer's all-to-all waits for that rank; EP runs only) and
+        the allocator's retries (cudaFree-and-retry; a fragmented cache)."""
+        out = {}
+        for key, tag, reduce in (
+                ("ep_rank_load_max_over_mean", "moe/mean_max_over_mean_ep_rank_load", statistics.mean),
+                ("alloc_retries", "memory/num_alloc_retries", max)):
+            values = [v for s, v in scalars.get(tag, {}).items() if s > self.args.warmup]
+            if values:
+                out[key] = reduce(values)
+        return out
 
 
 def descendants(pid: int) -> list[int]:
@@ -139,6 +190,16 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def flatten(out: Path) -> None:
+    """Only flat files left at the top of `out`: each run's log copied up, every folder
+    (seed checkpoint, run dumps, traces) deleted."""
+    for folder in [p for p in out.iterdir() if p.is_dir()]:
+        log = folder / f"{folder.name}.log"
+        if log.is_file():
+            shutil.copy(log, out / log.name)
+        shutil.rmtree(folder)
 
 
 def max_rel(a: dict, b: dict, steps) -> float | None:
@@ -176,37 +237,56 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5, help="steps excluded from tokens/s")
     ap.add_argument("--local-batch", type=int, default=4)
-    ap.add_argument("--parts", default="same,throughput,faults,resume")
+    ap.add_argument("--parts", default=None,
+                    help="default: same,throughput,faults,resume (none when --profile is given)")
+    ap.add_argument("--profile", default="", help="comma list of run names to profile one step of")
+    ap.add_argument("--flat", action="store_true",
+                    help="leave only flat files at the top of --out (device output folders)")
     ap.add_argument("--out", default="outputs/two_gpu")
     ap.add_argument("extra", nargs="*", help="overrides added to every run")
     args = ap.parse_args()
-    parts = set(args.parts.split(","))
+    profiled = [name for name in args.profile.split(",") if name]
+    for name in profiled:
+        named_run(name)  # refuse a bad name before any run
+    if profiled and args.steps < 5:
+        ap.error("--profile needs --steps >= 5 (torchtitan's profiler warms up 3 steps)")
+    if args.parts is None:
+        args.parts = "" if profiled else "same,throughput,faults,resume"
+    parts = set(filter(None, args.parts.split(",")))
     runner = Runner(args)
     runner.out.mkdir(parents=True, exist_ok=True)
+    try:
+        run_parts(args, runner, parts, profiled)
+    finally:
+        if args.flat:  # also when a run fails: the summaries written so far stay
+            flatten(runner.out)
+
+
+def run_parts(args, runner: Runner, parts: set[str], profiled: list[str]) -> None:
     runner.make_seed()
     report: dict = {"config": args.config, "steps": args.steps, "local_batch": args.local_batch,
                     "runs": []}
     save = lambda: (runner.out / "report.json").write_text(json.dumps(report, indent=1))  # noqa: E731
     all_steps = range(1, args.steps + 1)
-    no_ckpt = ["--checkpoint.no-enable"]
-    ep2 = ["--parallelism.expert_parallel_degree", "2"]
+    # load the seed (copied in as step-0) and save nothing: with checkpointing off it would not
+    # be loaded, and each run would start from its own initialization
+    from_seed = ["--checkpoint.enable", "--checkpoint.load_only"]
 
     if "same" in parts or "throughput" in parts:
-        optimizers = ([[]] if "same" in parts else []) + \
-            ([["--optimizer.name", "NorMuon"]] if "throughput" in parts else [])
-        for opt in optimizers:
-            tag = "_normuon" if opt else ""
-            one = runner.train(f"one_gpu{tag}", 1, no_ckpt + opt)
+        tags = ([""] if "same" in parts else []) + (["_normuon"] if "throughput" in parts else [])
+        for tag in tags:
+            one = runner.train(f"one_gpu{tag}", 1, from_seed + named_run(f"one_gpu{tag}")[1])
             rows = [one]
-            for name, extra in ((f"fsdp2{tag}", []), (f"fsdp2_ep2{tag}", ep2)):
-                r = runner.train(name, 2, no_ckpt + opt + extra)
+            for name in (f"fsdp2{tag}", f"fsdp2_ep2{tag}"):
+                ngpu, extra = named_run(name)
+                r = runner.train(name, ngpu, from_seed + extra)
                 r["max_rel_loss_vs_1gpu"] = max_rel(r["losses"], one["losses"], all_steps)
                 if r["tps_per_gpu"] and one["tps_per_gpu"]:
                     r["tps_per_gpu_vs_1gpu"] = r["tps_per_gpu"] / one["tps_per_gpu"]
                 rows.append(r)
             report["runs"] += rows
             save()
-            if not opt:
+            if not tag:
                 plot(rows, runner.out / "same_losses.png")
 
     every = max(1, args.steps // 4)
@@ -242,16 +322,35 @@ def main() -> None:
         report["runs"] += [to_one, one_ref, to_two]
         save()
 
+    for name in profiled:
+        ngpu, extra = named_run(name)
+        dump = runner.out / f"{name}_profile"
+        prof = ["--profiling.enable_profiling", "--profiling.profile_freq", str(args.steps - 1),
+                "--profiling.save_traces_folder", PROFILE_FOLDER]
+        r = runner.train(dump.name, ngpu, from_seed + extra + prof)
+        summary = summarize_ranks(dump / PROFILE_FOLDER)
+        (runner.out / f"profile_{name}.md").write_text(format_ranks(
+            f"{name}: one profiled step (step {args.steps - 1} of {args.steps}), {ngpu} GPU(s), "
+            f"{r.get('tps_per_gpu') or 0:.0f} tokens/s per GPU, EP-rank load max/mean "
+            f"{r.get('ep_rank_load_max_over_mean', 'n/a')}, alloc retries "
+            f"{r.get('alloc_retries', 'n/a')}", summary))
+        r["profile"] = {rank: {k: v for k, v in s.items() if "top" not in k}
+                        for rank, s in summary.items()}
+        report["runs"].append(r)
+        save()
+
     save()
-    print("\n| run | GPUs | starts at | tokens/s per GPU | x 1 GPU | peak GiB | max rel loss diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| run | GPUs | starts at | tokens/s per GPU | x 1 GPU | peak GiB | max rel loss diff "
+          "| EP-rank load max/mean | alloc retries |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in report["runs"]:
         diff = next((r[k] for k in ("max_rel_loss_vs_1gpu", "max_rel_loss_vs_uninterrupted",
                                     "max_rel_loss_vs_writer") if r.get(k) is not None), None)
         tps = f"{r['tps_per_gpu']:.0f}" if r.get("tps_per_gpu") else "n/a"
         ratio = f"{r['tps_per_gpu_vs_1gpu']:.2f}" if r.get("tps_per_gpu_vs_1gpu") else ""
         print(f"| {r['name']} | {r['ngpu']} | {r.get('starts_at')} | {tps} | {ratio} | "
-              f"{r.get('peak_gib')} | {'' if diff is None else f'{diff:.2e}'} |"
+              f"{r.get('peak_gib')} | {'' if diff is None else f'{diff:.2e}'} | "
+              f"{r.get('ep_rank_load_max_over_mean', '')} | {r.get('alloc_retries', '')} |"
               + (f" killed: {r['killed']}" if "killed" in r else "")
               + (f" ERROR {r['error']}" if "error" in r else ""))
 

@@ -251,6 +251,11 @@ def test_load_metrics():
     assert m["moe/dead_expert_fraction"] == pytest.approx(2 / 8)
     assert m["moe/dropped_fraction"] == pytest.approx(4 / 32)
     assert m["moe/max_layer_dropped_fraction"] == pytest.approx(4 / 16)
+    assert "moe/max_over_mean_ep_rank_load" not in m
+    # EP 2: experts {0, 1} on rank 0, {2, 3} on rank 1; layer 0 balanced, layer 1 all on rank 0
+    ep = load_metrics(load, ep_degree=2)
+    assert ep["moe/max_over_mean_ep_rank_load"] == pytest.approx(16 / 8)
+    assert ep["moe/mean_max_over_mean_ep_rank_load"] == pytest.approx((1.0 + 2.0) / 2)
     moes = [make_moe(seed=s, capacity_factor=0.5).train() for s in range(2)]
     for mo in moes:
         mo(torch.randn(2, 8, mo.dim, dtype=torch.float64))

@@ -292,7 +292,7 @@ def moe_load_counters(layers: list[DeepSeekMoE]) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def load_metrics(load: torch.Tensor, dropped: torch.Tensor | None = None,
-                 routed: torch.Tensor | None = None) -> dict[str, float]:
+                 routed: torch.Tensor | None = None, ep_degree: int = 1) -> dict[str, float]:
     """Expert-load statistics of one step, as Python floats under "moe/..." keys.
 
     load [layers, experts] (or [experts]): assignments routed to each expert (before dropping).
@@ -302,6 +302,10 @@ def load_metrics(load: torch.Tensor, dropped: torch.Tensor | None = None,
     layer), routing_entropy (normalized, 1 = uniform, mean over layers), min_routing_entropy,
     dead_expert_fraction (experts with no tokens, over all layers) and, with `dropped`,
     dropped_fraction (over all layers) and max_layer_dropped_fraction.
+    ep_degree > 1 (expert parallel: rank r holds the r-th contiguous block of E / ep_degree
+    experts) adds max_over_mean_ep_rank_load (worst layer) and mean_max_over_mean_ep_rank_load:
+    the busiest rank's assignments over the ranks' mean, which every rank waits for in each
+    layer's all-to-all, so the mean over layers bounds the expert compute's slow-down.
     """
     load = load.float().reshape(-1, load.shape[-1])
     n_experts = load.shape[-1]
@@ -316,6 +320,11 @@ def load_metrics(load: torch.Tensor, dropped: torch.Tensor | None = None,
            "moe/routing_entropy": entropy.mean().item(),
            "moe/min_routing_entropy": entropy.min().item(),
            "moe/dead_expert_fraction": (load == 0).float().mean().item()}
+    if ep_degree > 1:
+        per_rank = load.reshape(load.shape[0], ep_degree, -1).sum(-1)
+        rank_hi = per_rank.max(-1).values / per_rank.mean(-1).clamp_min(1e-9)
+        out["moe/max_over_mean_ep_rank_load"] = rank_hi.max().item()
+        out["moe/mean_max_over_mean_ep_rank_load"] = rank_hi.mean().item()
     if dropped is not None:
         dropped = dropped.float().reshape(-1).to(load.device)
         routed = total if routed is None else routed.float().reshape(-1).to(load.device)

@@ -23,9 +23,10 @@ def moe_layers(model_parts: list[nn.Module]) -> list[DeepSeekMoE]:
 class ExpertBiasUpdater:
     """Optimizer post-step hook; also keeps the last step's load for the metrics."""
 
-    def __init__(self, model_parts: list[nn.Module], process_group=None):
+    def __init__(self, model_parts: list[nn.Module], process_group=None, ep_degree: int = 1):
         self.layers = moe_layers(model_parts)
         self.process_group = process_group
+        self.ep_degree = ep_degree  # for the per-EP-rank load metrics
         self.last_load: torch.Tensor | None = None
         self.last_dropped: torch.Tensor | None = None
 
@@ -48,4 +49,4 @@ class ExpertBiasUpdater:
     def metrics(self) -> dict[str, float]:
         if self.last_load is None:
             return {}
-        return load_metrics(self.last_load, self.last_dropped)
+        return load_metrics(self.last_load, self.last_dropped, ep_degree=self.ep_degree)

@@ -161,7 +161,8 @@ def build_optimizers(model_parts: list[nn.Module], optimizer_config, parallel_di
     optimizers.register_step_pre_hook(finish_step)
 
     loss_mesh = parallel_dims.get_optional_mesh("loss")
-    updater = ExpertBiasUpdater(model_parts, loss_mesh.get_group() if loss_mesh is not None else None)
+    updater = ExpertBiasUpdater(model_parts, loss_mesh.get_group() if loss_mesh is not None else None,
+                                ep_degree=parallel_dims.ep)
     optimizers.register_step_post_hook(updater)
     optimizers.expert_bias_updater = updater  # read by the metrics processor
     return optimizers

@@ -1,0 +1,51 @@
+"""scripts/two_gpu_checks.py's pieces that run without a GPU: run names, seed loading, the
+per-run step statistics and the flat output folder."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from test_eval import script
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    return script("two_gpu_checks")
+
+
+def test_run_names_give_gpus_and_overrides_that_parse():
+    from torchtitan.config import ConfigManager
+
+    script = _script()
+    assert script.named_run("fsdp2") == (2, [])
+    ngpu, extra = script.named_run("fsdp2_ep2_normuon")
+    assert ngpu == 2
+    cfg = ConfigManager().parse_args(
+        ["--job.config_file", str(ROOT / "train_configs" / "fusion_1b.toml"), *extra,
+         "--checkpoint.enable", "--checkpoint.load_only"])
+    assert cfg.optimizer.name == "NorMuon" and cfg.parallelism.expert_parallel_degree == 2
+    assert cfg.checkpoint.enable and cfg.checkpoint.load_only  # loads the seed, saves nothing
+    with pytest.raises(SystemExit, match="unknown run"):
+        script.named_run("fsdp4")
+
+
+def test_step_stats_average_the_measured_steps_only():
+    runner = _script().Runner(SimpleNamespace(out="outputs/x", warmup=2))
+    scalars = {"moe/mean_max_over_mean_ep_rank_load": {1: 9.0, 2: 9.0, 3: 1.2, 4: 1.4},
+               "memory/num_alloc_retries": {1: 5.0, 3: 0.0, 4: 2.0}}
+    stats = runner.step_stats(scalars)
+    assert stats == {"ep_rank_load_max_over_mean": pytest.approx(1.3), "alloc_retries": 2.0}
+    assert runner.step_stats({}) == {}  # a run without EP or TensorBoard: nothing to report
+
+
+def test_flatten_keeps_only_top_level_files_and_each_runs_log(tmp_path):
+    (tmp_path / "report.json").write_text("{}")
+    run = tmp_path / "fsdp2_ep2_normuon_profile"
+    (run / "prof" / "iteration_11").mkdir(parents=True)
+    (run / "prof" / "iteration_11" / "rank0_trace.json").write_text("{}")
+    (run / "fsdp2_ep2_normuon_profile.log").write_text("step: 1")
+    (tmp_path / "seed" / "checkpoint" / "step-0").mkdir(parents=True)
+    _script().flatten(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fsdp2_ep2_normuon_profile.log", "report.json"]
+    assert (tmp_path / "fsdp2_ep2_normuon_profile.log").read_text() == "step: 1"
