@@ -44,7 +44,7 @@ def test_optimizer_refuses_to_step_on_nan():
     model = torch.nn.Linear(4, 4)
     cfg = SimpleNamespace(name="AdamW", lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
                           implementation="for-loop", early_step_in_backward=False)
-    dims = SimpleNamespace(get_optional_mesh=lambda name: None)
+    dims = SimpleNamespace(get_optional_mesh=lambda name: None, ep=1)
     opt = build_optimizers([model], cfg, dims)
     before = model.weight.detach().clone()
     model(torch.randn(2, 4)).sum().backward()
@@ -53,3 +53,26 @@ def test_optimizer_refuses_to_step_on_nan():
     with pytest.raises(NonFiniteLossError, match="ce"):
         opt.step()
     assert torch.equal(model.weight, before)
+
+
+def test_fake_backend_runs_do_not_check_losses():
+    """Under torchtitan's fake backend (scripts/fake_plan.py) collectives carry no data, so its
+    losses are not the model's: a NaN there must not stop a memory / time measurement."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from fusion_titan.training.optimizer import build_optimizers
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
+    try:
+        model = torch.nn.Linear(4, 4)
+        cfg = SimpleNamespace(name="AdamW", lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
+                              implementation="for-loop", early_step_in_backward=False)
+        opt = build_optimizers([model], cfg, SimpleNamespace(get_optional_mesh=lambda name: None, ep=1))
+        model(torch.randn(2, 4)).sum().backward()
+        STEP_LOSSES.finish_step()
+        STEP_LOSSES.add("ce", torch.tensor(float("nan")))
+        opt.step()  # no NonFiniteLossError
+        assert STEP_LOSSES.finish_step() == {}  # the step's parts were handed over all the same
+    finally:
+        dist.destroy_process_group()
