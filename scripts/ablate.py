@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 from fusion_titan.ablation import provenance  # noqa: E402
 from fusion_titan.ablation.plan import budget_flops, default_ngpu, plan_variant  # noqa: E402
 from fusion_titan.ablation.report import NOT_RUN, markdown, plot  # noqa: E402
-from fusion_titan.ablation.runner import execute, finished, run_folder  # noqa: E402
+from fusion_titan.ablation.runner import execute, finished, run_folder, write_atomic  # noqa: E402
 from fusion_titan.ablation.sweep import SweepError, load_sweep  # noqa: E402
 from fusion_titan.data.shards import MANIFEST  # noqa: E402
 from fusion_titan.training.preflight import ConfigError  # noqa: E402
@@ -140,7 +140,10 @@ def run_sweep(out: Path, sweep, budget: float, ngpu: int, plans, results: list[d
     def publish():
         write_outputs(out, sweep, budget, ngpu, plans, results)
         if archive is not None:
-            write_archive(out, archive)
+            try:
+                write_archive(out, archive)
+            except (OSError, tarfile.TarError) as error:  # a run folder changed under tar (jobs > 1)
+                print(f"archive not updated this time ({error}); the next run's update retries", flush=True)
         ended = sum(1 for r in results if r.get("exit_code") != "config")
         print(f"wrote {out / 'report.md'}, {out / 'manifest.json'}, {out / 'plots'}/"
               + (f", {archive}" if archive else "") + f" ({ended} of {len(plans)} runs ended)", flush=True)
@@ -191,13 +194,6 @@ def write_archive(out: Path, archive: Path) -> None:
     os.replace(partial, archive)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Replace path's content atomically: a sweep killed mid-write keeps the previous version."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results) -> None:
     order = [v.name for v in sweep.variants]
     outcome = {(r["variant"], r["seed"]): r for r in results}
@@ -218,7 +214,7 @@ def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results) ->
         } for p in plans],
         "config_failures": [r for r in results if r.get("exit_code") == "config"],
     }
-    write_text(out / "manifest.json", json.dumps(manifest, indent=1, default=str))
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1, default=str))
     plots = plot(results, order, out / "plots")
     missing = [(p.variant, p.seed) for p in plans if (p.variant, p.seed) not in outcome]
     header = [f"Sweep `{sweep.path}` on `{Path(sweep.config).name}`, {budget:.4e} training FLOPs per run, "
@@ -230,7 +226,7 @@ def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results) ->
     header += [""]
     header += [f"- `{v.name}`: `{' '.join(v.overrides) or '(base)'}`" + (f" — {v.description}" if v.description else "")
                for v in sweep.variants]
-    write_text(out / "report.md", markdown("Ablation report", header, results, order, plots, missing))
+    write_atomic(out / "report.md", markdown("Ablation report", header, results, order, plots, missing))
 
 
 if __name__ == "__main__":

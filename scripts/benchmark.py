@@ -4,8 +4,9 @@
         [--suites peer,ablations,micro,speed] [--only NAME,...] [--profile NAME] [--out DIR]
 
 Suites (every figure a ratio against a reference measured in the same invocation):
-  peer       ours (the TOML as is), ours matched (AdamW, no MTP), and torchtitan's deepseek_v3 at
-             matched size (fusion_titan/bench/deepseek_peer.py) -> tokens/s ratio ours / theirs.
+  peer       ours (the TOML as is), ours matched (AdamW, no MTP) and torchtitan's deepseek_v3 at
+             matched size (fusion_titan/bench/deepseek_peer.py), these two at batch 4 (the peer's
+             largest on 80 GB) -> tokens/s ratio ours / theirs.
   ablations  one change each against "ours": attention backend, compile off, activation
              checkpointing modes, float8 (torchao), NorMuon vs AdamW, CE implementation.
   speed      issue 17: ours, ours as main was before it (legacy MoE dispatch, per-submodule
@@ -41,10 +42,13 @@ PEER = ["--experimental.custom_import", "fusion_titan.bench.deepseek_peer",
         "--model.name", "deepseek_v3_peer"]
 MATCHED = ["--optimizer.name", "AdamW", "--model.mtp_depth", "0"]
 
+# The peer needs 77 GiB at batch 4 (twice that at fusion_1b.toml's batch 8 would not fit an 80 GB
+# GPU): the peer suite compares at batch 4; the speed suite has both models at both batches.
+PEER_BATCH = ["--training.local_batch_size", "4"]
 PEER_RUNS = {
     "ours": [],
-    "ours_matched": MATCHED,
-    "deepseek_v3": PEER + ["--optimizer.name", "AdamW"],
+    "ours_matched": MATCHED + PEER_BATCH,
+    "deepseek_v3": PEER + ["--optimizer.name", "AdamW"] + PEER_BATCH,
 }
 # NorMuon's Newton-Schulz work is per optimizer step: its share of the step falls with the tokens
 # per step, so it is measured at the TOML's batch and with 4 micro-batches per step (131K tokens).
@@ -70,14 +74,14 @@ TODAYS_MAIN = ["--model.moe_dispatch", "legacy", "--compile.granularity", "submo
 SPEED_RUNS = {
     "ours": [],
     "ours_main_today": TODAYS_MAIN,
-    "deepseek_v3": PEER_RUNS["deepseek_v3"],
+    "deepseek_v3": PEER + ["--optimizer.name", "AdamW"],  # at the TOML's batch, like ours
     "dispatch_legacy": ["--model.moe_dispatch", "legacy"],
     "compile_submodules": ["--compile.granularity", "submodules"],
     "gdn_torch": ["--model.gdn_backend", "torch"],
     "group_align_1": ["--model.moe_group_align", "1"],
     "cudagraphs": ["--compile.cudagraphs"],
     "batch_4": ["--training.local_batch_size", "4"],
-    "deepseek_v3_batch_4": [*PEER_RUNS["deepseek_v3"], "--training.local_batch_size", "4"],
+    "deepseek_v3_batch_4": PEER_RUNS["deepseek_v3"],
     "cce_exact": ["--loss.cce_filter_eps", "off"],
     "cce_eps_1e-3": ["--loss.cce_filter_eps", "1e-3"],
 }

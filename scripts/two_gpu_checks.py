@@ -163,14 +163,18 @@ class Runner:
     def step_stats(self, scalars: dict[str, dict[int, float]]) -> dict:
         """From the run's TensorBoard, over the measured steps: the mean busiest-EP-rank load
         over the ranks' mean (each MoE layer's all-to-all waits for that rank; EP runs only) and
-        the allocator's retries (cudaFree-and-retry; a fragmented cache)."""
+        the allocator's retries (cudaFree-and-retry; a fragmented cache) during those steps: the
+        counter is cumulative over the process, so the last value minus the one at the warm-up's
+        last logged step."""
         out = {}
-        for key, tag, reduce in (
-                ("ep_rank_load_max_over_mean", "moe/mean_max_over_mean_ep_rank_load", statistics.mean),
-                ("alloc_retries", "memory/num_alloc_retries", max)):
-            values = [v for s, v in scalars.get(tag, {}).items() if s > self.args.warmup]
-            if values:
-                out[key] = reduce(values)
+        load = scalars.get("moe/mean_max_over_mean_ep_rank_load", {})
+        measured = [v for s, v in load.items() if s > self.args.warmup]
+        if measured:
+            out["ep_rank_load_max_over_mean"] = statistics.mean(measured)
+        retries = scalars.get("memory/num_alloc_retries", {})
+        if any(s > self.args.warmup for s in retries):
+            before = [v for s, v in sorted(retries.items()) if s <= self.args.warmup]
+            out["alloc_retries"] = retries[max(retries)] - (before[-1] if before else 0.0)
         return out
 
 

@@ -411,3 +411,19 @@ def test_sweep_runs_reports_and_resumes(tmp_path, heldout):
     assert second.returncode == 1
     assert not trained(second) and second.stdout.count("skipped") == 3
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+
+
+def test_an_unreadable_stored_result_makes_the_run_train_again(tmp_path):
+    """An archive taken while a result was written (jobs > 1) may hold a truncated file: the
+    resumed sweep must train that run again, not crash on it or skip it."""
+    from fusion_titan.ablation.runner import FAILURE, RESULT, finished, write_atomic
+
+    write_atomic(tmp_path / RESULT, json.dumps({"status": "ok"}))
+    assert finished(tmp_path, retry_failed=False) == {"status": "ok"}
+    (tmp_path / RESULT).write_text('{"status": "o')  # cut mid-write
+    assert finished(tmp_path, retry_failed=False) is None
+    (tmp_path / RESULT).unlink()
+    write_atomic(tmp_path / FAILURE, json.dumps({"status": "failed"}))
+    assert finished(tmp_path, retry_failed=False) == {"status": "failed"}
+    assert finished(tmp_path, retry_failed=True) is None
+    assert not list(tmp_path.glob("*.partial"))

@@ -33,9 +33,11 @@ def test_run_names_give_gpus_and_overrides_that_parse():
 def test_step_stats_average_the_measured_steps_only():
     runner = _script().Runner(SimpleNamespace(out="outputs/x", warmup=2))
     scalars = {"moe/mean_max_over_mean_ep_rank_load": {1: 9.0, 2: 9.0, 3: 1.2, 4: 1.4},
-               "memory/num_alloc_retries": {1: 5.0, 3: 0.0, 4: 2.0}}
+               "memory/num_alloc_retries": {1: 5.0, 2: 6.0, 3: 6.0, 4: 9.0}}  # cumulative
     stats = runner.step_stats(scalars)
-    assert stats == {"ep_rank_load_max_over_mean": pytest.approx(1.3), "alloc_retries": 2.0}
+    assert stats == {"ep_rank_load_max_over_mean": pytest.approx(1.3), "alloc_retries": 3.0}
+    # no warm-up step logged: the counter started at 0
+    assert runner.step_stats({"memory/num_alloc_retries": {3: 1.0, 4: 4.0}}) == {"alloc_retries": 4.0}
     assert runner.step_stats({}) == {}  # a run without EP or TensorBoard: nothing to report
 
 

@@ -36,12 +36,22 @@ def run_folder(out: Path, plan: RunPlan) -> Path:
 
 
 def finished(folder: Path, retry_failed: bool) -> dict | None:
-    """The stored outcome of a run that ended (None: it has to run)."""
-    if (folder / RESULT).is_file():
-        return json.loads((folder / RESULT).read_text())
-    if (folder / FAILURE).is_file() and not retry_failed:
-        return json.loads((folder / FAILURE).read_text())
+    """The stored outcome of a run that ended (None: it has to run, also when the stored file
+    cannot be read, e.g. an archive taken while it was written)."""
+    for name in (RESULT,) if retry_failed else (RESULT, FAILURE):
+        try:
+            return json.loads((folder / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
     return None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace path's content atomically: a sweep killed (or archived) mid-write sees the
+    previous version or the new one, never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def wall_clock(steps: list[int], tps: dict[int, float], local_tokens_per_step: float) -> dict[int, float]:
@@ -105,7 +115,7 @@ def execute(plan: RunPlan, config: str, out: Path, root: Path, ngpu: int, timeou
     start = time.time()  # wall clock: the log's timestamps are compared with it
     log, code = run_captured(cmd, cwd=root, env=env, timeout=timeout)
     timing = phases(log, start, time.time())
-    (folder / LOG).write_text(log)
+    write_atomic(folder / LOG, log)
     result = None
     if code == 0:
         try:
@@ -116,7 +126,7 @@ def execute(plan: RunPlan, config: str, out: Path, root: Path, ngpu: int, timeou
         tail = strip_ansi(log).rstrip().splitlines()[-TAIL_LINES:]
         result = {"status": "failed", "variant": plan.variant, "seed": plan.seed, "run_id": plan.run_id,
                   "exit_code": code, "process_seconds": timing["wall"], "timing": timing, "log_tail": tail}
-        (folder / FAILURE).write_text(json.dumps(result, indent=1))
+        write_atomic(folder / FAILURE, json.dumps(result, indent=1))
     else:
-        (folder / RESULT).write_text(json.dumps(result, indent=1))
+        write_atomic(folder / RESULT, json.dumps(result, indent=1))
     return result

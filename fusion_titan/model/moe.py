@@ -321,6 +321,9 @@ def load_metrics(load: torch.Tensor, dropped: torch.Tensor | None = None,
            "moe/min_routing_entropy": entropy.min().item(),
            "moe/dead_expert_fraction": (load == 0).float().mean().item()}
     if ep_degree > 1:
+        # load is summed over the whole data-parallel mesh: with one EP group (world = EP degree,
+        # as in two_gpu_checks) this is the straggler every rank waits for; with several groups
+        # it is their sum's imbalance, a lower bound of the worst group's
         per_rank = load.reshape(load.shape[0], ep_degree, -1).sum(-1)
         rank_hi = per_rank.max(-1).values / per_rank.mean(-1).clamp_min(1e-9)
         out["moe/max_over_mean_ep_rank_load"] = rank_hi.max().item()
