@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusion_titan.bench.trace_summary import summarize_trace  # noqa: E402,F401  (re-exported)
+from fusion_titan.bench.trace_summary import PROFILE_FOLDER, profiler_overrides, summarize_trace  # noqa: E402
 from fusion_titan.bench.train_log import parse_steps, run_captured, strip_ansi  # noqa: E402
 
 PEER = ["--experimental.custom_import", "fusion_titan.bench.deepseek_peer",
@@ -93,8 +93,7 @@ def train_run(name: str, config: str, overrides: list[str], steps: int, warmup: 
     cmd = ["./run_train.sh", "--job.dump_folder", str(dump), "--training.steps", str(steps),
            "--metrics.log_freq", "1", "--checkpoint.no-enable", *overrides]
     if profile:
-        cmd += ["--profiling.enable_profiling", "--profiling.profile_freq", str(steps - 1),
-                "--profiling.save_traces_folder", "prof"]
+        cmd += profiler_overrides(steps)
     env = dict(os.environ, CONFIG_FILE=config, NGPU=os.environ.get("NGPU", "1"))
     t0 = time.time()
     log, rc = run_captured(cmd, ROOT, env, timeout)
@@ -113,7 +112,7 @@ def train_run(name: str, config: str, overrides: list[str], steps: int, warmup: 
     result["mem_gib"] = max(v["mem_gib"] for v in measured)
     result["steps_measured"] = len(measured)
     if profile:
-        result["profile"] = summarize_trace(dump / "prof")
+        result["profile"] = summarize_trace(dump / PROFILE_FOLDER)
     return result
 
 

@@ -55,14 +55,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusion_titan.bench.trace_summary import format_ranks, summarize_ranks  # noqa: E402
+from fusion_titan.bench.trace_summary import (  # noqa: E402
+    PROFILE_FOLDER, format_ranks, profiler_overrides, summarize_ranks,
+)
 from fusion_titan.bench.train_log import parse_steps, strip_ansi  # noqa: E402
+from fusion_titan.training.tb_scalars import read_all_scalars  # noqa: E402
 
 EP2 = ["--parallelism.expert_parallel_degree", "2"]
 NORMUON = ["--optimizer.name", "NorMuon"]
 # run name -> (GPUs, overrides); "<name>_normuon" is the same run with NorMuon
 RUNS = {"one_gpu": (1, []), "fsdp2": (2, []), "fsdp2_ep2": (2, EP2)}
-PROFILE_FOLDER = "prof"
 
 
 def named_run(name: str) -> tuple[int, list[str]]:
@@ -73,7 +75,6 @@ def named_run(name: str) -> tuple[int, list[str]]:
         raise SystemExit(f"--profile {name}: unknown run; choose from {choices}")
     ngpu, extra = RUNS[base]
     return ngpu, (NORMUON if normuon else []) + extra
-from fusion_titan.training.tb_scalars import read_all_scalars  # noqa: E402
 
 
 class Runner:
@@ -329,9 +330,7 @@ def run_parts(args, runner: Runner, parts: set[str], profiled: list[str]) -> Non
     for name in profiled:
         ngpu, extra = named_run(name)
         dump = runner.out / f"{name}_profile"
-        prof = ["--profiling.enable_profiling", "--profiling.profile_freq", str(args.steps - 1),
-                "--profiling.save_traces_folder", PROFILE_FOLDER]
-        r = runner.train(dump.name, ngpu, from_seed + extra + prof)
+        r = runner.train(dump.name, ngpu, from_seed + extra + profiler_overrides(args.steps))
         summary = summarize_ranks(dump / PROFILE_FOLDER)
         (runner.out / f"profile_{name}.md").write_text(format_ranks(
             f"{name}: one profiled step (step {args.steps - 1} of {args.steps}), {ngpu} GPU(s), "

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 OPTIMIZER_STEP = "Optimizer.step#"
+PROFILE_FOLDER = "prof"  # under the run's dump folder
 # host-side calls that wait for the device, and the allocator's slow path
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
               "cudaMemcpy", "cudaMemcpyAsync")
@@ -30,27 +31,42 @@ def _kernels(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("cat") == "kernel" and "dur" in e]
 
 
+def profiler_overrides(steps: int) -> list[str]:
+    """Trainer overrides that trace step `steps - 1` into <dump folder>/PROFILE_FOLDER."""
+    return ["--profiling.enable_profiling", "--profiling.profile_freq", str(steps - 1),
+            "--profiling.save_traces_folder", PROFILE_FOLDER]
+
+
+def _time_by_name(kernels: list[dict]) -> list[tuple[str, float]]:
+    """(kernel name, its summed duration in us), longest first."""
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e["name"][:90]] = by_name.get(e["name"][:90], 0.0) + e["dur"]
+    return sorted(by_name.items(), key=lambda kv: -kv[1])
+
+
 def summarize_trace(folder: Path, top: int = 15, rank: int = 0) -> dict:
     """Top GPU kernels of the profiled step (of `rank`) and how busy the GPU was during it."""
     traces = sorted(folder.rglob(f"rank{rank}_trace.json"))
     if not traces:
         return {"error": f"no trace under {folder}"}
-    events = _events(traces[-1])
+    return step_summary(_events(traces[-1]), top)
+
+
+def step_summary(events: list[dict], top: int = 15) -> dict:
+    """summarize_trace of one trace's events."""
     kernels = _kernels(events)
     steps = [e for e in events if str(e.get("name", "")).startswith("ProfilerStep#")]
     if not kernels:
         return {"error": "no kernel events"}
-    by_name: dict[str, float] = {}
-    for e in kernels:
-        by_name[e["name"][:90]] = by_name.get(e["name"][:90], 0.0) + e["dur"]
     busy = sum(e["dur"] for e in kernels)
     span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels))
     step_us = max((e["dur"] for e in steps), default=span)
-    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
     return {"step_ms": step_us / 1e3, "gpu_busy_ms": busy / 1e3,
             "gpu_busy_fraction": busy / step_us if step_us else None,
             "n_kernels": len(kernels),
-            "top": [(name, round(us / 1e3, 2), round(us / busy, 3)) for name, us in ranked]}
+            "top": [(name, round(us / 1e3, 2), round(us / busy, 3))
+                    for name, us in _time_by_name(kernels)[:top]]}
 
 
 def optimizer_share(events: list[dict], top: int = 8) -> dict:
@@ -71,9 +87,6 @@ def optimizer_share(events: list[dict], top: int = 8) -> dict:
     kernels = _kernels(events)
     opt_kernels = [e for e in kernels if e.get("args", {}).get("correlation") in launched]
     nccl = lambda ks: sum(e["dur"] for e in ks if "nccl" in e["name"].lower()) / 1e3  # noqa: E731
-    by_name: dict[str, float] = {}
-    for e in opt_kernels:
-        by_name[e["name"][:90]] = by_name.get(e["name"][:90], 0.0) + e["dur"]
     calls = lambda names, where: sum(  # noqa: E731
         1 for e in runtime if e["name"] in names and where(e))
     return {
@@ -87,8 +100,7 @@ def optimizer_share(events: list[dict], top: int = 8) -> dict:
         "other_syncs": calls(SYNC_CALLS, lambda e: not inside(e)),
         "optimizer_alloc_calls": calls(ALLOC_CALLS, inside),
         "other_alloc_calls": calls(ALLOC_CALLS, lambda e: not inside(e)),
-        "optimizer_top": [(name, round(us / 1e3, 2))
-                          for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]],
+        "optimizer_top": [(name, round(us / 1e3, 2)) for name, us in _time_by_name(opt_kernels)[:top]],
     }
 
 
@@ -102,7 +114,8 @@ def summarize_ranks(folder: Path, top: int = 15) -> dict[int, dict]:
     out = {}
     for trace in sorted(last.glob("rank*_trace.json")):
         rank = int(re.search(r"rank(\d+)_trace", trace.name)[1])
-        out[rank] = {**summarize_trace(last, top, rank), **optimizer_share(_events(trace))}
+        events = _events(trace)  # one parse per trace (they run to hundreds of MB)
+        out[rank] = {**step_summary(events, top), **optimizer_share(events)}
     return out
 
 
@@ -124,9 +137,8 @@ def format_ranks(title: str, ranks: dict[int, dict]) -> str:
         cells = [f"{s[k]:.3f}" if isinstance(s.get(k), float) else str(s.get(k, "")) for k in keys]
         lines.append(f"| {rank} | " + " | ".join(cells) + " |")
     for rank, s in sorted(ranks.items()):
-        for what in ("error",):
-            if what in s:
-                lines.append(f"rank {rank}: {s[what]}")
+        if "error" in s:
+            lines.append(f"rank {rank}: {s['error']}")
         lines += ["", f"## rank {rank}: top GPU kernels of the step (name, ms, share of busy)"]
         lines += [f"- {ms:9.2f} ms  {share:.3f}  {name}" for name, ms, share in s.get("top", [])]
         lines += ["", f"## rank {rank}: top GPU kernels launched by the optimizer step (name, ms)"]
