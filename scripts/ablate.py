@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import tarfile
 import threading
@@ -38,7 +37,9 @@ if str(ROOT) not in sys.path:
 from fusion_titan.ablation import provenance  # noqa: E402
 from fusion_titan.ablation.plan import budget_flops, default_ngpu, plan_variant  # noqa: E402
 from fusion_titan.ablation.report import NOT_RUN, markdown, plot  # noqa: E402
-from fusion_titan.ablation.runner import execute, finished, run_folder, write_atomic  # noqa: E402
+from fusion_titan.ablation.runner import (  # noqa: E402
+    execute, finished, replaced_atomically, run_folder, write_atomic,
+)
 from fusion_titan.ablation.sweep import SweepError, load_sweep  # noqa: E402
 from fusion_titan.data.shards import MANIFEST  # noqa: E402
 from fusion_titan.training.preflight import ConfigError  # noqa: E402
@@ -186,12 +187,11 @@ def timing_line(timing: dict) -> str:
 def write_archive(out: Path, archive: Path) -> None:
     """out/ as archive (a .tar.gz whose top folder is out's name), replaced atomically."""
     archive.parent.mkdir(parents=True, exist_ok=True)
-    partial = archive.with_name(archive.name + ".partial")
-    base, skip = out.resolve(), {archive.resolve(), partial.resolve()}
-    with tarfile.open(partial, "w:gz") as tar:  # (an archive inside out/ is not put in itself)
-        tar.add(base, arcname=base.name,
-                filter=lambda info: None if base.parent / info.name in skip else info)
-    os.replace(partial, archive)
+    with replaced_atomically(archive) as partial:
+        base, skip = out.resolve(), {archive.resolve(), partial.resolve()}
+        with tarfile.open(partial, "w:gz") as tar:  # (an archive inside out/ is not put in itself)
+            tar.add(base, arcname=base.name,
+                    filter=lambda info: None if base.parent / info.name in skip else info)
 
 
 def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results) -> None:

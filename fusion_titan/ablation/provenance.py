@@ -48,8 +48,10 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@lru_cache(maxsize=16)
 def prepared_checksum(path: str) -> dict:
-    """A prepared directory is identified by its manifest.jsonl (every shard's sha256 is in it)."""
+    """A prepared directory is identified by its manifest.jsonl (every shard's sha256 is in it).
+    Read once per directory and process: the manifest is rewritten after every run of a sweep."""
     from ..data.shards import MANIFEST
 
     manifest = Path(path) / MANIFEST

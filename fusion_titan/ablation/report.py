@@ -9,7 +9,6 @@ report (a sweep still running, or cut short) names the runs that have not run ye
 
 from __future__ import annotations
 
-import os
 import statistics
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .runner import replaced_atomically  # noqa: E402
 
 PLOTS = {"heldout_vs_flops.png": ("flops", "training FLOPs"),
          "heldout_vs_wallclock.png": ("seconds", "training seconds (after step 1)")}
@@ -147,9 +148,8 @@ def plot(results: list[dict], order: list[str], out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        partial = out / f"{filename}.partial"  # replaced atomically: a cut sweep keeps the last one
-        fig.savefig(partial, dpi=110, format="png")
-        os.replace(partial, out / filename)
+        with replaced_atomically(out / filename) as partial:  # a cut sweep keeps the last one
+            fig.savefig(partial, dpi=110, format="png")
         plt.close(fig)
         written.append(filename)
     return written

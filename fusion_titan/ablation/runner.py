@@ -20,6 +20,7 @@ import os
 import shutil
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..bench.train_log import run_captured, strip_ansi
@@ -46,12 +47,18 @@ def finished(folder: Path, retry_failed: bool) -> dict | None:
     return None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace path's content atomically: a sweep killed (or archived) mid-write sees the
-    previous version or the new one, never half of one."""
+@contextmanager
+def replaced_atomically(path: Path):
+    """Yields a sibling path to write; when the block ends, it replaces path in one rename, so a
+    sweep killed (or archived) mid-write sees the previous version or the new one, never half."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
+    yield partial
     os.replace(partial, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with replaced_atomically(path) as partial:
+        partial.write_text(text)
 
 
 def wall_clock(steps: list[int], tps: dict[int, float], local_tokens_per_step: float) -> dict[int, float]:
