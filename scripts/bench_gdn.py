@@ -74,11 +74,10 @@ def kernel_comparison(flavor: str, batch: int, seq: int) -> dict:
     except Exception as e:  # fla not installed
         out["fla"] = f"unavailable: {e}"
         return out
-    fla = lambda q, k, v, g_, b: fla_chunk(q, k, v, g_, b)  # noqa: E731
-    out["fla_fwd_kernel_ms"] = kernel_ms("fla forward", fwd(fla))
+    out["fla_fwd_kernel_ms"] = kernel_ms("fla forward", fwd(fla_chunk))
     safe, why = fla_is_safe()
     if safe:
-        out["fla_fwd_bwd_kernel_ms"] = kernel_ms("fla forward+backward", fwd_bwd(fla))
+        out["fla_fwd_bwd_kernel_ms"] = kernel_ms("fla forward+backward", fwd_bwd(fla_chunk))
     else:
         out["fla_backward"] = f"not run: {why}"
     for part, target in TARGETS.items():

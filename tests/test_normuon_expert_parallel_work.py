@@ -34,11 +34,10 @@ def _newton_schulz_flops(m: int, n: int, steps: int) -> int:
 
 
 def _job_config(ep: int):
-    from torchtitan.config import ConfigManager
+    from fusion_titan.inference.loading import load_job_config
 
-    return ConfigManager().parse_args([
-        "--job.config_file", "train_configs/debug_model.toml", "--optimizer.name", "NorMuon",
-        "--compile.no-enable", "--parallelism.expert_parallel_degree", str(ep)])
+    return load_job_config("train_configs/debug_model.toml", [
+        "--optimizer.name", "NorMuon", "--compile.no-enable", "--parallelism.expert_parallel_degree", str(ep)])
 
 
 def _model_args(job_config):

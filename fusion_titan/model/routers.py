@@ -58,7 +58,7 @@ def jittered(x: torch.Tensor, jitter: float, training: bool) -> torch.Tensor:
 class TopKRouter(nn.Module):
     """What every router has: a bias-free gate linear dim -> n_experts, top-k, input jitter."""
 
-    uses_expert_bias = False
+    uses_expert_bias = False  # no selection bias: the bias-update rule is skipped for it
 
     def __init__(self, dim: int, n_experts: int, top_k: int, jitter: float = 0.0):
         super().__init__()
@@ -119,8 +119,6 @@ class GroupLimitedRouter(TopKRouter):
 
 class SoftmaxTopKRouter(TopKRouter):
     """Softmax router with plain top-k (Switch Transformer top-1, GShard / Mixtral-style top-k)."""
-
-    uses_expert_bias = False  # no selection bias: the bias-update rule is skipped for it
 
     def __init__(self, dim: int, n_experts: int, top_k: int, jitter: float = 0.0,
                  normalize_topk: bool = False):

@@ -684,8 +684,9 @@ def triton_chunk_gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same I/O as chunk_gated_delta_rule (without document_ids); float32 intermediates,
-    o in q's dtype, the final state in float32."""
+    """Same I/O as chunk_gated_delta_rule (without document_ids); G and Tm in float32, the larger
+    intermediates in the inputs' 16-bit dtype (float32 for float32 inputs), o in q's dtype, the
+    final state in float32."""
     if q.dtype == torch.float64:
         raise ValueError("the Triton gated delta rule computes in float32; use backend='torch' for float64")
     if not (q.is_cuda or _interpreting()):
