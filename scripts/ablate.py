@@ -5,6 +5,7 @@
     python scripts/ablate.py SWEEP --out DIR --seeds 0 1 2 --budget-tokens 2e6
     python scripts/ablate.py SWEEP --out DIR --archive OUT/sweep.tgz   # DIR as one tarball too
     python scripts/ablate.py SWEEP --out DIR --jobs 3                  # 3 runs at once
+    python scripts/ablate.py SWEEP --out DIR --ngpu 1 --jobs 4         # 2 GPUs: 2 one-GPU runs on each
 
 Each variant x seed trains through run_train.sh (`jobs` of them at once, else one after
 another) for the steps that spend the sweep's FLOPs budget (fusion_titan/ablation/plan.py),
@@ -14,6 +15,8 @@ the run folders are rewritten before the first run and after every run, so a swe
 keeps what ended (the report names the runs still missing); --archive FILE rewrites one .tar.gz
 of DIR after every run too. Re-running the same command skips every run that already ended
 (identified by a hash of its TOML, overrides, seed and GPU count); --retry-failed reruns failures.
+On a machine with room for several runs' GPUs, runs trained at once go to disjoint GPUs
+(fusion_titan/ablation/placement.py).
 Exit code 0 when every run finished, 1 when one failed (the report has its log's last lines),
 2 for a sweep that cannot start.
 """
@@ -35,6 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fusion_titan.ablation import provenance  # noqa: E402
+from fusion_titan.ablation.placement import SlotPool, gpu_slots, visible_devices  # noqa: E402
 from fusion_titan.ablation.plan import budget_flops, default_ngpu, plan_variant  # noqa: E402
 from fusion_titan.ablation.report import NOT_RUN, markdown, plot  # noqa: E402
 from fusion_titan.ablation.runner import (  # noqa: E402
@@ -57,6 +61,7 @@ def parse(argv):
     ap.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
     ap.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
     ap.add_argument("--jobs", type=int, help="replaces the sweep's jobs: runs trained at once on this machine")
+    ap.add_argument("--ngpu", type=int, help="replaces the sweep's ngpu: GPUs (processes) per run")
     ap.add_argument("--archive", type=Path, metavar="FILE",
                     help="after every run, write the whole --out directory as one .tar.gz here")
     return ap.parse_args(argv)
@@ -75,6 +80,10 @@ def load(opts):
         if opts.jobs < 1:
             raise SweepError(f"--jobs {opts.jobs}: give the number of runs to train at once, >= 1")
         changes["jobs"] = opts.jobs
+    if opts.ngpu is not None:
+        if opts.ngpu < 0:
+            raise SweepError(f"--ngpu {opts.ngpu}: give the GPUs per run (0 = run_train.sh's default)")
+        changes["ngpu"] = opts.ngpu
     config = ROOT / sweep.config
     if not config.is_file():
         raise SweepError(f"{sweep.path}: config {sweep.config!r} is not a file under {ROOT}")
@@ -130,16 +139,30 @@ def main(argv: list[str] | None = None) -> int:
     # seed-major: a sweep cut short (a time-limited device call) has one seed of every variant first
     plans.sort(key=lambda plan: list(sweep.seeds).index(plan.seed))
 
-    results = run_sweep(opts.out, sweep, budget, ngpu, plans, results, opts.retry_failed, opts.archive)
+    pool = SlotPool(gpu_slots(visible_devices(gpu_count()), ngpu), sweep.jobs)
+    if pool.slots:
+        print(f"runs placed on GPU sets {pool.slots} (CUDA_VISIBLE_DEVICES), {sweep.jobs} at once")
+    results = run_sweep(opts.out, sweep, budget, ngpu, plans, results, opts.retry_failed, opts.archive,
+                        pool)
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def run_sweep(out: Path, sweep, budget: float, ngpu: int, plans, results: list[dict],
-              retry_failed: bool = False, archive: Path | None = None) -> list[dict]:
+              retry_failed: bool = False, archive: Path | None = None,
+              pool: SlotPool | None = None) -> list[dict]:
     """Train (or skip) every plan in order; the outputs are rewritten before the first run and
-    after each one, so whatever cuts the sweep short leaves the report of the runs that ended."""
+    after each one, so whatever cuts the sweep short leaves the report of the runs that ended.
+    `pool` places concurrent runs on disjoint GPUs (default: no placement)."""
+    pool = pool or SlotPool([], sweep.jobs)
+
     def publish():
-        write_outputs(out, sweep, budget, ngpu, plans, results)
+        write_outputs(out, sweep, budget, ngpu, plans, results, pool.describe(sweep.jobs))
         if archive is not None:
             try:
                 write_archive(out, archive)
@@ -157,8 +180,10 @@ def run_sweep(out: Path, sweep, budget: float, ngpu: int, plans, results: list[d
         if done is not None:
             print(f"skipped ({done['status']} before): {plan.name}", flush=True)
         else:
-            print(f"training {plan.name}: {plan.steps} steps ...", flush=True)
-            done = execute(plan, sweep.config, out, ROOT, ngpu, sweep.timeout_s)
+            with pool.env() as env:
+                print(f"training {plan.name}: {plan.steps} steps"
+                      + (f" on GPU(s) {env['CUDA_VISIBLE_DEVICES']}" if env else "") + " ...", flush=True)
+                done = execute(plan, sweep.config, out, ROOT, ngpu, sweep.timeout_s, extra_env=env)
             print(f"  {plan.name}: {done['status']}"
                   + (f": held-out CE {done['heldout_ce']:.4f}" if done["status"] == "ok"
                      else f" (exit code {done['exit_code']}), see {folder}/train.log")
@@ -173,8 +198,8 @@ def run_sweep(out: Path, sweep, budget: float, ngpu: int, plans, results: list[d
         for plan in plans:
             train(plan)
     else:  # threads only wait on their run_train.sh processes; the plans start in order
-        with ThreadPoolExecutor(sweep.jobs) as pool:
-            list(pool.map(train, plans))
+        with ThreadPoolExecutor(sweep.jobs) as threads:
+            list(threads.map(train, plans))
     return results
 
 
@@ -194,7 +219,7 @@ def write_archive(out: Path, archive: Path) -> None:
                     filter=lambda info: None if base.parent / info.name in skip else info)
 
 
-def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results) -> None:
+def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results, sharing: str = "") -> None:
     order = [v.name for v in sweep.variants]
     outcome = {(r["variant"], r["seed"]): r for r in results}
     git = provenance.git_state(ROOT)
@@ -202,7 +227,7 @@ def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results) ->
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep_file": str(sweep.path),
         "sweep_text": sweep.text, "budget_flops": budget, "seeds": list(sweep.seeds),
         "git": git, "packages": provenance.package_versions(), "device": provenance.device_name(),
-        "ngpu": ngpu, "jobs": sweep.jobs, "base_toml": sweep.config,
+        "ngpu": ngpu, "jobs": sweep.jobs, "placement": sharing, "base_toml": sweep.config,
         "base_toml_text": Path(sweep.config).read_text(),
         "runs": [{
             "variant": p.variant, "seed": p.seed, "run_id": p.run_id, "folder": str(run_folder(out, p)),
@@ -220,9 +245,8 @@ def write_outputs(out: Path, sweep, budget: float, ngpu: int, plans, results) ->
     header = [f"Sweep `{sweep.path}` on `{Path(sweep.config).name}`, {budget:.4e} training FLOPs per run, "
               f"seeds {list(sweep.seeds)}, {provenance.device_name()}, commit "
               f"{(git['commit'] or 'unknown')[:12]}{' (dirty)' if git['dirty'] else ''}."]
-    if sweep.jobs > 1:
-        header += ["", f"{sweep.jobs} runs trained at once on this machine: tokens/s, MFU and seconds are "
-                   "those of a shared machine; compare variants at equal FLOPs."]
+    if sharing:
+        header += ["", sharing]
     header += [""]
     header += [f"- `{v.name}`: `{' '.join(v.overrides) or '(base)'}`" + (f" — {v.description}" if v.description else "")
                for v in sweep.variants]

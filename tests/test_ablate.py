@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fusion_titan.ablation.placement import SlotPool, gpu_slots, visible_devices
 from fusion_titan.ablation.plan import budget_flops, parse_job_config, plan_variant, shape_of
 from fusion_titan.ablation.runner import run_folder, summarize, wall_clock
 from fusion_titan.ablation.timing import phases
@@ -244,7 +245,7 @@ def test_a_cut_sweep_keeps_a_partial_report_and_archive(tmp_path, monkeypatch):
     plans = seed_major_plans(sweep, budget)
     trained = []
 
-    def first_run_then_cut(plan, config, out, root, ngpu, timeout):
+    def first_run_then_cut(plan, config, out, root, ngpu, timeout, extra_env=None):
         if trained:
             raise KeyboardInterrupt
         trained.append(plan)
@@ -281,7 +282,7 @@ def test_jobs_train_runs_at_once(tmp_path, monkeypatch):
     inside, most = [0], [0]
     lock = threading.Lock()
 
-    def slow_run(plan, config, out, root, ngpu, timeout):
+    def slow_run(plan, config, out, root, ngpu, timeout, extra_env=None):
         with lock:
             inside[0] += 1
             most[0] = max(most[0], inside[0])
@@ -298,7 +299,7 @@ def test_jobs_train_runs_at_once(tmp_path, monkeypatch):
     assert [r["status"] for r in manifest["runs"]] == ["ok"] * 4 and manifest["jobs"] == 2
     report = (out / "report.md").read_text()
     assert "Partial" not in report and "| hybrid | 2/2 |" in report and "| mla | 2/2 |" in report
-    assert "2 runs trained at once" in report
+    assert "2 runs trained at once on the same GPU(s)" in report
 
 
 @pytest.fixture(scope="module")
@@ -427,3 +428,57 @@ def test_an_unreadable_stored_result_makes_the_run_train_again(tmp_path):
     assert finished(tmp_path, retry_failed=False) == {"status": "failed"}
     assert finished(tmp_path, retry_failed=True) is None
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_gpu_slots_are_disjoint_sets_of_ngpu_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_devices(4) == ["0", "1", "2", "3"]
+    assert gpu_slots(visible_devices(4), 1) == ["0", "1", "2", "3"]
+    assert gpu_slots(visible_devices(4), 2) == ["0,1", "2,3"]
+    assert gpu_slots(visible_devices(5), 2) == ["0,1", "2,3"]
+    assert gpu_slots(visible_devices(2), 2) == [] and gpu_slots(visible_devices(1), 1) == []
+    assert gpu_slots(visible_devices(0), 1) == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # ids the runs must name are the listed ones
+    assert gpu_slots(visible_devices(2), 1) == ["3", "5"]
+
+
+def test_runs_at_once_train_on_their_own_gpus(tmp_path, monkeypatch):
+    """2 GPU slots, jobs = 2: the two runs inside execute() at the same time never share a GPU,
+    every run gets CUDA_VISIBLE_DEVICES, and the report says the GPU figures are unshared."""
+    ablate = load_ablate_script()
+    sweep = parse_sweep(sweep_dict({"hybrid": [], "mla": ["--model.layer_schedule", "mha"]}, seeds=[0, 1],
+                                   jobs=2), tmp_path / "s.toml")
+    budget = budget_flops(sweep, ngpu=1)
+    plans = seed_major_plans(sweep, budget)
+    busy, seen, clash = set(), [], []
+    lock = threading.Lock()
+
+    def placed_run(plan, config, out, root, ngpu, timeout, extra_env=None):
+        gpu = extra_env["CUDA_VISIBLE_DEVICES"]
+        with lock:
+            clash.append(gpu in busy)
+            busy.add(gpu)
+            seen.append(gpu)
+        time.sleep(0.3)
+        with lock:
+            busy.discard(gpu)
+        return finished_run(plan, out)
+
+    monkeypatch.setattr(ablate, "execute", placed_run)
+    out = tmp_path / "sweep"
+    pool = SlotPool(["0", "1"], sweep.jobs)
+    results = ablate.run_sweep(out, sweep, budget, 1, plans, [], pool=pool)
+    assert len(results) == 4 and not any(clash) and set(seen) == {"0", "1"}
+    assert "each on its own GPU(s)" in (out / "report.md").read_text()
+    assert "unshared" in json.loads((out / "manifest.json").read_text())["placement"]
+
+
+def test_more_jobs_than_gpu_slots_share_them_in_turn():
+    pool = SlotPool(["0", "1"], 4)
+    held = []
+    with pool.env() as a, pool.env() as b, pool.env() as c, pool.env() as d:
+        held = [a, b, c, d]
+    assert sorted(e["CUDA_VISIBLE_DEVICES"] for e in held) == ["0", "0", "1", "1"]
+    assert "up to 2 per set" in pool.describe(4)
+    with SlotPool([], 3).env() as env:
+        assert env == {}
