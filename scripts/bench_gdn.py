@@ -107,11 +107,13 @@ def main() -> None:
     print_figures("GPU kernel time (ms per call, torch.profiler)",
                   kernel_comparison(args.flavor, args.batch, args.seq))
     try:  # the autotuned kernel configs, to pin them down later
+        import triton
+
         from fusion_titan.ops import gated_delta_rule_triton as kernels
 
-        for name in ("_inverse_kernel", "_wu_kernel", "_fwd_state_kernel", "_fwd_output_kernel",
-                     "_bwd_local_kernel", "_bwd_state_kernel", "_bwd_qk_kernel", "_bwd_wy_kernel"):
-            print(f"{name}: {getattr(getattr(kernels, name), 'best_config', None)}")
+        for name, kernel in vars(kernels).items():
+            if isinstance(kernel, triton.runtime.autotuner.Autotuner):
+                print(f"{name}: {getattr(kernel, 'best_config', None)}")
     except Exception as e:  # reporting only
         print(f"configs unavailable: {e}")
 

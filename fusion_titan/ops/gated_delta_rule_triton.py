@@ -4,26 +4,17 @@ Same math, layout and arguments as `chunk_gated_delta_rule` in gated_delta_rule.
 docstring for the derivation). Per (batch, head) and chunk of BT tokens, with G the in-chunk
 cumulative log decay, a = exp(G), D_ij = exp(G_i - G_j), s = scale and S the chunk-start state:
 
-    A  = strict_lower(beta_i k_i.k_j D_ij),  Tm = (I + A)^-1    # _inverse_kernel  (parallel)
-    u  = Tm (beta v),  w = Tm (beta a k)                         # _wu_kernel       (parallel)
+    A  = strict_lower(beta_i k_i.k_j D_ij),  Tm = (I + A)^-1
+    u  = Tm (beta v),  w = Tm (beta a k)                         # _prepare_kernel  (parallel)
     vn = u - w S,  S' = exp(G_last) S + (k exp(G_last - G))^T vn  # _fwd_state_kernel (sequential)
     o  = s (q a) S + (s q k^T * D, causal) vn                     # _fwd_output_kernel (parallel)
 
-Tm is inverted as fla does it: A in 16x16 blocks, the diagonal blocks by forward substitution
-(elementwise, fp32), then block forward substitution with matmuls (_unit_lower_inverse).
-
 Backward: the in-chunk part of dvn (the gradient of vn) in parallel, one sequential pass for dS
-(the gradient of every chunk-end state, from the last chunk back; it completes dvn), then two
-parallel passes (as fla splits them): the gradients through o and the states (_bwd_qk_kernel),
-then those through w, u and the inverse (_bwd_wy_kernel).
+(the gradient of every chunk-end state, from the last chunk back; it completes dvn) and one
+parallel pass for everything else.
 Only the chunk scans are sequential; the state stays in registers (fp32) across the chunk loop.
-The backward reuses the forward's G, Tm, w, chunk states and vn (saved, not recomputed).
 Every product accumulates in fp32; G and Tm are stored in fp32, the larger intermediates (w, u,
 vn, chunk states and their gradients) in the inputs' dtype for bf16/fp16, fp32 otherwise.
-Autotune configs: picked among those that compile for sm_90 without register spills (triton.compile
-for GPUTarget("cuda", 90, 32) runs without a GPU; cuobjdump -res-usage shows the spills; the fp32
-path with "ieee" products spills, it is not the training path). _bwd_wy_kernel still spills a few
-bytes (24-40).
 """
 
 from __future__ import annotations
@@ -57,8 +48,7 @@ def _autotune(configs: list[triton.Config], key: list[str], restore_value: list[
     best config without benchmarking again; only a benchmark needs restore_value."""
     if _interpreting():
         return lambda fn: _FixedConfig(fn, configs[0].kwargs)
-    cache = ({"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters
-             else {})
+    cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(configs=configs, key=key, restore_value=restore_value, **cache)
 
 
@@ -83,128 +73,13 @@ def _cfgs(values: list[tuple[int, int, int]]) -> list[triton.Config]:
 # Forward
 # ---------------------------------------------------------------------------
 
-SUB = tl.constexpr(16)  # the blocked inverse works on 16x16 blocks (tl.dot's smallest tile): a chunk is 4 sub-chunks
 
-
+@_autotune(_cfgs([(64, 4, 2), (128, 8, 1), (32, 4, 1)]), key=["K", "V"])
 @triton.jit
-def _substitute_row(X, sel):
-    """Row r (sel) of X = (I + L)^-1 - I, L strictly lower, from X's rows above r.
-
-    X holds -L from row r down, so -l_r is read from X itself, and -l_r X only meets the rows
-    above r (l_r is zero from column r on): row r = -l_r - l_r X."""
-    neg_l = tl.sum(tl.where(sel, X, 0.0), 0)
-    return tl.where(sel, (neg_l + tl.sum(neg_l[:, None] * X, 0))[None, :], X)
-
-
-@triton.jit
-def _unit_lower_inverse(A00, A10, A11, A20, A21, A22, A30, A31, A32, A33, PREC: tl.constexpr):
-    """(I + A)^-1 of a strictly lower 64x64 A given by its 16x16 blocks A_ij (i >= j); the same blocks back.
-
-    The four diagonal blocks by forward substitution, elementwise in fp32 and in one loop (15 steps,
-    not 63); then block forward substitution with matmuls: T_ij = -T_ii sum_{j<=l<i} A_il T_lj."""
-    o = tl.arange(0, SUB)
-    X0, X1, X2, X3 = -A00, -A11, -A22, -A33  # rows 0 and 1 are final already
-    for r in range(2, SUB):
-        sel = (o == r)[:, None]
-        X0 = _substitute_row(X0, sel)
-        X1 = _substitute_row(X1, sel)
-        X2 = _substitute_row(X2, sel)
-        X3 = _substitute_row(X3, sel)
-    eye = (o[:, None] == o[None, :]).to(tl.float32)
-    T00, T11, T22, T33 = X0 + eye, X1 + eye, X2 + eye, X3 + eye
-    T10 = -tl.dot(T11, tl.dot(A10, T00, input_precision=PREC), input_precision=PREC)
-    T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=PREC), input_precision=PREC)
-    T32 = -tl.dot(T33, tl.dot(A32, T22, input_precision=PREC), input_precision=PREC)
-    T20 = -tl.dot(T22, tl.dot(A20, T00, input_precision=PREC) + tl.dot(A21, T10, input_precision=PREC),
-                  input_precision=PREC)
-    T31 = -tl.dot(T33, tl.dot(A31, T11, input_precision=PREC) + tl.dot(A32, T21, input_precision=PREC),
-                  input_precision=PREC)
-    T30 = -tl.dot(T33, tl.dot(A30, T00, input_precision=PREC) + tl.dot(A31, T10, input_precision=PREC)
-                  + tl.dot(A32, T20, input_precision=PREC), input_precision=PREC)
-    return T00, T10, T11, T20, T21, T22, T30, T31, T32, T33
-
-
-@triton.jit
-def _load_block(ptr, i: tl.constexpr, j: tl.constexpr, BT: tl.constexpr):
-    """Block (i, j) of a row-major BT x BT matrix, as fp32."""
-    o = tl.arange(0, SUB)
-    return tl.load(ptr + (o + i * SUB)[:, None] * BT + (o + j * SUB)[None, :]).to(tl.float32)
-
-
-@triton.jit
-def _store_block(ptr, i: tl.constexpr, j: tl.constexpr, BT: tl.constexpr, x):
-    o = tl.arange(0, SUB)
-    tl.store(ptr + (o + i * SUB)[:, None] * BT + (o + j * SUB)[None, :], x)
-
-
-@triton.jit
-def _store_unit_lower_inverse(ptr, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, BT: tl.constexpr):
-    """The 64x64 matrix of the ten blocks, zeros above the diagonal blocks, row-major at ptr."""
-    zero = tl.zeros([SUB, SUB], dtype=tl.float32)
-    _store_block(ptr, 0, 0, BT, T00)
-    _store_block(ptr, 0, 1, BT, zero)
-    _store_block(ptr, 0, 2, BT, zero)
-    _store_block(ptr, 0, 3, BT, zero)
-    _store_block(ptr, 1, 0, BT, T10)
-    _store_block(ptr, 1, 1, BT, T11)
-    _store_block(ptr, 1, 2, BT, zero)
-    _store_block(ptr, 1, 3, BT, zero)
-    _store_block(ptr, 2, 0, BT, T20)
-    _store_block(ptr, 2, 1, BT, T21)
-    _store_block(ptr, 2, 2, BT, T22)
-    _store_block(ptr, 2, 3, BT, zero)
-    _store_block(ptr, 3, 0, BT, T30)
-    _store_block(ptr, 3, 1, BT, T31)
-    _store_block(ptr, 3, 2, BT, T32)
-    _store_block(ptr, 3, 3, BT, T33)
-
-
-@triton.jit
-def _unit_lower_inverse_kernel(A_ptr, Ai_ptr, BT: tl.constexpr, PREC: tl.constexpr):
-    """(I + A)^-1 of one strictly lower BT x BT matrix per program: the blocked inverse on its own."""
-    tl.static_assert(BT == 4 * SUB)
-    a = A_ptr + tl.program_id(0).to(tl.int64) * BT * BT
-    Ti = _unit_lower_inverse(_load_block(a, 0, 0, BT), _load_block(a, 1, 0, BT), _load_block(a, 1, 1, BT),
-                             _load_block(a, 2, 0, BT), _load_block(a, 2, 1, BT), _load_block(a, 2, 2, BT),
-                             _load_block(a, 3, 0, BT), _load_block(a, 3, 1, BT), _load_block(a, 3, 2, BT),
-                             _load_block(a, 3, 3, BT), PREC)
-    _store_unit_lower_inverse(Ai_ptr + tl.program_id(0).to(tl.int64) * BT * BT, *Ti, BT)
-
-
-def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
-    """(I + A)^-1 of every strictly lower [CHUNK, CHUNK] matrix of a float32 [..., CHUNK, CHUNK] A,
-    by the forward's blocked inverse (tests check it against a float64 solve)."""
-    if A.shape[-2:] != (CHUNK, CHUNK) or A.dtype != torch.float32:
-        raise ValueError(f"unit_lower_inverse takes float32 [..., {CHUNK}, {CHUNK}] matrices, got {A.dtype} "
-                         f"{tuple(A.shape)}")
-    A = A.contiguous()
-    out = torch.empty_like(A)
-    n = A.numel() // (CHUNK * CHUNK)
-    if n:
-        _unit_lower_inverse_kernel[(n,)](A, out, BT=CHUNK, PREC="ieee")
-    return out
-
-
-# The interpreter's tl.dot multiplies bf16 bit patterns as integers: there, 16-bit operands go through
-# fp32 (the same products: 16-bit ones are exact in fp32).
-_NATIVE_16BIT_DOT = tl.constexpr(not _interpreting())
-
-
-@triton.jit
-def _dot_as_loaded(a, b, PREC: tl.constexpr):
-    """a @ b accumulated in fp32, from operands as loaded: in their own dtype when they share it
-    (bf16 / fp16 products are exact in fp32, and the tensor cores take them natively), else in fp32."""
-    if a.dtype == b.dtype and (_NATIVE_16BIT_DOT or a.dtype == tl.float32):
-        return tl.dot(a, b, input_precision=PREC)
-    else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
-
-
-@triton.jit
-def _chunk_tile(T, H, Tp, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """This program's chunk (grid axis 0) of one sequence-head (axis 1): the token offsets, the
-    chunk's rows of the [B, T, H, *] inputs (tok) and of the [B*H, Tp, *] intermediates (row), and
-    the token and key-dim masks."""
+def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
+                    T, H, Tp, K: tl.constexpr, V: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk: G = cumsum(g), Tm = (I + A)^-1 by forward substitution, w, u."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
@@ -212,96 +87,36 @@ def _chunk_tile(T, H, Tp, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     m_t = t < T
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    tok = (i_b * T + t) * H + i_h
-    row = i_bh * Tp + t
-    return i_c, i_bh, o_t, m_t, o_k, m_k, tok, row
+    tok = (i_b * T + t) * H + i_h  # row of [B, T, H, *] inputs
+    row = i_bh * Tp + t  # row of the [B*H, Tp, *] intermediates
 
-
-@triton.jit
-def _sub_chunk(g_ptr, beta_ptr, t0, i_b, i_h, T, H):
-    """The 16 tokens from t0: their rows in the [B, T, H, *] inputs, mask (t < T), g and beta in fp32
-    (zeros past T: no decay, no write)."""
-    t = t0 + tl.arange(0, SUB)
-    m_t = t < T
-    tok = (i_b * T + t) * H + i_h
-    b_g = tl.load(g_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
-    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
-    return tok, m_t, b_g, b_beta
-
-
-@triton.jit
-def _load_rows(ptr, tok, m_t, C: tl.constexpr, BC: tl.constexpr):
-    """Rows tok of a [*, C] input as a [16, BC] tile in its own dtype, zeros where masked."""
-    o_c = tl.arange(0, BC)
-    return tl.load(ptr + tok[:, None] * C + o_c[None, :], mask=m_t[:, None] & (o_c < C)[None, :], other=0.0)
-
-
-@triton.jit
-def _kkt_block(k_i, k_j, G_i, G_j, beta_i, DIAGONAL: tl.constexpr, PREC: tl.constexpr):
-    """Block (i, j) of A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)) for sub-chunks i >= j."""
-    diff = G_i[:, None] - G_j[None, :]
-    if DIAGONAL:  # mask before exp: G_i - G_j > 0 above the diagonal could overflow
-        o = tl.arange(0, SUB)
-        diff = tl.where(o[:, None] > o[None, :], diff, float("-inf"))
-    return _dot_as_loaded(k_i, tl.trans(k_j), PREC) * tl.exp(diff) * beta_i[:, None]
-
-
-@_autotune([triton.Config({}, num_warps=nw) for nw in (4, 2, 1)], key=["K"])
-@triton.jit
-def _inverse_kernel(k_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, T, H, Tp, K: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk, as four 16-token sub-chunks: G = cumsum(g) and Tm = (I + A)^-1 (blocked)."""
-    tl.static_assert(BT == 4 * SUB)
-    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_c * BT
-    row0 = i_bh * Tp + t0  # first row of the chunk in the [B*H, Tp, *] intermediates
-    o_s = tl.arange(0, SUB)
-    tok0, m0, g0, beta0 = _sub_chunk(g_ptr, beta_ptr, t0, i_b, i_h, T, H)
-    tok1, m1, g1, beta1 = _sub_chunk(g_ptr, beta_ptr, t0 + SUB, i_b, i_h, T, H)
-    tok2, m2, g2, beta2 = _sub_chunk(g_ptr, beta_ptr, t0 + 2 * SUB, i_b, i_h, T, H)
-    tok3, m3, g3, beta3 = _sub_chunk(g_ptr, beta_ptr, t0 + 3 * SUB, i_b, i_h, T, H)
-    G0 = tl.cumsum(g0, axis=0)
-    G1 = tl.sum(g0, axis=0) + tl.cumsum(g1, axis=0)
-    G2 = tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.cumsum(g2, axis=0)
-    G3 = tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.sum(g2, axis=0) + tl.cumsum(g3, axis=0)
-    tl.store(G_ptr + row0 + o_s, G0)
-    tl.store(G_ptr + row0 + SUB + o_s, G1)
-    tl.store(G_ptr + row0 + 2 * SUB + o_s, G2)
-    tl.store(G_ptr + row0 + 3 * SUB + o_s, G3)
-
-    # k k^T from k as loaded (_dot_as_loaded)
-    k0 = _load_rows(k_ptr, tok0, m0, K, BK)
-    k1 = _load_rows(k_ptr, tok1, m1, K, BK)
-    k2 = _load_rows(k_ptr, tok2, m2, K, BK)
-    k3 = _load_rows(k_ptr, tok3, m3, K, BK)
-    Tm = _unit_lower_inverse(
-        _kkt_block(k0, k0, G0, G0, beta0, True, PREC),
-        _kkt_block(k1, k0, G1, G0, beta1, False, PREC), _kkt_block(k1, k1, G1, G1, beta1, True, PREC),
-        _kkt_block(k2, k0, G2, G0, beta2, False, PREC), _kkt_block(k2, k1, G2, G1, beta2, False, PREC),
-        _kkt_block(k2, k2, G2, G2, beta2, True, PREC),
-        _kkt_block(k3, k0, G3, G0, beta3, False, PREC), _kkt_block(k3, k1, G3, G1, beta3, False, PREC),
-        _kkt_block(k3, k2, G3, G2, beta3, False, PREC), _kkt_block(k3, k3, G3, G3, beta3, True, PREC),
-        PREC)
-    _store_unit_lower_inverse(Tm_ptr + row0 * BT, *Tm, BT)
-
-
-@_autotune(_cfgs([(32, 8, 1), (64, 8, 1), (16, 8, 1)]), key=["K", "V"])
-@triton.jit
-def _wu_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
-               T, H, Tp, K: tl.constexpr, V: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk: w = Tm (beta a k), u = Tm (beta v), a = exp(G), with Tm as one [BT, BT] tile.
-
-    Its own kernel (as fla's recompute_w_u): fused into _inverse_kernel, with the ten 16x16 blocks
-    held through the V loop, it went past 255 registers and spilled (sm_90 compile)."""
-    i_c, i_bh, o_t, m_t, o_k, m_k, tok, row = _chunk_tile(T, H, Tp, K, BT, BK)
-
-    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
-    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
-    b_G = tl.load(G_ptr + row)
     b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-    b_w = tl.dot(b_Tm, b_k.to(tl.float32) * (b_beta * tl.exp(b_G))[:, None], input_precision=PREC)
+    b_k = b_k.to(tl.float32)
+    b_g = tl.load(g_ptr + tok, mask=m_t, other=0.0).to(tl.float32)  # padding: no decay
+    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)  # padding: no write
+    b_G = tl.cumsum(b_g, axis=0)
+    tl.store(G_ptr + row, b_G)
+
+    strict = o_t[:, None] > o_t[None, :]
+    # mask before exp: G_i - G_j > 0 above the diagonal could overflow
+    decay = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], float("-inf")))
+    b_A = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * decay * b_beta[:, None]
+
+    # (I + A)^-1 = I + X with X_i = -A_i - A_i X (row i only needs the rows above it).
+    # Elementwise in fp32. A faster 16x16-block version (tf32x3 tl.dot, commit 71aaa7d) failed
+    # its GPU test together with the in-place dvn under autotuning (fixed since, restore_value):
+    # which of the two was wrong is not known yet.
+    b_X = tl.zeros([BT, BT], dtype=tl.float32)
+    for i in range(1, BT):
+        sel = (o_t == i)[:, None]
+        a_i = tl.sum(tl.where(sel, b_A, 0.0), 0)
+        x_i = -a_i - tl.sum(a_i[:, None] * b_X, 0)
+        b_X = tl.where(sel, x_i[None, :], b_X)
+    b_Tm = b_X + (o_t[:, None] == o_t[None, :]).to(tl.float32)
+    tl.store(Tm_ptr + row[:, None] * BT + o_t[None, :], b_Tm)
+
+    b_kb = b_k * (b_beta * tl.exp(b_G))[:, None]
+    b_w = tl.dot(b_Tm, b_kb, input_precision=PREC)
     tl.store(w_ptr + row[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty), mask=m_k[None, :])
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -311,7 +126,7 @@ def _wu_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
         tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty), mask=m_v[None, :])
 
 
-@_autotune(_cfgs([(32, 8, 2), (64, 8, 2), (16, 8, 2)]), key=["K", "V"])
+@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"])
 @triton.jit
 def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
                       T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
@@ -350,7 +165,7 @@ def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
         tl.store(ht_ptr + i_bh * K * V + kv, b_S, mask=m_kv)
 
 
-@_autotune(_cfgs([(64, 4, 2), (64, 8, 2), (32, 4, 2)]), key=["K", "V"])
+@_autotune(_cfgs([(64, 4, 2), (128, 8, 2), (32, 4, 2)]), key=["K", "V"])
 @triton.jit
 def _fwd_output_kernel(q_ptr, k_ptr, G_ptr, S_ptr, vn_ptr, o_ptr, scale,
                        T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
@@ -368,17 +183,16 @@ def _fwd_output_kernel(q_ptr, k_ptr, G_ptr, S_ptr, vn_ptr, o_ptr, scale,
     tok = (i_b * T + t) * H + i_h
     row = i_bh * Tp + t
     m_tk = m_t[:, None] & m_k[None, :]
-    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
     b_G = tl.load(G_ptr + row)
     b_S = tl.load(S_ptr + (i_bh * N + i_c) * K * V + o_k[:, None] * V + o_v[None, :],
-                  mask=m_k[:, None] & m_v[None, :], other=0.0)
+                  mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
     b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
     causal = o_t[:, None] >= o_t[None, :]
     decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
-    # q k^T and q S from the stored values (the row scales s exp(G) applied to the fp32 products)
-    b_P = _dot_as_loaded(b_q, tl.trans(b_k), PREC) * decay * scale
-    b_o = _dot_as_loaded(b_q, b_S, PREC) * (scale * tl.exp(b_G))[:, None]
+    b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * decay * scale
+    b_o = tl.dot(b_q * (scale * tl.exp(b_G))[:, None], b_S, input_precision=PREC)
     b_o += tl.dot(b_P, b_vn, input_precision=PREC)
     tl.store(o_ptr + tok[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
@@ -418,7 +232,7 @@ def _bwd_local_kernel(q_ptr, k_ptr, G_ptr, do_ptr, dvn_ptr, scale,
     tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
 
 
-@_autotune(_cfgs([(32, 8, 2), (16, 8, 2), (64, 8, 2)]), key=["K", "V"], restore_value=["dvn_ptr"])
+@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"], restore_value=["dvn_ptr"])
 @triton.jit
 def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_ptr, dh0_ptr, scale,
                       T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
@@ -466,46 +280,65 @@ def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_p
     tl.store(dh0_ptr + i_bh * K * V + kv, b_dS, mask=m_kv)
 
 
-@_autotune(_cfgs([(32, 8, 1), (32, 8, 2), (16, 8, 1)]), key=["K", "V"])
+@_autotune(_cfgs([(64, 8, 1), (32, 8, 1), (32, 4, 1)]), key=["K", "V"])
 @triton.jit
-def _bwd_qk_kernel(q_ptr, k_ptr, G_ptr, S_ptr, dS_ptr, vn_ptr, dvn_ptr, do_ptr, dq_ptr, dk_ptr, dG_ptr, dw_ptr,
-                   scale, T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk, the gradients through o and the chunk-end state: dq; the parts of dk and dG
-    (the gradient of G) they give; dw (for _bwd_wy_kernel)."""
-    i_c, i_bh, o_t, m_t, o_k, m_k, tok, row = _chunk_tile(T, H, Tp, K, BT, BK)
+def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_ptr, vn_ptr, dvn_ptr,
+                      do_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, scale,
+                      T, H, Tp, N, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk, given S (start state), dS_end, vn and dvn: dq, dk, dv, dg, dbeta."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = tl.arange(0, BT)
+    t = i_c * BT + o_t
+    m_t = t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    tok = (i_b * T + t) * H + i_h
+    row = i_bh * Tp + t
     m_tk = m_t[:, None] & m_k[None, :]
+    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
+    b_G = tl.load(G_ptr + row)
+    b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
+    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
+    b_a = tl.exp(b_G)
     state = (i_bh * N + i_c) * K * V
 
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # do S^T
     b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # do vn^T
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)  # vn dS_end^T
+    b_dk2 = tl.zeros([BT, BK], dtype=tl.float32)  # vn dS_end^T
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # -dvn S^T
+    b_dTm = tl.zeros([BT, BT], dtype=tl.float32)  # du (beta v)^T, then + dw (beta a k)^T
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_SdS = tl.zeros([BK], dtype=tl.float32)  # rows of sum(S * dS_end): feeds d exp(G_last)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         kv = o_k[:, None] * V + o_v[None, :]
-        # products of stored values take them as loaded (_dot_as_loaded)
-        b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
-        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
-        b_S = tl.load(S_ptr + state + kv, mask=m_kv, other=0.0)
-        b_dSe = tl.load(dS_ptr + state + kv, mask=m_kv, other=0.0)
-        b_dq += _dot_as_loaded(b_do, tl.trans(b_S), PREC)
-        b_dP += _dot_as_loaded(b_do, tl.trans(b_vn), PREC)
-        b_dk += _dot_as_loaded(b_vn, tl.trans(b_dSe), PREC)
-        b_dw -= _dot_as_loaded(b_dvn, tl.trans(b_S), PREC)
-        b_SdS += tl.sum(b_S.to(tl.float32) * b_dSe.to(tl.float32), 1)
-    tl.store(dw_ptr + row[:, None] * K + o_k[None, :], b_dw.to(dw_ptr.dtype.element_ty), mask=m_k[None, :])
+        b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_S = tl.load(S_ptr + state + kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_dSe = tl.load(dS_ptr + state + kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_dq += tl.dot(b_do, tl.trans(b_S), input_precision=PREC)
+        b_dP += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
+        b_dk2 += tl.dot(b_vn, tl.trans(b_dSe), input_precision=PREC)
+        b_dw -= tl.dot(b_dvn, tl.trans(b_S), input_precision=PREC)
+        b_SdS += tl.sum(b_S * b_dSe, 1)
+        # u = Tm (beta v), du = dvn
+        b_dvb = tl.dot(tl.trans(b_Tm), b_dvn, input_precision=PREC)
+        tl.store(dv_ptr + tok[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
+                 mask=m_tv)
+        b_dbeta += tl.sum(b_v * b_dvb, 1)
+        b_dTm += tl.dot(b_dvn, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
 
-    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_G = tl.load(G_ptr + row)
-    b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
     # o = s (q a) S: dq, and its dG through a
-    b_dq = b_dq * (scale * tl.exp(b_G))[:, None]
+    b_dq = b_dq * (scale * b_a)[:, None]
     b_dG = tl.sum(b_q * b_dq, 1)
     # o += P vn with P = s q k^T D (causal)
     causal = o_t[:, None] >= o_t[None, :]
@@ -516,72 +349,35 @@ def _bwd_qk_kernel(q_ptr, k_ptr, G_ptr, S_ptr, dS_ptr, vn_ptr, dvn_ptr, do_ptr, 
     b_dG += tl.sum(b_dPP, 1) - tl.sum(b_dPP, 0)
     b_dQK = b_dP * decay * scale
     b_dq += tl.dot(b_dQK, b_k, input_precision=PREC)
+    b_dk = tl.dot(tl.trans(b_dQK), b_q, input_precision=PREC)
     # S_end = exp(G_last) S + (k exp(G_last - G))^T vn
-    b_dk = b_dk * tl.exp(b_gl - b_G)[:, None]
-    b_kdk = tl.sum(b_k * b_dk, 1)
-    b_dG -= b_kdk
-    b_dG += tl.where(o_t == BT - 1, tl.sum(b_kdk, 0) + tl.exp(b_gl) * tl.sum(b_SdS, 0), 0.0)  # d G_last
-    b_dk += tl.dot(tl.trans(b_dQK), b_q, input_precision=PREC)
-    tl.store(dq_ptr + tok[:, None] * K + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
-    tl.store(dk_ptr + row[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty), mask=m_k[None, :])
-    tl.store(dG_ptr + row, b_dG)
-
-
-@_autotune(_cfgs([(16, 8, 1), (32, 8, 1), (16, 8, 2)]), key=["K", "V"])
-@triton.jit
-def _bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, dvn_ptr, dw_ptr, dk_part_ptr, dG_part_ptr,
-                   dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, T, H, Tp, K: tl.constexpr, V: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk, the gradients through u = Tm (beta v), w = Tm (beta a k) and Tm = (I + A)^-1:
-    dv, dbeta, and dk and dg completed (with _bwd_qk_kernel's parts)."""
-    i_c, i_bh, o_t, m_t, o_k, m_k, tok, row = _chunk_tile(T, H, Tp, K, BT, BK)
-    m_tk = m_t[:, None] & m_k[None, :]
-    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
-    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
-
-    # Tm^T dTm, with dTm = du (beta v)^T + dw (beta a k)^T and du = dvn: Tm^T du is dvb below
-    b_TdT = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dbeta = tl.zeros([BT], dtype=tl.float32)
-    for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=(o_v < V)[None, :], other=0.0)
-        b_dvn = b_dvn.to(tl.float32)
-        # u = Tm (beta v), du = dvn
-        b_dvb = tl.dot(tl.trans(b_Tm), b_dvn, input_precision=PREC)
-        tl.store(dv_ptr + tok[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
-                 mask=m_tv)
-        b_dbeta += tl.sum(b_v * b_dvb, 1)
-        b_TdT += tl.dot(b_dvb, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
-
-    b_k16 = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-    b_k = b_k16.to(tl.float32)
-    b_G = tl.load(G_ptr + row)
-    b_a = tl.exp(b_G)
-    b_dw = tl.load(dw_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+    b_dk2 = b_dk2 * tl.exp(b_gl - b_G)[:, None]
+    b_dk += b_dk2
+    b_kdk2 = tl.sum(b_k * b_dk2, 1)
+    b_dG -= b_kdk2
+    b_dgl = tl.sum(b_kdk2, 0) + tl.exp(b_gl) * tl.sum(b_SdS, 0)
     # vn = u - w S, w = Tm (beta a k)
     b_dkb = tl.dot(tl.trans(b_Tm), b_dw, input_precision=PREC)
-    b_dk = b_dkb * (b_beta * b_a)[:, None]
+    b_dk += b_dkb * (b_beta * b_a)[:, None]
     b_kdkb = tl.sum(b_k * b_dkb, 1)
     b_dbeta += b_a * b_kdkb
-    b_dG = b_beta * b_a * b_kdkb
-    b_TdT += tl.dot(b_dkb, tl.trans(b_k * (b_beta * b_a)[:, None]), input_precision=PREC)
+    b_dG += b_beta * b_a * b_kdkb
+    b_dTm += tl.dot(b_dw, tl.trans(b_k * (b_beta * b_a)[:, None]), input_precision=PREC)
     # Tm = (I + A)^-1: dA = -Tm^T dTm Tm^T on the strict lower triangle
     strict = o_t[:, None] > o_t[None, :]
-    b_dA = -tl.dot(b_TdT, tl.trans(b_Tm), input_precision=PREC)
+    b_dA = -tl.dot(tl.dot(tl.trans(b_Tm), b_dTm, input_precision=PREC), tl.trans(b_Tm), input_precision=PREC)
     b_dA = tl.where(strict, b_dA, 0.0)
-    sdecay = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], float("-inf")))
-    b_kkD = _dot_as_loaded(b_k16, tl.trans(b_k16), PREC) * sdecay
+    sdecay = tl.where(strict, decay, 0.0)
+    b_kkD = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * sdecay
     b_dbeta += tl.sum(b_dA * b_kkD, 1)
     b_dAA = b_dA * b_kkD * b_beta[:, None]
     b_dG += tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0)
     b_dAk = b_dA * sdecay * b_beta[:, None]
-    b_dk += tl.dot(b_dAk + tl.trans(b_dAk), b_k, input_precision=PREC)  # A_ij has k_i.k_j: both sides
+    b_dk += tl.dot(b_dAk, b_k, input_precision=PREC) + tl.dot(tl.trans(b_dAk), b_k, input_precision=PREC)
 
-    b_dk += tl.load(dk_part_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-    b_dG += tl.load(dG_part_ptr + row)
+    b_dG += tl.where(o_t == BT - 1, b_dgl, 0.0)
     b_dg = tl.cumsum(b_dG, axis=0, reverse=True)  # G = cumsum(g)
+    tl.store(dq_ptr + tok[:, None] * K + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
     tl.store(dk_ptr + tok[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
     tl.store(dg_ptr + tok, b_dg.to(dg_ptr.dtype.element_ty), mask=m_t)
     tl.store(dbeta_ptr + tok, b_dbeta.to(dbeta_ptr.dtype.element_ty), mask=m_t)
@@ -629,8 +425,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         o = torch.empty_like(v, dtype=q.dtype)
         meta = dict(K=K, V=V, BT=BT, BK=_block(K), PREC=_precision(q.dtype))
 
-        _inverse_kernel[(N, B * H)](k, g, beta, G, Tm, T, H, Tp, K=K, BT=BT, BK=meta["BK"], PREC=meta["PREC"])
-        _wu_kernel[(N, B * H)](k, v, beta, G, Tm, w, u, T, H, Tp, **meta)
+        _prepare_kernel[(N, B * H)](k, v, g, beta, G, Tm, w, u, T, H, Tp, **meta)
         _fwd_state_kernel[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
             k, w, u, G, h0 if h0 is not None else G, S, vn, ht if ht is not None else G,
             T, H, Tp, N, **meta, HAS_H0=h0 is not None, STORE_FINAL=ht is not None)
@@ -663,12 +458,9 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dg = torch.empty(B, T, H, device=q.device, dtype=ctx.g_dtype)
         dbeta = torch.empty_like(beta)
-        dw, dk_part = torch.empty(B * H, Tp, K, **big), torch.empty(B * H, Tp, K, **big)
-        dG_part = torch.empty(B * H, Tp, device=q.device, dtype=torch.float32)
-        _bwd_qk_kernel[(N, B * H)](
-            q, k, G, S, dS, vn, dvn, do, dq, dk_part, dG_part, dw, scale, T, H, Tp, N, **meta)
-        _bwd_wy_kernel[(N, B * H)](
-            k, v, beta, G, Tm, dvn, dw, dk_part, dG_part, dk, dv, dg, dbeta, T, H, Tp, **meta)
+        _bwd_grads_kernel[(N, B * H)](
+            q, k, v, beta, G, Tm, S, dS, vn, dvn, do, dq, dk, dv, dg, dbeta, scale,
+            T, H, Tp, N, **meta)
         dh0 = None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype)
         return dq, dk, dv, dg, dbeta, None, dh0, None
 
@@ -684,9 +476,8 @@ def triton_chunk_gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same I/O as chunk_gated_delta_rule (without document_ids); G and Tm in float32, the larger
-    intermediates in the inputs' 16-bit dtype (float32 for float32 inputs), o in q's dtype, the
-    final state in float32."""
+    """Same I/O as chunk_gated_delta_rule (without document_ids); float32 intermediates,
+    o in q's dtype, the final state in float32."""
     if q.dtype == torch.float64:
         raise ValueError("the Triton gated delta rule computes in float32; use backend='torch' for float64")
     if not (q.is_cuda or _interpreting()):
