@@ -38,21 +38,43 @@ def test_non_finite_part_is_named_with_the_step():
     check_finite({"ce": torch.tensor(1.0)}, 7)  # finite: no error
 
 
-def test_optimizer_refuses_to_step_on_nan():
+def nan_pred():
+    return {"ce_sum": torch.tensor(8.0), "mtp_sums": torch.tensor([6.0, math.nan]),
+            "mtp_tokens": torch.tensor([6, 4])}
+
+
+def test_a_non_finite_micro_batch_stops_before_its_backward():
+    """The loss function itself refuses a non-finite part (right after the forward), so neither
+    the backward nor the optimizer step runs; evaluation (no grad) is not refused."""
+    labels = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(NonFiniteLossError, match=r"\['mtp'\]"):
+        loss_fn()(nan_pred(), labels)
+    with torch.no_grad():
+        assert math.isnan(loss_fn()(nan_pred(), labels).item())
+    STEP_LOSSES.finish_step()
+
+
+def test_the_error_names_the_step_the_optimizer_is_at():
+    """The step number comes from the optimizer's hook, counted on the host (no device read per
+    step): after two steps from scratch, a NaN in the next micro-batch is "at step 3"."""
     from fusion_titan.training.optimizer import build_optimizers
 
+    STEP_LOSSES.step = None
     model = torch.nn.Linear(4, 4)
     cfg = SimpleNamespace(name="AdamW", lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
                           implementation="for-loop", early_step_in_backward=False)
-    dims = SimpleNamespace(get_optional_mesh=lambda name: None, ep=1)
-    opt = build_optimizers([model], cfg, dims)
-    before = model.weight.detach().clone()
-    model(torch.randn(2, 4)).sum().backward()
-    STEP_LOSSES.finish_step()
-    STEP_LOSSES.add("ce", torch.tensor(float("inf")))
-    with pytest.raises(NonFiniteLossError, match="ce"):
+    opt = build_optimizers([model], cfg, SimpleNamespace(get_optional_mesh=lambda name: None, ep=1))
+    labels = torch.zeros(1, 2, dtype=torch.long)
+    for _ in range(2):
+        x = torch.randn(2, 4, requires_grad=True)
+        loss_fn()({"ce_sum": model(x).square().sum()}, labels).backward()
         opt.step()
+    before = model.weight.detach().clone()
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 in \['mtp'\]"):
+        loss_fn()(nan_pred(), labels)
     assert torch.equal(model.weight, before)
+    STEP_LOSSES.finish_step()
+    STEP_LOSSES.step = None
 
 
 def test_fake_backend_runs_do_not_check_losses():
@@ -61,18 +83,10 @@ def test_fake_backend_runs_do_not_check_losses():
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from fusion_titan.training.optimizer import build_optimizers
-
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
     try:
-        model = torch.nn.Linear(4, 4)
-        cfg = SimpleNamespace(name="AdamW", lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
-                              implementation="for-loop", early_step_in_backward=False)
-        opt = build_optimizers([model], cfg, SimpleNamespace(get_optional_mesh=lambda name: None, ep=1))
-        model(torch.randn(2, 4)).sum().backward()
-        STEP_LOSSES.finish_step()
-        STEP_LOSSES.add("ce", torch.tensor(float("nan")))
-        opt.step()  # no NonFiniteLossError
-        assert STEP_LOSSES.finish_step() == {}  # the step's parts were handed over all the same
+        total = loss_fn()(nan_pred(), torch.zeros(2, 4, dtype=torch.long))  # no NonFiniteLossError
+        assert math.isnan(total.item())
     finally:
         dist.destroy_process_group()
+        STEP_LOSSES.finish_step()

@@ -10,25 +10,22 @@ In both, the Engram tables (model/engram.py) are an Adam group of their own, "en
 `[optimizer] engram_lr` (default: lr) without weight decay.
 
 Hooks, in order around `optimizers.step()`:
-- pre-step: close the step's loss record and refuse to step on a non-finite loss part;
+- pre-step: close the step's loss record (the loss function refuses a non-finite part before its
+  backward, training/loss.py);
 - post-step: move the MoE selection biases from the step's expert loads (aux-loss-free balancing).
 """
 
 from __future__ import annotations
 
-import torch.nn as nn
-
 import torch
-import torch.distributed as dist
-
+import torch.nn as nn
 from torchtitan.components.optimizer import OptimizersContainer
 
 from ..optim import CautiousAdamW, Muon, NorMuon
 from ..optim.hybrid import HybridOptimizer
-from .param_groups import groups_by_multiplier, lr_multipliers, split_named_params
-
-from .loss import STEP_LOSSES, check_finite
+from .loss import STEP_LOSSES
 from .moe_balance import ExpertBiasUpdater
+from .param_groups import groups_by_multiplier, lr_multipliers, split_named_params
 
 OPTIMIZERS = ("NorMuon", "Muon", "AdamW", "Adam")
 
@@ -147,16 +144,18 @@ def build_optimizers(model_parts: list[nn.Module], optimizer_config, parallel_di
         model_parts, _optimizer_factory(optimizer_config), {"lr": optimizer_config.lr}
     )
 
-    # Under torchtitan's fake backend collectives return no real data, so losses are not the
-    # model's (fake_plan.py measures memory and time only): a NaN there is not a training failure.
-    fake_collectives = dist.is_initialized() and dist.get_backend() == "fake"
+    taking: list[int] = []  # the step being taken, counted on the host after the first read
 
     def finish_step(*args, **kwargs):
-        parts = STEP_LOSSES.finish_step()
-        if fake_collectives:
-            return
-        last = _last_step(optimizers)
-        check_finite(parts, None if last is None else last + 1)
+        # No host read here but the first step's (the loss function checks each micro-batch's
+        # parts after its forward), so the optimizer's launches overlap the backward still
+        # running on the GPU: the step count is read from the (restored) optimizer state once.
+        STEP_LOSSES.finish_step()
+        if not taking:
+            taking.append((_last_step(optimizers) or 0) + 1)
+        else:
+            taking[0] += 1
+        STEP_LOSSES.step = taking[0] + 1  # the step the next parts belong to
 
     optimizers.register_step_pre_hook(finish_step)
 
