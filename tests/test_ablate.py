@@ -260,7 +260,7 @@ def test_a_cut_sweep_keeps_a_partial_report_and_archive(tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "Partial: 1 of 4 runs ended; not run yet: mla seed 0, hybrid seed 1, mla seed 1." in report
     assert "| hybrid | 1/2 |" in report and "| mla | 0/2 |" in report
-    assert "| hybrid seed 0 | ok | 30.0 | 10.0 | 5.0 | 15.0 | 10.0 | 2.0 | 3.0 |" in report
+    assert "| hybrid seed 0 | ok | visible | 30.0 | 10.0 | 5.0 | 15.0 | 10.0 | 2.0 | 3.0 |" in report
     manifest = json.loads((out / "manifest.json").read_text())
     assert [r["status"] for r in manifest["runs"]] == ["ok", "not run", "not run", "not run"]
     assert manifest["runs"][0]["timing"]["startup"] == 15.0

@@ -51,8 +51,8 @@ class SlotPool:
             self._tickets.put(slot)
 
     def describe(self, jobs: int) -> str:
-        """One sentence for the report on how runs shared the machine ('' for one run at a time
-        without placement)."""
+        """One sentence for the report on how this invocation's runs shared the machine ('' for
+        one run at a time without placement); each run's GPU set is in its result ("gpus")."""
         if not self.slots:
             return (f"{jobs} runs trained at once on the same GPU(s): tokens/s, MFU and seconds are "
                     "those of a shared GPU; compare variants at equal FLOPs.") if jobs > 1 else ""

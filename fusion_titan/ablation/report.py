@@ -60,9 +60,9 @@ def timing_table(results: list[dict]) -> list[str]:
              "Seconds per run, from the trainer's log timestamps: startup = init (launcher, imports, "
              "data, model build) + step 1 (autotuning, compilation); train excludes evaluations; "
              "shutdown = last line to process exit.", "",
-             "| run | status | " + " | ".join(PHASES) + " |", "|---|---|" + "---|" * len(PHASES)]
+             "| run | status | GPU(s) | " + " | ".join(PHASES) + " |", "|---|---|---|" + "---|" * len(PHASES)]
     for r in timed:
-        lines.append(f"| {r['variant']} seed {r['seed']} | {r['status']} | "
+        lines.append(f"| {r['variant']} seed {r['seed']} | {r['status']} | {r.get('gpus', 'visible')} | "
                      + " | ".join(seconds(r["timing"].get(k)) for k in PHASES) + " |")
     return lines
 

@@ -133,7 +133,7 @@ def execute(plan: RunPlan, config: str, out: Path, root: Path, ngpu: int, timeou
         tail = strip_ansi(log).rstrip().splitlines()[-TAIL_LINES:]
         result = {"status": "failed", "variant": plan.variant, "seed": plan.seed, "run_id": plan.run_id,
                   "exit_code": code, "process_seconds": timing["wall"], "timing": timing, "log_tail": tail}
-        write_atomic(folder / FAILURE, json.dumps(result, indent=1))
-    else:
-        write_atomic(folder / RESULT, json.dumps(result, indent=1))
+    # where it trained: the GPU set it was placed on (placement.py), else whatever was visible
+    result["gpus"] = (extra_env or {}).get("CUDA_VISIBLE_DEVICES", "visible")
+    write_atomic(folder / (RESULT if result["status"] == "ok" else FAILURE), json.dumps(result, indent=1))
     return result
