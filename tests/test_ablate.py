@@ -135,6 +135,23 @@ def test_first_sweep_is_consistent():
     assert plans["hybrid"][0].steps == 256 and plans["adamw"][0].steps == 256
 
 
+def test_second_sweep_scores_in_domain_held_out_data():
+    """The second GPU sweep plans on CPU: the first sweep's variants at twice its budget, scored
+    on the config's own held-out data (the stdlib's held-out tenth), 16 batches per evaluation,
+    one GPU per run."""
+    first = load_sweep(ROOT / "train_configs/ablations/first_sweep.toml")
+    sweep = load_sweep(ROOT / "train_configs/ablations/second_sweep.toml")
+    assert [v.overrides for v in sweep.variants] == [v.overrides for v in first.variants]
+    assert sweep.val_data == "" and sweep.ngpu == 1 and sweep.budget_tokens == 2 * first.budget_tokens
+    steps = sweep.overrides[sweep.overrides.index("--validation.steps") + 1]
+    assert steps == "16"
+    sweep = sweep.__class__(**{**sweep.__dict__, "config": str(ROOT / sweep.config)})
+    budget = budget_flops(sweep, ngpu=1)
+    plans = {v.name: plan_variant(sweep, v, budget, 1, "")[0] for v in sweep.variants}
+    assert plans["hybrid"].steps == 512 and plans["mtp0"].steps == 800
+    assert all(abs(p.flops / budget - 1) < 0.005 for p in plans.values())
+
+
 @pytest.mark.parametrize("change, message", [
     ({"overrides": ["--training.steps", "5"]}, "--training.steps is set by the harness"),
     ({"budget_flops": 1e12}, "exactly one of budget_tokens"),
