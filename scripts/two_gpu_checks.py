@@ -22,7 +22,8 @@ local batch, as 2 micro-batches on one GPU or one per GPU on two.
   compared with the run that wrote it (the 2-GPU writer is the faults part's uninterrupted run
   when that part ran).
 
-Writes report.json and same_losses.png under --out; prints a summary.
+Writes report.json and same_losses.png under --out; prints a summary. `--archive FILE` also packs
+the summaries and every run's log into one .tar.gz (a device call returns only a few files).
 
 Profiling one run's step (e.g. why NorMuon loses more than AdamW to expert parallel):
 
@@ -49,6 +50,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -207,6 +209,19 @@ def flatten(out: Path) -> None:
         shutil.rmtree(folder)
 
 
+def pack(out: Path, archive: Path) -> None:
+    """The summaries in one .tar.gz: the top-level files of `out` and each run's log (no
+    checkpoints, no traces). A device call returns only a few files; this is one."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(out.iterdir()):
+            log = path / f"{path.name}.log"
+            if path.is_file() and path.resolve() != archive.resolve():
+                tar.add(path, arcname=path.name)
+            elif path.is_dir() and log.is_file():
+                tar.add(log, arcname=log.name)
+
+
 def max_rel(a: dict, b: dict, steps) -> float | None:
     common = [s for s in steps if s in a and s in b]
     if not common:
@@ -247,6 +262,8 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="comma list of run names to profile one step of")
     ap.add_argument("--flat", action="store_true",
                     help="leave only flat files at the top of --out (device output folders)")
+    ap.add_argument("--archive", type=Path, help="also write the summaries and logs as one .tar.gz here "
+                    "(at the end, also when a run fails or the call is interrupted with SIGINT)")
     ap.add_argument("--out", default="outputs/two_gpu")
     ap.add_argument("extra", nargs="*", help="overrides added to every run")
     args = ap.parse_args()
@@ -265,6 +282,8 @@ def main() -> None:
     finally:
         if args.flat:  # also when a run fails: the summaries written so far stay
             flatten(runner.out)
+        if args.archive:
+            pack(runner.out, args.archive)
 
 
 def run_parts(args, runner: Runner, parts: set[str], profiled: list[str]) -> None:

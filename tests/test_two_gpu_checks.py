@@ -51,3 +51,19 @@ def test_flatten_keeps_only_top_level_files_and_each_runs_log(tmp_path):
     _script().flatten(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fsdp2_ep2_normuon_profile.log", "report.json"]
     assert (tmp_path / "fsdp2_ep2_normuon_profile.log").read_text() == "step: 1"
+
+
+def test_pack_holds_the_summaries_and_each_runs_log_only(tmp_path):
+    import tarfile
+
+    out = tmp_path / "out"
+    (out / "fsdp2" / "checkpoint" / "step-0").mkdir(parents=True)
+    (out / "fsdp2" / "checkpoint" / "step-0" / "shard.distcp").write_text("weights")
+    (out / "fsdp2" / "fsdp2.log").write_text("step: 1")
+    (out / "report.json").write_text("{}")
+    (out / "profile_fsdp2.md").write_text("# profile")
+    archive = out / "two_gpu.tgz"  # inside --out: not packed into itself
+    _script().pack(out, archive)
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["fsdp2.log", "profile_fsdp2.md", "report.json"]
+        assert tar.extractfile("fsdp2.log").read() == b"step: 1"
