@@ -5,9 +5,8 @@
 The step is host-bound on the GPU when it launches many small kernels, so its op count is what
 to keep low. The model is the debug flavor with fusion_1b's depth by default: the same blocks
 and so the same list of matrix parameters (expert stacks one 3-D parameter each) as fusion_1b,
-at widths a CPU steps in seconds. Counts are top-level ops (what Python dispatches: a foreach
-op is one, whatever it does inside on CPU), from torch.profiler, for the third step (state
-exists).
+at widths a CPU steps in seconds. Counts are top-level ops (fusion_titan/bench/host_ops.py) of
+the third step (state exists).
 """
 
 from __future__ import annotations
@@ -16,20 +15,11 @@ import argparse
 from types import SimpleNamespace
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from fusion_titan.bench.host_ops import top_level_aten_ops
 from fusion_titan.model.flavors import FLAVORS
 from fusion_titan.model.model import FusionModel
 from fusion_titan.training.optimizer import _optimizer_factory
-
-
-def top_level_aten_ops(fn) -> int:
-    """ATen ops that `fn()` dispatches from Python (nested ones, e.g. inside a foreach op on CPU,
-    are not counted)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    aten = lambda e: e is not None and e.name.startswith("aten::")  # noqa: E731
-    return sum(1 for e in prof.events() if aten(e) and not aten(e.cpu_parent))
 
 
 def _config(name: str) -> SimpleNamespace:
