@@ -21,6 +21,14 @@ and sends each holder its rows back (owner_exchange.py), in buckets of ``bucket_
 So no rank ever holds more than a bucket of whole matrices, and the ranks share the
 Newton-Schulz work instead of repeating it. The per-row state is a DTensor sharded like its
 parameter, so DCP saves and reshards it like the momentum.
+
+Host cost: on a GPU every op is a kernel launch and microseconds of Python and dispatch, and a
+step of small ops is host-bound. So the step issues ops per same-shape batch, not per
+parameter: the batch's matrices are views of one stacked tensor, and the element-wise work on
+the parameters' own tensors (blend, weight decay, update, per-row state) is one foreach op over
+the batch (or over the group); row-split matrices likewise per bucket and shape
+(owner_exchange.py). The update is applied as a direction tensor f * O of the batch (fp32, no
+larger than the stacked U freed before it), which foreach adds in one op.
 """
 
 from __future__ import annotations
@@ -275,7 +283,7 @@ class OrthogonalizedMomentum(GroupSteppingOptimizer):
         """
         out = []
         for U, V in stacks:
-            batches = same_shape_batches([None] * U.shape[0], [U[0].numel()] * U.shape[0])
+            batches = same_shape_batches([None] * U.shape[0], [U.shape[1] * U.shape[2]] * U.shape[0])
             pieces = []
             for batch in batches:
                 start, stop = batch[0], batch[-1] + 1
