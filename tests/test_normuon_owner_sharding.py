@@ -146,6 +146,48 @@ def test_four_ranks_equal_one_process_and_share_the_work(optimizer, bucket_mb):
         assert largest <= max(s[-1] * s[-2] for s in SHAPES.values())
 
 
+def _split_step_ops(copies: int) -> int:
+    """Top-level ATen ops of NorMuon's third step on this rank (2 ranks): `copies` row-split
+    matrices of each of two shapes, a row-split expert stack and an expert-split one."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from fusion_titan.bench.host_ops import top_level_aten_ops
+
+    mesh = init_device_mesh("cpu", (2,))
+    gen = torch.Generator().manual_seed(3)
+    layout = [((10, 6), Shard(0))] * copies + [((6, 12), Shard(0))] * copies + [
+        ((2, 8, 6), Shard(1)), ((4, 5, 7), Shard(0))]
+    params = [torch.nn.Parameter(distribute_tensor(torch.randn(shape, generator=gen), mesh, [place]))
+              for shape, place in layout]
+    opt = NorMuon(params, lr=0.02, weight_decay=0.1)
+    for _ in range(2):
+        for p in params:
+            p.grad = distribute_tensor(torch.randn(p.shape, generator=gen), mesh, p.placements,
+                                       src_data_rank=None)
+        opt.step()
+    return top_level_aten_ops(opt.step)
+
+
+def _ops_worker(rank, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        counts = torch.tensor([_split_step_ops(8), _split_step_ops(32)])
+        torch.save(counts, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_owner_exchange_ops_do_not_grow_with_the_number_of_matrices():
+    """Row-split matrices go to their owners and back with ops per bucket and shape, not per
+    matrix (on a GPU each op is a launch and host time)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ops_worker, args=(_free_port(), tmp), nprocs=2, join=True)
+        counts = [torch.load(os.path.join(tmp, f"rank{r}.pt")).tolist() for r in range(2)]
+    for rank, (few, many) in enumerate(counts):
+        assert many - few <= 2, f"rank {rank}: {few} ops for 8 matrices per shape, {many} for 32"
+
+
 def test_layout_row_ranges_follow_torch_chunk():
     for rows, world in [(10, 4), (3, 4), (8, 2), (1, 3)]:
         layout = MatrixLayout(1, rows, 5, group=object(), group_rank=0, group_size=world)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from fusion_titan.bench.host_ops import top_level_aten_ops
 from fusion_titan.optim import CautiousAdamW, Muon, NorMuon, zeropower_via_newtonschulz5
 from newton_schulz_reference import reference_newton_schulz
 
@@ -245,35 +246,107 @@ def _ref_cautious_adamw(W, grads, lr, wd, beta1, beta2, eps):
 
 
 def test_normuon_batches_same_shape_matrices_like_separate_calls(monkeypatch):
-    """Same-shape updates are stacked into one Newton-Schulz call (in buckets); the result
-    must equal orthogonalizing each matrix on its own."""
+    """An owner's same-shape matrices arrive as one stack, orthogonalized in Newton-Schulz calls
+    of at most NS_BATCH_ELEMENTS (plus one matrix); the result must equal orthogonalizing each
+    matrix on its own."""
     import fusion_titan.optim.orthogonalized_momentum as shared
 
     torch.manual_seed(0)
-    updates = [torch.randn(6, 4, dtype=torch.float64), torch.randn(3, 6, 4, dtype=torch.float64),
-               torch.randn(4, 6, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64),
-               torch.randn(2, 6, 4, dtype=torch.float64)]
-    monkeypatch.setattr(shared, "NS_BATCH_ELEMENTS", 60)  # force several buckets
+    stacks = [torch.randn(5, 6, 4, dtype=torch.float64), torch.randn(1, 4, 6, dtype=torch.float64)]
+    monkeypatch.setattr(shared, "NS_BATCH_ELEMENTS", 60)  # force several calls per stack
     calls = []
     real = shared.zeropower_via_newtonschulz5
 
     def counting(G, **kw):
-        calls.append(G.shape)
+        calls.append(G.shape[0])
         return real(G, **kw)
 
     monkeypatch.setattr(shared, "zeropower_via_newtonschulz5", counting)
     opt = NorMuon([nn.Parameter(torch.zeros(1, 1))], ns_dtype=torch.float64)
     group = dict(opt.param_groups[0])
-    stacks = [u.reshape(-1, *u.shape[-2:]) for u in updates]
     seconds = [torch.rand(u.shape[0], u.shape[1], 1) for u in stacks]  # state is fp32
-    batched = opt._directions(stacks, seconds, group)
-    for u, v, (D, v_new) in zip(stacks, seconds, batched):
-        assert D.shape == u.shape and v_new.shape == v.shape
-        D_alone, v_alone = opt._direction(real(u, steps=5, dtype=torch.float64), v, group)
-        torch.testing.assert_close(D, D_alone)
-        torch.testing.assert_close(v_new, v_alone)
-    assert len(calls) < len(updates)  # something was actually stacked
-    assert all(shape[0] > 0 for shape in calls)
+    batched = opt._directions(list(zip(stacks, seconds)), group)
+    for U, V, (D, V_new) in zip(stacks, seconds, batched):
+        assert D.shape == U.shape and V_new.shape == V.shape
+        for b in range(U.shape[0]):
+            D_alone, v_alone = opt._direction(real(U[b:b + 1], steps=5, dtype=torch.float64),
+                                              V[b:b + 1], group)
+            torch.testing.assert_close(D[b:b + 1], D_alone)
+            torch.testing.assert_close(V_new[b:b + 1], v_alone)
+    # 24-element matrices, cut at 60: stacks of 3 (72 >= 60), then the rest
+    assert calls == [3, 2, 1], calls
+
+
+# Several same-shape matrices, a 3-D expert stack of the same shape (one mixed batch), another
+# shape with its own stack, and a shape of one: what the batched step stacks and splits.
+MANY_SHAPES = [(6, 10), (3, 6, 10), (6, 10), (12, 5), (4, 12, 5), (8, 8), (6, 10), (12, 5)]
+
+
+def _per_matrix_reference(W0, grads, kw, optimizer):
+    """(weights, momentum, second moment or None) of the textbook per-matrix update of one
+    parameter (2-D, or 3-D stepped expert by expert)."""
+    lr, wd, beta1 = kw["lr"], kw["weight_decay"], kw["momentum"]
+    stack = W0 if W0.ndim == 3 else W0[None]
+    runs = []
+    for e in range(stack.shape[0]):
+        gs = [(G if G.ndim == 3 else G[None])[e] for G in grads]
+        if optimizer is NorMuon:
+            runs.append(_ref_normuon(stack[e], gs, lr, wd, beta1, kw["beta2"], 1e-8))
+        else:
+            W, M = _ref_muon(stack[e], gs, lr, wd, beta1)
+            runs.append((W.float(), M.float(), None))
+    out = [torch.stack([r[k] for r in runs]) if runs[0][k] is not None else None for k in range(3)]
+    return [t if t is None or W0.ndim == 3 else t[0] for t in out]
+
+
+@pytest.mark.parametrize("optimizer", [NorMuon, Muon])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_batched_step_matches_per_matrix_reference(optimizer, weight_decay):
+    """Many parameters of several shapes (stacked, split back with foreach ops) over several
+    steps equal the per-matrix textbook update of each: weights, momentum, second moment."""
+    torch.manual_seed(14)
+    W0 = [torch.randn(s) for s in MANY_SHAPES]
+    grads = [[torch.randn(s) for s in MANY_SHAPES] for _ in range(3)]
+    kw = dict(lr=0.04, weight_decay=weight_decay, momentum=0.9)
+    if optimizer is NorMuon:
+        kw["beta2"] = 0.8
+    params = [nn.Parameter(w.clone()) for w in W0]
+    opt = optimizer(params, **kw)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+    for k, p in enumerate(params):
+        W_ref, M_ref, v_ref = _per_matrix_reference(W0[k], [step[k] for step in grads], kw, optimizer)
+        torch.testing.assert_close(p.detach(), W_ref, atol=1e-6, rtol=1e-5, msg=str(k))
+        state = opt.state[p]
+        torch.testing.assert_close(state["momentum_buffer"], M_ref, atol=1e-6, rtol=1e-5)
+        if v_ref is not None:
+            torch.testing.assert_close(state["second_moment"], v_ref, atol=1e-7, rtol=1e-5)
+    assert not torch.allclose(params[0].detach(), W0[0])
+
+
+def _step_ops(optimizer, copies: int) -> int:
+    """Top-level ATen ops of the third step of `optimizer` over `copies` matrices of each of two
+    shapes, plus a 3-D expert stack and a matrix of a shape of its own."""
+    torch.manual_seed(15)
+    shapes = [(16, 24)] * copies + [(24, 16)] * copies + [(4, 16, 24), (8, 8)]
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = optimizer(params, lr=0.02, weight_decay=0.1)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    return top_level_aten_ops(opt.step)
+
+
+@pytest.mark.parametrize("optimizer", [NorMuon, Muon])
+def test_step_launches_do_not_grow_with_the_number_of_matrices(optimizer):
+    """The step's ops are per same-shape batch, not per parameter: on a GPU each op is a launch
+    and microseconds of host time, and the step is host-bound when they grow with the model."""
+    few, many = _step_ops(optimizer, 8), _step_ops(optimizer, 32)
+    assert many - few <= 2, f"{optimizer.__name__}: {few} ops for 8 matrices per shape, {many} for 32"
+    assert few < 200, f"{optimizer.__name__}: {few} ops for 3 batches"
 
 
 def test_cautious_adamw_matches_reference():

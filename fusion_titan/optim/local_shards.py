@@ -12,8 +12,10 @@ from torch.distributed.tensor import DTensor
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds (the tensor itself when not distributed)."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    """The tensor this rank holds (the tensor itself when not distributed), for in-place updates
+    without autograd: the DTensor's own local tensor, as `to_local()` gives it, except that for
+    a Parameter `to_local()` makes a fresh view on every call (one op per parameter per step)."""
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def params_with_grads(group: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:

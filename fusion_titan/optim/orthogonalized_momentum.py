@@ -21,6 +21,14 @@ and sends each holder its rows back (owner_exchange.py), in buckets of ``bucket_
 So no rank ever holds more than a bucket of whole matrices, and the ranks share the
 Newton-Schulz work instead of repeating it. The per-row state is a DTensor sharded like its
 parameter, so DCP saves and reshards it like the momentum.
+
+Host cost: on a GPU every op is a kernel launch and microseconds of Python and dispatch, and a
+step of small ops is host-bound. So the step issues ops per same-shape batch, not per
+parameter: the batch's matrices are views of one stacked tensor, and the element-wise work on
+the parameters' own tensors (blend, weight decay, update, per-row state) is one foreach op over
+the batch (or over the group); row-split matrices likewise per bucket and shape
+(owner_exchange.py). The update is applied as a direction tensor f * O of the batch (fp32, no
+larger than the stacked U freed before it), which foreach adds in one op.
 """
 
 from __future__ import annotations
@@ -41,13 +49,41 @@ UPDATE_SCALES = ("adamw", "muon")
 NS_BATCH_ELEMENTS = 1 << 28
 
 
-def _matrices(t: torch.Tensor) -> torch.Tensor:
-    """[..., m, n] as a [b, m, n] *view* (in-place writes reach t, whatever its strides)."""
+def _matrix_count(t: torch.Tensor) -> int:
+    """Matrices in a [m, n] or [b, m, n] tensor."""
     if t.ndim == 2:
-        return t.unsqueeze(0)
+        return 1
     if t.ndim == 3:
-        return t
+        return t.shape[0]
     raise NotImplementedError(f"Muon/NorMuon handle 2-D and 3-D parameters, got shape {tuple(t.shape)}")
+
+
+def _views_like(stack: torch.Tensor, members: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `stack` ([b, ...], the members' matrices one after another) shaped like each
+    member ([m, ...] or [c, m, ...]), with at most two view ops however many members."""
+    counts = [_matrix_count(t) for t in members]
+    matrices = stack.unbind(0) if any(t.ndim == 2 for t in members) else ()
+    stacks = stack.split(counts) if any(t.ndim == 3 for t in members) else ()
+    views, start = [], 0
+    for k, (t, count) in enumerate(zip(members, counts)):
+        views.append(matrices[start] if t.ndim == 2 else stacks[k])
+        start += count
+    return views
+
+
+def _per_matrix(t: torch.Tensor) -> list[torch.Tensor]:
+    """The [m, n] matrices of a [m, n] or [b, m, n] tensor (no op for a 2-D one)."""
+    return [t] if t.ndim == 2 else list(t.unbind(0))
+
+
+def _write_updates(targets: list[torch.Tensor], grads: list[torch.Tensor],
+                   bufs: list[torch.Tensor], group: dict) -> None:
+    """targets (fp32) = the momentum-blended updates: Nesterov's lerp(grad, momentum, beta1) in
+    the gradients' dtype, else the momentum. Two foreach ops for any number of tensors."""
+    if group["nesterov"]:
+        torch._foreach_copy_(targets, torch._foreach_lerp(grads, bufs, group["momentum"]))
+    else:
+        torch._foreach_copy_(targets, bufs)
 
 
 def same_shape_batches(keys: list, sizes: list[int]) -> list[list[int]]:
@@ -119,7 +155,8 @@ class OrthogonalizedMomentum(GroupSteppingOptimizer):
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Update direction (before -lr) from orthogonalized ``O`` and the new per-row state."""
         factor, row_state = cls._row_factors(O, row_state, group)
-        return O.float() * factor, row_state
+        # one fp32 (or wider) product; a bf16 O is read as it is, not copied to fp32 first
+        return torch.mul(O, factor), row_state
 
     def _layout(self, p: torch.Tensor) -> MatrixLayout:
         if p not in self._layouts:
@@ -136,124 +173,128 @@ class OrthogonalizedMomentum(GroupSteppingOptimizer):
         return state
 
     def _step_group(self, group: dict) -> None:
-        lr, wd = group["lr"], group["weight_decay"]
-        beta1 = group["momentum"]
+        """One step for `group` in a few foreach / batched ops per same-shape batch (the step is
+        host-bound on a GPU when it launches ops per parameter)."""
         has_rows = self.ROW_STATE is not None
-        params, grads, bufs, row_states = [], [], [], []
+        params, grads, bufs, row_states, layouts = [], [], [], [], []
         for p, grad in params_with_grads(group):
             state = self._init_state(p)
-            params.append(p)
+            params.append(local(p))
             grads.append(local(grad))
             bufs.append(local(state["momentum_buffer"]))
             row_states.append(local(state[self.ROW_STATE]) if has_rows else None)
+            layouts.append(self._layout(p))
         if not params:
             return
 
         # Momentum is element-wise: on the local shards, all tensors in one foreach call.
-        torch._foreach_lerp_(bufs, grads, 1.0 - beta1)
+        torch._foreach_lerp_(bufs, grads, 1.0 - group["momentum"])
+        # Decoupled weight decay, W -= lr * wd * W: also element-wise, and nothing below reads W
+        # before the update is added to it.
+        if group["weight_decay"] != 0.0:
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
 
-        def blend_into(i: int, out: torch.Tensor) -> None:
-            """The momentum-blended update of params[i]'s local matrices, written into `out`."""
-            g, buf = _matrices(grads[i]), _matrices(bufs[i])
-            if group["nesterov"]:
-                torch.lerp(g, buf, beta1, out=out)
-            else:
-                out.copy_(buf)
+        whole_here = [i for i, layout in enumerate(layouts) if not layout.split]
+        batches = same_shape_batches([tuple(params[i].shape[-2:]) for i in whole_here],
+                                     [params[i].numel() for i in whole_here])
+        for batch in batches:
+            chunk = [whole_here[k] for k in batch]
+            self._update_whole([params[i] for i in chunk], [grads[i] for i in chunk],
+                               [bufs[i] for i in chunk],
+                               [row_states[i] for i in chunk] if has_rows else None, group)
 
-        def apply(p_mats: torch.Tensor, O: torch.Tensor, factor: torch.Tensor | None) -> None:
-            """W = (1 - lr wd) W - lr * factor * O in place (no direction tensor);
-            factor None: O is the direction itself."""
-            if wd != 0.0:
-                p_mats.mul_(1.0 - lr * wd)
-            if factor is None:
-                p_mats.add_(O.to(p_mats.dtype), alpha=-lr)
-            else:
-                p_mats.addcmul_(O, factor, value=-lr)
-
-        whole_here: list[int] = []
         split_by_group: dict[int, list[int]] = {}
-        for i, p in enumerate(params):
-            layout = self._layout(p)
+        for i, layout in enumerate(layouts):
             if layout.split:
                 split_by_group.setdefault(id(layout.group), []).append(i)
-            else:
-                whole_here.append(i)
-
-        # Matrices this rank holds whole: orthogonalize here, in same-shape stacks written
-        # straight from the momentum (no per-parameter copies), then applied in place.
-        batches = same_shape_batches([tuple(params[i].shape[-2:]) for i in whole_here],
-                                     [local(params[i]).numel() for i in whole_here])
-        for chunk in ([whole_here[k] for k in batch] for batch in batches):
-            counts = [_matrices(local(params[i])).shape[0] for i in chunk]
-            m, n = params[chunk[0]].shape[-2:]
-            U = torch.empty((sum(counts), m, n), dtype=torch.float32, device=grads[chunk[0]].device)
-            V = torch.cat([_matrices(row_states[i]) for i in chunk]) if has_rows else None
-            for i, u in zip(chunk, U.split(counts)):
-                blend_into(i, u)
-            ns_dtype = iteration_dtype(U, self.ns_dtype)
-            O = zeropower_via_newtonschulz5(U, steps=group["ns_steps"], dtype=ns_dtype,
-                                            out_dtype=ns_dtype)
-            del U
-            factors, V = self._row_factors(O, V, group)
-            V_parts = V.split(counts) if has_rows else [None] * len(chunk)
-            for i, o, f, v in zip(chunk, O.split(counts), factors.split(counts), V_parts):
-                if has_rows:
-                    _matrices(row_states[i]).copy_(v)
-                apply(_matrices(local(params[i])), o, f)
-            del O
-
-        # Matrices split in rows: one owner per matrix (owner_exchange.py).
         for members in split_by_group.values():
-            matrices = []
-            for i in members:
-                layout = self._layout(params[i])
-                cols = layout.cols
-                p_mats = _matrices(local(params[i]))
-                v_mats = _matrices(row_states[i]) if has_rows else None
-                for j in range(layout.local_matrices):
-                    def rows_here(i=i, j=j, v_mats=v_mats):
-                        # rows and their per-row state travel together: [rows here, cols (+ 1)]
-                        g, buf = _matrices(grads[i])[j], _matrices(bufs[i])[j]
-                        u = (g.lerp(buf, beta1) if group["nesterov"] else buf).float()
-                        return torch.cat([u, v_mats[j]], dim=-1) if has_rows else u
+            self._update_split([layouts[i] for i in members], [params[i] for i in members],
+                               [grads[i] for i in members], [bufs[i] for i in members],
+                               [row_states[i] for i in members] if has_rows else None, group)
 
-                    def take_back(rows, p_j=p_mats[j], v_mats=v_mats, j=j, cols=cols):
-                        if has_rows:
-                            v_mats[j].copy_(rows[:, cols:])
-                        apply(p_j, rows[:, :cols], None)
+    def _update_whole(self, params: list[torch.Tensor], grads: list[torch.Tensor],
+                      bufs: list[torch.Tensor], row_states: list[torch.Tensor] | None,
+                      group: dict) -> None:
+        """W -= lr * f * O for a batch of same-shape matrices this rank holds whole (local
+        tensors): stacked into one Newton-Schulz call, written back with foreach ops."""
+        m, n = params[0].shape[-2:]
+        count = sum(_matrix_count(p) for p in params)
+        U = torch.empty((count, m, n), dtype=torch.float32, device=params[0].device)
+        _write_updates(_views_like(U, params), grads, bufs, group)
+        V = None
+        if row_states is not None:
+            V = torch.empty((count, m, 1), dtype=torch.float32, device=U.device)
+            torch._foreach_copy_(_views_like(V, row_states), row_states)
+        ns_dtype = iteration_dtype(U, self.ns_dtype)
+        O = zeropower_via_newtonschulz5(U, steps=group["ns_steps"], dtype=ns_dtype,
+                                        out_dtype=ns_dtype)
+        del U
+        D, V = self._direction(O, V, group)
+        del O
+        if row_states is not None:
+            torch._foreach_copy_(row_states, _views_like(V, row_states))
+        torch._foreach_add_(params, _views_like(D, params), alpha=-group["lr"])
 
-                    matrices.append(SplitMatrix(layout, cols + int(has_rows), rows_here, take_back))
+    def _update_split(self, layouts: list[MatrixLayout], params: list[torch.Tensor],
+                      grads: list[torch.Tensor], bufs: list[torch.Tensor],
+                      row_states: list[torch.Tensor] | None, group: dict) -> None:
+        """W -= lr * f * O for parameters split in rows over one process group (local tensors):
+        each matrix is made whole on one owner (owner_exchange.py). Their rows and per-row
+        states travel as two payload parts, [rows, cols] and [rows, 1]."""
+        def matrices_of(tensors):
+            return [m for t in tensors for m in _per_matrix(t)]
 
-            def on_owner(whole: list[torch.Tensor]) -> list[torch.Tensor]:
-                # [rows, cols (+ 1)]: the matrix, then its per-row state
-                us = [w[None, :, :w.shape[-1] - int(has_rows)] for w in whole]
-                vs = [w[None, :, -1:] if has_rows else None for w in whole]
-                return [torch.cat([d[0], v_new[0]], dim=-1) if has_rows else d[0]
-                        for d, v_new in self._directions(us, vs, group)]
+        p_mats, g_mats, buf_mats = matrices_of(params), matrices_of(grads), matrices_of(bufs)
+        v_mats = matrices_of(row_states) if row_states is not None else None
+        side = () if v_mats is None else (1,)  # the per-row state's column
+        matrices = [SplitMatrix(layout, (layout.cols, *side))
+                    for layout, p in zip(layouts, params) for _ in range(_matrix_count(p))]
 
-            exchange_with_owners(matrices, on_owner, self.bucket_bytes, grads[members[0]].device)
+        def fill(members: list[int], parts: list[list[torch.Tensor]]) -> None:
+            _write_updates(parts[0], [g_mats[i] for i in members], [buf_mats[i] for i in members],
+                           group)
+            if v_mats is not None:
+                torch._foreach_copy_(parts[1], [v_mats[i] for i in members])
 
-    def _directions(self, us: list[torch.Tensor], vs: list[torch.Tensor | None], group: dict
+        def compute(stacks: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+            directions = self._directions([(s[0], s[1] if v_mats is not None else None)
+                                           for s in stacks], group)
+            return [[d] if v is None else [d, v] for d, v in directions]
+
+        def take_back(members: list[int], parts: list[list[torch.Tensor]]) -> None:
+            if v_mats is not None:
+                torch._foreach_copy_([v_mats[i] for i in members], parts[1])
+            targets = [p_mats[i] for i in members]
+            directions = [d if d.dtype == w.dtype else d.to(w.dtype)
+                          for d, w in zip(parts[0], targets)]
+            torch._foreach_add_(targets, directions, alpha=-group["lr"])
+
+        exchange_with_owners(matrices, fill, compute, take_back, self.bucket_bytes,
+                             params[0].device)
+
+    def _directions(self, stacks: list[tuple[torch.Tensor, torch.Tensor | None]], group: dict
                     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Update directions (before -lr) and new per-row states for stacks of matrices.
+        """Update directions (before -lr) and new per-row states for stacks of same-shape
+        matrices ([b, m, n] updates with [b, m, 1] per-row states, or None without ROW_STATE).
 
-        ``us[k]``: [b, m, n] updates, ``vs[k]``: [b, m, 1] per-row states (None without
-        ROW_STATE). Same-shape matrices are stacked (same_shape_batches) so Newton-Schulz runs
-        as a few large batched matmuls; per-matrix results equal separate calls.
+        Each stack is orthogonalized in batched Newton-Schulz calls of at most about
+        NS_BATCH_ELEMENTS elements (same_shape_batches' cuts); per-matrix results equal
+        separate calls.
         """
-        out: list = [None] * len(us)
-        keys = [(u.shape[-2], u.shape[-1], u.device, u.dtype) for u in us]
-        for batch in same_shape_batches(keys, [u.numel() for u in us]):
-            counts = [us[b].shape[0] for b in batch]
-            U = torch.cat([us[b] for b in batch]) if len(batch) > 1 else us[batch[0]]
-            V = None
-            if vs[batch[0]] is not None:
-                V = torch.cat([vs[b] for b in batch]) if len(batch) > 1 else vs[batch[0]]
-            O = zeropower_via_newtonschulz5(U, steps=group["ns_steps"], dtype=self.ns_dtype)
-            D, V_new = self._direction(O, V, group)
-            V_parts = V_new.split(counts) if V_new is not None else [None] * len(batch)
-            for b, d, v in zip(batch, D.split(counts), V_parts):
-                out[b] = (d, v)
+        out = []
+        for U, V in stacks:
+            batches = same_shape_batches([None] * U.shape[0], [U.shape[1] * U.shape[2]] * U.shape[0])
+            pieces = []
+            for batch in batches:
+                start, stop = batch[0], batch[-1] + 1
+                O = zeropower_via_newtonschulz5(U[start:stop], steps=group["ns_steps"],
+                                                dtype=self.ns_dtype)
+                pieces.append(self._direction(O, None if V is None else V[start:stop], group))
+            if len(pieces) == 1:
+                out.append(pieces[0])
+                continue
+            D = torch.cat([d for d, _ in pieces])
+            out.append((D, None if V is None else torch.cat([v for _, v in pieces])))
         return out
 
 
