@@ -54,6 +54,7 @@ SKIPPED = {
     "python scripts/benchmark.py": "needs a GPU",
     "first_sweep.toml --out outputs/ablations/first": "needs a GPU (fusion_1b-sized, 12 runs)",
     "playground_sweep.toml --out outputs/ablations/playground": "needs a GPU (fusion_1b-sized, 14 runs)",
+    "second_sweep.toml --out outputs/ablations/second": "needs a GPU (fusion_1b-sized, 12 runs)",
 }
 
 
