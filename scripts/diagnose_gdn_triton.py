@@ -7,7 +7,7 @@ CUDA_LAUNCH_BLOCKING=1, so a fault's traceback names the kernel that made it: ev
 kernel pinned to its config 0, 1, 2 in turn (one config: no benchmarking), with
 FUSION_GDN_TRANSPOSE_VIA_MEMORY=0 and =1 (a switch of the gdn-blocked branch's kernels, ignored by
 others); `--module` adds other versions of gated_delta_rule_triton.py (e.g. a branch's, copied to
-a file) under autotuning.
+a file), autotuned and pinned to the same configs.
 A case that runs reports the relative error of o, the final state and every gradient against
 the float64 recurrence on the CPU (tests/test_gated_delta_rule_triton.py's bf16 case and
 tolerances: 2e-2 outputs, 5e-2 gradients), as one JSON line per case.
@@ -84,7 +84,8 @@ def main() -> None:
         return
     ours = str(ROOT / "fusion_titan/ops/gated_delta_rule_triton.py")
     cases = [{"module": ours, "config": c, "via_memory": m} for m in (False, True) for c in args.configs]
-    cases += [{"module": path, "config": None, "via_memory": True} for path in args.module]
+    cases += [{"module": path, "config": c, "via_memory": True} for path in args.module
+              for c in (None, *args.configs)]  # autotuned, then pinned like ours
     with ThreadPoolExecutor(len(cases)) as pool:
         for result in pool.map(run_case, cases):
             line = json.dumps(result)
