@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pool = SlotPool(gpu_slots(visible_devices(gpu_count()), ngpu), sweep.jobs)
     if pool.slots:
-        print(f"runs placed on GPU sets {pool.slots} (CUDA_VISIBLE_DEVICES), {sweep.jobs} at once")
+        print(f"placement (CUDA_VISIBLE_DEVICES): {pool.describe(sweep.jobs)}")
     results = run_sweep(opts.out, sweep, budget, ngpu, plans, results, opts.retry_failed, opts.archive,
                         pool)
     return 0 if all(r["status"] == "ok" for r in results) else 1

@@ -21,7 +21,7 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,10 @@ def run_case(case: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", case["module"]]
     if case["config"] is not None:
         cmd += ["--config", str(case["config"])]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return {**case, "status": "timeout (600 s)"}
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         return {**case, **json.loads(lines[-1])}
@@ -87,7 +90,8 @@ def main() -> None:
     cases += [{"module": path, "config": c, "via_memory": True} for path in args.module
               for c in (None, *args.configs)]  # autotuned, then pinned like ours
     with ThreadPoolExecutor(len(cases)) as pool:
-        for result in pool.map(run_case, cases):
+        for done in as_completed([pool.submit(run_case, case) for case in cases]):
+            result = done.result()
             line = json.dumps(result)
             print(line, flush=True)
             if args.out:

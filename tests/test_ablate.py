@@ -143,8 +143,11 @@ def test_second_sweep_scores_in_domain_held_out_data():
     sweep = load_sweep(ROOT / "train_configs/ablations/second_sweep.toml")
     assert [v.overrides for v in sweep.variants] == [v.overrides for v in first.variants]
     assert sweep.val_data == "" and sweep.ngpu == 1 and sweep.budget_tokens == 2 * first.budget_tokens
-    steps = sweep.overrides[sweep.overrides.index("--validation.steps") + 1]
-    assert steps == "16"
+    at = sweep.overrides.index("--validation.steps") + 1
+    assert sweep.overrides[at] == "16"
+    # the same base as the first sweep (model, optimizer, eager PyTorch GDN) but the evaluation
+    assert sweep.overrides[:at] + sweep.overrides[at + 1:] == \
+        first.overrides[:at] + first.overrides[at + 1:]
     sweep = sweep.__class__(**{**sweep.__dict__, "config": str(ROOT / sweep.config)})
     budget = budget_flops(sweep, ngpu=1)
     plans = {v.name: plan_variant(sweep, v, budget, 1, "")[0] for v in sweep.variants}

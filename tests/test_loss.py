@@ -54,27 +54,31 @@ def test_a_non_finite_micro_batch_stops_before_its_backward():
     STEP_LOSSES.finish_step()
 
 
-def test_the_error_names_the_step_the_optimizer_is_at():
-    """The step number comes from the optimizer's hook, counted on the host (no device read per
-    step): after two steps from scratch, a NaN in the next micro-batch is "at step 3"."""
+def test_the_error_names_the_step_also_after_a_resume():
+    """The step number comes from the optimizer: before its first step in this process from the
+    (restored) state, then counted on the host (no device read per step). State restored at step
+    41: a NaN in the first micro-batch is "at step 42"; after one more step, "at step 43"."""
     from fusion_titan.training.optimizer import build_optimizers
 
-    STEP_LOSSES.step = None
     model = torch.nn.Linear(4, 4)
     cfg = SimpleNamespace(name="AdamW", lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
                           implementation="for-loop", early_step_in_backward=False)
     opt = build_optimizers([model], cfg, SimpleNamespace(get_optional_mesh=lambda name: None, ep=1))
+    for inner in opt:  # what loading a checkpoint of step 41 leaves
+        for p in model.parameters():
+            inner.state[p] = {"step": torch.tensor(41.0), "exp_avg": torch.zeros_like(p),
+                              "exp_avg_sq": torch.zeros_like(p)}
     labels = torch.zeros(1, 2, dtype=torch.long)
-    for _ in range(2):
-        x = torch.randn(2, 4, requires_grad=True)
-        loss_fn()({"ce_sum": model(x).square().sum()}, labels).backward()
-        opt.step()
-    before = model.weight.detach().clone()
-    with pytest.raises(NonFiniteLossError, match=r"at step 3 in \['mtp'\]"):
+    with pytest.raises(NonFiniteLossError, match=r"at step 42 in \['mtp'\]"):
         loss_fn()(nan_pred(), labels)
-    assert torch.equal(model.weight, before)
     STEP_LOSSES.finish_step()
-    STEP_LOSSES.step = None
+    loss_fn()({"ce_sum": model(torch.randn(2, 4)).square().sum()}, labels).backward()
+    opt.step()
+    assert all(int(inner.state[p]["step"]) == 42 for inner in opt for p in model.parameters())
+    with pytest.raises(NonFiniteLossError, match=r"at step 43 in \['mtp'\]"):
+        loss_fn()(nan_pred(), labels)
+    STEP_LOSSES.finish_step()
+    STEP_LOSSES.step_source = None
 
 
 def test_fake_backend_runs_do_not_check_losses():

@@ -57,9 +57,12 @@ class SlotPool:
             return (f"{jobs} runs trained at once on the same GPU(s): tokens/s, MFU and seconds are "
                     "those of a shared GPU; compare variants at equal FLOPs.") if jobs > 1 else ""
         per_slot = -(-jobs // len(self.slots))
-        where = f"{min(jobs, len(self.slots))} GPU sets ({', '.join(self.slots)})"
+        used = self.slots[:min(jobs, len(self.slots))]
+        where = f"{len(used)} GPU set(s) ({', '.join(used)})"
+        if jobs == 1:
+            return f"one run at a time, on {where}."
         if per_slot == 1:
-            return (f"{jobs} run(s) trained at once on {where}, each on its own GPU(s): tokens/s and "
+            return (f"{jobs} runs trained at once on {where}, each on its own GPU(s): tokens/s and "
                     "MFU are unshared GPU figures (the host's CPUs were shared).")
         return (f"{jobs} runs trained at once on {where}, up to {per_slot} per set: tokens/s, MFU and "
                 "seconds are those of a shared GPU; compare variants at equal FLOPs.")

@@ -233,6 +233,8 @@ class OrthogonalizedMomentum(GroupSteppingOptimizer):
         del O
         if row_states is not None:
             torch._foreach_copy_(row_states, _views_like(V, row_states))
+        if D.dtype != params[0].dtype:  # foreach on mixed dtypes falls back to a kernel per tensor
+            D = D.to(params[0].dtype)
         torch._foreach_add_(params, _views_like(D, params), alpha=-group["lr"])
 
     def _update_split(self, layouts: list[MatrixLayout], params: list[torch.Tensor],

@@ -15,6 +15,7 @@ backward, so every kernel launch of the optimizer step was exposed time: NorMuon
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,9 @@ class StepLosses:
 
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
     finished: dict[str, torch.Tensor] = field(default_factory=dict)
-    step: int | None = None  # the optimizer step these parts belong to, once the optimizer knows it
+    # () -> the optimizer step these parts belong to; set by the optimizer builder and called
+    # only to name the step in an error (it may read the device)
+    step_source: Callable[[], int | None] | None = None
 
     def add(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().float()
@@ -47,17 +50,19 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def check_finite(parts: dict[str, torch.Tensor], step: int | None) -> None:
-    """One device sync; names the offending part (and the step when known) so the cause is findable."""
+def check_finite(parts: dict[str, torch.Tensor], step: int | Callable[[], int | None] | None) -> None:
+    """One device sync; names the offending part (and the step when known: a number, or a
+    function giving it, called only on failure) so the cause is findable."""
     if not parts:
         return
     names = list(parts)
     finite = torch.isfinite(torch.stack([parts[n].reshape(-1).sum() for n in names])).tolist()
     bad = [n for n, ok in zip(names, finite) if not ok]
     if bad:
-        where = f"at step {step}" if step is not None else ""
+        step = step() if callable(step) else step
+        where = f"at step {step} " if step is not None else ""
         raise NonFiniteLossError(
-            f"non-finite loss {where} in {bad} (values: {[parts[n].tolist() for n in bad]}); the "
+            f"non-finite loss {where}in {bad} (values: {[parts[n].tolist() for n in bad]}); the "
             "optimizer step was not taken. Lower the learning rate or resume from the last checkpoint."
         )
 
@@ -99,7 +104,7 @@ def build_loss_fn(job_config, **kwargs):
         for name, value in losses.items():
             STEP_LOSSES.add(name, value)
         if torch.is_grad_enabled() and not _fake_collectives():
-            check_finite(losses, STEP_LOSSES.step)
+            check_finite(losses, STEP_LOSSES.step_source)
         return total
 
     return loss_fn

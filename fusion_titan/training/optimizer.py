@@ -155,9 +155,13 @@ def build_optimizers(model_parts: list[nn.Module], optimizer_config, parallel_di
             taking.append((_last_step(optimizers) or 0) + 1)
         else:
             taking[0] += 1
-        STEP_LOSSES.step = taking[0] + 1  # the step the next parts belong to
+
+    def next_step() -> int:
+        """The step the current loss parts belong to (for an error message only)."""
+        return taking[0] + 1 if taking else (_last_step(optimizers) or 0) + 1
 
     optimizers.register_step_pre_hook(finish_step)
+    STEP_LOSSES.step_source = next_step
 
     loss_mesh = parallel_dims.get_optional_mesh("loss")
     updater = ExpertBiasUpdater(model_parts, loss_mesh.get_group() if loss_mesh is not None else None,
