@@ -22,7 +22,7 @@ from fusion_titan.checkpoint.folders import (
     verify_files,
 )
 from fusion_titan.checkpoint.manager import FusionCheckpointManager, resume_step, stale_full_checkpoints
-from trainer_runs import SEEDED, async_run, run_train, tb_losses  # noqa: F401  (async_run: fixture)
+from trainer_runs import SEEDED, run_train, tb_losses  # async_run: tests/conftest.py
 
 pytestmark = pytest.mark.slow  # every test here needs the trainer-written checkpoints
 

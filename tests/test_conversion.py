@@ -19,7 +19,7 @@ from fusion_titan.checkpoint.state_dict_adapter import (
 )
 from fusion_titan.model.flavors import FLAVORS
 from fusion_titan.model.model import FusionModel
-from trainer_runs import ROOT, async_run, run_train, tb_losses  # noqa: F401  (async_run: fixture)
+from trainer_runs import ROOT, run_train, tb_losses  # async_run: tests/conftest.py
 
 SCRIPT = str(ROOT / "scripts" / "convert_checkpoint.py")
 

@@ -140,7 +140,17 @@ def repo(tmp_path_factory):
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, copy / name)
     stand_ins(copy)
-    return copy, set()
+    yield copy, set()
+    shutil.rmtree(copy, ignore_errors=True)
+
+
+def drop_finished_checkpoints(copy: Path, later: list[str]) -> None:
+    """Delete the checkpoints of runs no later command names (README's debug_model is read by
+    every page): the pages' runs would otherwise hold ~6 GB of checkpoints until the end."""
+    for folder in (copy / "outputs").glob("*/checkpoint"):
+        name = folder.parent.name
+        if name != "debug_model" and not any(f"outputs/{name}" in c for c in later):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_page(repo, page: str) -> None:
@@ -150,7 +160,9 @@ def run_page(repo, page: str) -> None:
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
                PYTHONPATH=str(copy), CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     env.pop("NGPU", None)
-    for command in commands(page):
+    page_commands = commands(page)
+    for i, command in enumerate(page_commands):
+        drop_finished_checkpoints(copy, page_commands[i:])
         reason = skip_reason(command)
         if reason and not command.startswith("bash scripts/install.sh && "):
             print(f"skipped ({reason}): {command}")
@@ -162,6 +174,7 @@ def run_page(repo, page: str) -> None:
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{page}: `{tested}` exited with {proc.returncode}\n{log[-5000:]}"
         assert "Traceback" not in log, f"{page}: `{tested}`\n{log[-5000:]}"
+    drop_finished_checkpoints(copy, [])
     done.add(page)
 
 

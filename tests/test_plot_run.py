@@ -8,7 +8,7 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from fusion_titan.training.tb_scalars import read_all_scalars
-from trainer_runs import ROOT, async_run  # noqa: F401  (async_run: fixture)
+from trainer_runs import ROOT  # async_run: tests/conftest.py
 
 ALL = {"loss.png", "lr.png", "grad_norm.png", "tokens_per_second.png", "expert_load.png"}
 

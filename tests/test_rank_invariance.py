@@ -37,7 +37,8 @@ def seed_checkpoint(tmp_path_factory):
            "--checkpoint.last_save_model_only", nproc=1)
     step0 = dump / "checkpoint" / "step-0"
     assert (step0 / ".metadata").is_file()
-    return step0
+    yield step0
+    shutil.rmtree(dump, ignore_errors=True)
 
 
 def _run(dump, seed_checkpoint, optimizer: str, nproc: int, args: tuple[str, ...]) -> list[float]:
@@ -57,6 +58,7 @@ def one_rank(seed_checkpoint, tmp_path_factory):
         if optimizer not in cache:
             dump = tmp_path_factory.mktemp(f"one-rank-{optimizer}")
             cache[optimizer] = _run(dump, seed_checkpoint, optimizer, ONE_RANK["nproc"], ONE_RANK["args"])
+            shutil.rmtree(dump, ignore_errors=True)  # only the losses are compared
         return cache[optimizer]
 
     return losses

@@ -12,7 +12,7 @@ import pytest
 
 from fusion_titan.bench.train_log import parse_steps
 from fusion_titan.training.tb_scalars import read_all_scalars
-from trainer_runs import ROOT, SEEDED, async_run, run_train  # noqa: F401  (async_run: fixture)
+from trainer_runs import ROOT, SEEDED, run_train  # async_run: tests/conftest.py
 
 pytestmark = pytest.mark.slow
 

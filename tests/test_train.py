@@ -26,7 +26,8 @@ def run_train(dump: Path, *overrides: str, nproc: int = 1) -> str:
 def first_run(tmp_path_factory):
     dump = tmp_path_factory.mktemp("run30")
     log = run_train(dump, "--training.steps", "30", "--checkpoint.interval", "10")
-    return dump, log
+    yield dump, log
+    shutil.rmtree(dump, ignore_errors=True)  # ~1 GB of checkpoints: not kept past this module
 
 
 def test_loss_falls_and_checkpoints_are_written(first_run):

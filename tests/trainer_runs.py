@@ -4,8 +4,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from fusion_titan.training.tb_scalars import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,16 +37,3 @@ def run_train(dump: Path, *overrides: str, **kwargs) -> str:
 
 def tb_losses(dump: Path) -> dict[int, float]:
     return read_scalars(dump, "loss_metrics/global_avg_loss")
-
-
-@pytest.fixture(scope="session")
-def async_run(tmp_path_factory):
-    """8 steps, checkpoints every 2 written asynchronously, a model-only export at the end.
-
-    Leaves step-2, -4, -6 (full) and step-8 (model only) under dump/checkpoint.
-    """
-    dump = tmp_path_factory.mktemp("async8")
-    log = run_train(dump, "--training.steps", "8", "--checkpoint.interval", "2",
-                    "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "0",
-                    "--checkpoint.last_save_model_only", *SEEDED)
-    return dump, log
