@@ -41,6 +41,52 @@ def interpreted():
     return triton_chunk_gated_delta_rule
 
 
+def _gdn_like_tril(n, K=16, seed=0):
+    """n strictly lower 64x64 matrices shaped like the op's A: beta_i k_i.k_j exp(G_i - G_j)."""
+    q, k, v, g, beta, _ = make_inputs(n, 64, 1, K, K, seed=seed)
+    k, g, beta = k[:, :, 0], g[:, :, 0], beta[:, :, 0]
+    G = g.cumsum(1)
+    return (beta[:, :, None] * (k @ k.transpose(1, 2)) * (G[:, :, None] - G[:, None, :]).exp()).tril(-1)
+
+
+def _unit_lower_inverse_reference(A):
+    eye = torch.eye(A.shape[-1], dtype=torch.float64).expand_as(A)
+    return torch.linalg.solve_triangular(eye + A, eye, upper=False)
+
+
+def _inverse_cases():
+    gen = torch.Generator().manual_seed(21)
+    dense = 0.3 * torch.randn(3, 64, 64, generator=gen, dtype=torch.float64).tril(-1)
+    one_block = torch.zeros(1, 64, 64, dtype=torch.float64)  # only block (3, 1): checks where the merge puts it
+    one_block[0, 48:, 16:32] = torch.randn(16, 16, generator=gen, dtype=torch.float64)
+    padded = _gdn_like_tril(2, seed=22)
+    padded[:, 37:] = 0.0  # a last chunk of 37 tokens: padding rows are zero
+    return {"dense": dense, "gdn_like": _gdn_like_tril(4, seed=23), "one_block": one_block, "padded": padded}
+
+
+@pytest.mark.parametrize("case", ["dense", "gdn_like", "one_block", "padded"])
+def test_interpreted_blocked_inverse_vs_float64_solve(interpreted, case):
+    from fusion_titan.ops.unit_lower_inverse_triton import unit_lower_inverse
+
+    A = _inverse_cases()[case]
+    ref = _unit_lower_inverse_reference(A)
+    assert torch.allclose(ref, torch.linalg.inv(torch.eye(64, dtype=torch.float64) + A))  # the reference itself
+    Ai = unit_lower_inverse(A.float())
+    assert Ai.dtype == torch.float32 and Ai.shape == A.shape
+    assert torch.equal(Ai.triu(1), torch.zeros_like(Ai))  # exactly lower triangular, unit diagonal
+    assert torch.equal(Ai.diagonal(dim1=-2, dim2=-1), torch.ones(A.shape[:-1]))
+    assert rel_err(Ai.double(), ref) < 1e-5, rel_err(Ai.double(), ref)
+
+
+def test_interpreted_blocked_inverse_refuses_other_sizes(interpreted):
+    from fusion_titan.ops.unit_lower_inverse_triton import unit_lower_inverse
+
+    with pytest.raises(ValueError, match="float32"):
+        unit_lower_inverse(torch.zeros(2, 32, 32))
+    with pytest.raises(ValueError, match="float32"):
+        unit_lower_inverse(torch.zeros(2, 64, 64, dtype=torch.float64))
+
+
 def reference_and_grads(inputs, do, dS, scale=None):
     """float64 recurrent outputs, final state and the gradients of every given input."""
     leaves = [x.detach().requires_grad_() if x is not None else None for x in inputs]
@@ -170,6 +216,17 @@ def test_gpu_triton_bf16_vs_cpu_float64_reference():
     for name, a, b in zip(["q", "k", "v", "g", "beta", "h0"], grads, g_ref):
         assert a.dtype == leaves[["q", "k", "v", "g", "beta", "h0"].index(name)].dtype
         assert rel_err(a.double().cpu(), b) < 5e-2, (name, rel_err(a.double().cpu(), b))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["dense", "gdn_like", "padded"])
+def test_gpu_blocked_inverse_vs_float64_solve(case):
+    from fusion_titan.ops.unit_lower_inverse_triton import unit_lower_inverse
+
+    A = _inverse_cases()[case]
+    Ai = unit_lower_inverse(A.float().cuda())
+    assert rel_err(Ai.double().cpu(), _unit_lower_inverse_reference(A)) < 1e-5
 
 
 @pytest.mark.gpu

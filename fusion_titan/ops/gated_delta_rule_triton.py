@@ -4,8 +4,8 @@ Same math, layout and arguments as `chunk_gated_delta_rule` in gated_delta_rule.
 docstring for the derivation). Per (batch, head) and chunk of BT tokens, with G the in-chunk
 cumulative log decay, a = exp(G), D_ij = exp(G_i - G_j), s = scale and S the chunk-start state:
 
-    A  = strict_lower(beta_i k_i.k_j D_ij),  Tm = (I + A)^-1
-    u  = Tm (beta v),  w = Tm (beta a k)                         # _prepare_kernel  (parallel)
+    A  = strict_lower(beta_i k_i.k_j D_ij),  Tm = (I + A)^-1    # _inverse_kernel  (parallel)
+    u  = Tm (beta v),  w = Tm (beta a k)                         # _wu_kernel       (parallel)
     vn = u - w S,  S' = exp(G_last) S + (k exp(G_last - G))^T vn  # _fwd_state_kernel (sequential)
     o  = s (q a) S + (s q k^T * D, causal) vn                     # _fwd_output_kernel (parallel)
 
@@ -25,6 +25,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .unit_lower_inverse_triton import SUB, blocked_unit_lower_inverse, store_unit_lower_blocks
 
 __all__ = ["triton_chunk_gated_delta_rule"]
 
@@ -74,12 +76,100 @@ def _cfgs(values: list[tuple[int, int, int]]) -> list[triton.Config]:
 # ---------------------------------------------------------------------------
 
 
-@_autotune(_cfgs([(64, 4, 2), (128, 8, 1), (32, 4, 1)]), key=["K", "V"])
+# The interpreter's tl.dot multiplies bf16 bit patterns as integers: there, 16-bit operands go
+# through fp32 (the same products: 16-bit ones are exact in fp32).
+_NATIVE_16BIT_DOT = tl.constexpr(not _interpreting())
+
+
 @triton.jit
-def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
-                    T, H, Tp, K: tl.constexpr, V: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk: G = cumsum(g), Tm = (I + A)^-1 by forward substitution, w, u."""
+def _dot_as_loaded(a, b, PREC: tl.constexpr):
+    """a @ b accumulated in fp32, from operands as loaded: in their own dtype when they share it
+    (bf16 / fp16 products are exact in fp32, and the tensor cores take them natively), else in fp32."""
+    if a.dtype == b.dtype and (_NATIVE_16BIT_DOT or a.dtype == tl.float32):
+        return tl.dot(a, b, input_precision=PREC)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def _sub_chunk(g_ptr, beta_ptr, t0, i_b, i_h, T, H):
+    """The 16 tokens from t0: their rows in the [B, T, H, *] inputs, mask (t < T), g and beta in
+    fp32 (zeros past T: no decay, no write)."""
+    t = t0 + tl.arange(0, SUB)
+    m_t = t < T
+    tok = (i_b * T + t) * H + i_h
+    b_g = tl.load(g_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
+    return tok, m_t, b_g, b_beta
+
+
+@triton.jit
+def _load_rows(ptr, tok, m_t, C: tl.constexpr, BC: tl.constexpr):
+    """Rows tok of a [*, C] input as a [16, BC] tile in its own dtype, zeros where masked."""
+    o_c = tl.arange(0, BC)
+    return tl.load(ptr + tok[:, None] * C + o_c[None, :], mask=m_t[:, None] & (o_c < C)[None, :], other=0.0)
+
+
+@triton.jit
+def _kkt_block(k_i, k_j, G_i, G_j, beta_i, DIAGONAL: tl.constexpr, PREC: tl.constexpr):
+    """Block (i, j) of A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)) for sub-chunks i >= j."""
+    diff = G_i[:, None] - G_j[None, :]
+    if DIAGONAL:  # mask before exp: G_i - G_j > 0 above the diagonal could overflow
+        o = tl.arange(0, SUB)
+        diff = tl.where(o[:, None] > o[None, :], diff, float("-inf"))
+    return _dot_as_loaded(k_i, tl.trans(k_j), PREC) * tl.exp(diff) * beta_i[:, None]
+
+
+@_autotune([triton.Config({}, num_warps=nw) for nw in (4, 2, 1)], key=["K"])
+@triton.jit
+def _inverse_kernel(k_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, T, H, Tp, K: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk, as four 16-token sub-chunks: G = cumsum(g) and Tm = (I + A)^-1 (blocked,
+    unit_lower_inverse_triton.py). Replaces an elementwise 63-step substitution over the whole
+    64x64 tile, which was three quarters of the forward's time (H200 profile)."""
+    tl.static_assert(BT == 4 * SUB)
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_c * BT
+    row0 = i_bh * Tp + t0  # first row of the chunk in the [B*H, Tp, *] intermediates
+    o_s = tl.arange(0, SUB)
+    tok0, m0, g0, beta0 = _sub_chunk(g_ptr, beta_ptr, t0, i_b, i_h, T, H)
+    tok1, m1, g1, beta1 = _sub_chunk(g_ptr, beta_ptr, t0 + SUB, i_b, i_h, T, H)
+    tok2, m2, g2, beta2 = _sub_chunk(g_ptr, beta_ptr, t0 + 2 * SUB, i_b, i_h, T, H)
+    tok3, m3, g3, beta3 = _sub_chunk(g_ptr, beta_ptr, t0 + 3 * SUB, i_b, i_h, T, H)
+    G0 = tl.cumsum(g0, axis=0)
+    G1 = tl.sum(g0, axis=0) + tl.cumsum(g1, axis=0)
+    G2 = tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.cumsum(g2, axis=0)
+    G3 = tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.sum(g2, axis=0) + tl.cumsum(g3, axis=0)
+    tl.store(G_ptr + row0 + o_s, G0)
+    tl.store(G_ptr + row0 + SUB + o_s, G1)
+    tl.store(G_ptr + row0 + 2 * SUB + o_s, G2)
+    tl.store(G_ptr + row0 + 3 * SUB + o_s, G3)
+
+    k0 = _load_rows(k_ptr, tok0, m0, K, BK)
+    k1 = _load_rows(k_ptr, tok1, m1, K, BK)
+    k2 = _load_rows(k_ptr, tok2, m2, K, BK)
+    k3 = _load_rows(k_ptr, tok3, m3, K, BK)
+    Tm = blocked_unit_lower_inverse(
+        _kkt_block(k0, k0, G0, G0, beta0, True, PREC),
+        _kkt_block(k1, k0, G1, G0, beta1, False, PREC), _kkt_block(k1, k1, G1, G1, beta1, True, PREC),
+        _kkt_block(k2, k0, G2, G0, beta2, False, PREC), _kkt_block(k2, k1, G2, G1, beta2, False, PREC),
+        _kkt_block(k2, k2, G2, G2, beta2, True, PREC),
+        _kkt_block(k3, k0, G3, G0, beta3, False, PREC), _kkt_block(k3, k1, G3, G1, beta3, False, PREC),
+        _kkt_block(k3, k2, G3, G2, beta3, False, PREC), _kkt_block(k3, k3, G3, G3, beta3, True, PREC),
+        PREC)
+    store_unit_lower_blocks(Tm_ptr + row0 * BT, *Tm, BT)
+
+
+@_autotune(_cfgs([(32, 8, 1), (64, 8, 1), (16, 8, 1)]), key=["K", "V"])
+@triton.jit
+def _wu_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
+               T, H, Tp, K: tl.constexpr, V: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk: w = Tm (beta a k), u = Tm (beta v), a = exp(G), with Tm as one [BT, BT] tile.
+
+    Its own kernel (as fla's recompute_w_u): fused into _inverse_kernel, with the ten 16x16
+    blocks held through the V loop, it went past 255 registers and spilled (sm_90 compile)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
@@ -90,33 +180,11 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
     tok = (i_b * T + t) * H + i_h  # row of [B, T, H, *] inputs
     row = i_bh * Tp + t  # row of the [B*H, Tp, *] intermediates
 
+    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
+    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
+    b_G = tl.load(G_ptr + row)
     b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-    b_k = b_k.to(tl.float32)
-    b_g = tl.load(g_ptr + tok, mask=m_t, other=0.0).to(tl.float32)  # padding: no decay
-    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)  # padding: no write
-    b_G = tl.cumsum(b_g, axis=0)
-    tl.store(G_ptr + row, b_G)
-
-    strict = o_t[:, None] > o_t[None, :]
-    # mask before exp: G_i - G_j > 0 above the diagonal could overflow
-    decay = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], float("-inf")))
-    b_A = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * decay * b_beta[:, None]
-
-    # (I + A)^-1 = I + X with X_i = -A_i - A_i X (row i only needs the rows above it).
-    # Elementwise in fp32. A faster 16x16-block version (tf32x3 tl.dot, commit 71aaa7d) failed
-    # its GPU test together with the in-place dvn under autotuning (fixed since, restore_value):
-    # which of the two was wrong is not known yet.
-    b_X = tl.zeros([BT, BT], dtype=tl.float32)
-    for i in range(1, BT):
-        sel = (o_t == i)[:, None]
-        a_i = tl.sum(tl.where(sel, b_A, 0.0), 0)
-        x_i = -a_i - tl.sum(a_i[:, None] * b_X, 0)
-        b_X = tl.where(sel, x_i[None, :], b_X)
-    b_Tm = b_X + (o_t[:, None] == o_t[None, :]).to(tl.float32)
-    tl.store(Tm_ptr + row[:, None] * BT + o_t[None, :], b_Tm)
-
-    b_kb = b_k * (b_beta * tl.exp(b_G))[:, None]
-    b_w = tl.dot(b_Tm, b_kb, input_precision=PREC)
+    b_w = tl.dot(b_Tm, b_k.to(tl.float32) * (b_beta * tl.exp(b_G))[:, None], input_precision=PREC)
     tl.store(w_ptr + row[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty), mask=m_k[None, :])
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -425,7 +493,9 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         o = torch.empty_like(v, dtype=q.dtype)
         meta = dict(K=K, V=V, BT=BT, BK=_block(K), PREC=_precision(q.dtype))
 
-        _prepare_kernel[(N, B * H)](k, v, g, beta, G, Tm, w, u, T, H, Tp, **meta)
+        _inverse_kernel[(N, B * H)](k, g, beta, G, Tm, T, H, Tp, K=K, BT=BT, BK=meta["BK"],
+                                    PREC=meta["PREC"])
+        _wu_kernel[(N, B * H)](k, v, beta, G, Tm, w, u, T, H, Tp, **meta)
         _fwd_state_kernel[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
             k, w, u, G, h0 if h0 is not None else G, S, vn, ht if ht is not None else G,
             T, H, Tp, N, **meta, HAS_H0=h0 is not None, STORE_FINAL=ht is not None)
