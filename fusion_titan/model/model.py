@@ -33,6 +33,7 @@ from .hyper_connections import collapse_streams, expand_streams
 from .moe import DeepSeekMoE
 from .mtp import MTPModule
 from .mup import rescale_init_
+from .param_init import init_whole_then_keep_shards, needs_whole_init
 from .residual import MULTI_STREAM
 from .rope import rope_cache
 
@@ -185,6 +186,13 @@ class FusionModel(ModelProtocol):
         return out
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        if needs_whole_init(self):  # sharded on CPU ranks: draw the weights whole (param_init.py)
+            init_whole_then_keep_shards(self, lambda: FusionModel(self.model_args),
+                                        lambda m: m._init_weights(buffer_device))
+            return
+        self._init_weights(buffer_device)
+
+    def _init_weights(self, buffer_device: torch.device | None) -> None:
         args = self.model_args
         nn.init.normal_(self.tok_embeddings.weight, std=args.init_std)
         for layer in self.layers.values():
