@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import tarfile
 import threading
@@ -42,7 +43,7 @@ from fusion_titan.ablation.placement import SlotPool, gpu_slots, visible_devices
 from fusion_titan.ablation.plan import budget_flops, default_ngpu, plan_variant  # noqa: E402
 from fusion_titan.ablation.report import NOT_RUN, markdown, plot  # noqa: E402
 from fusion_titan.ablation.runner import (  # noqa: E402
-    execute, finished, replaced_atomically, run_folder, write_atomic,
+    STOPPING, execute, finished, replaced_atomically, run_folder, write_atomic,
 )
 from fusion_titan.ablation.sweep import SweepError, load_sweep  # noqa: E402
 from fusion_titan.data.shards import MANIFEST  # noqa: E402
@@ -142,9 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     pool = SlotPool(gpu_slots(visible_devices(gpu_count()), ngpu), sweep.jobs)
     if pool.slots:
         print(f"placement (CUDA_VISIBLE_DEVICES): {pool.describe(sweep.jobs)}")
+    stop_on_signals()
     results = run_sweep(opts.out, sweep, budget, ngpu, plans, results, opts.retry_failed, opts.archive,
                         pool)
     return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C / SIGTERM (a device call's `timeout`): the signal also ends the runs training now;
+    STOPPING is set first, so they are reported interrupted and train again on resume (not
+    failed, which would need --retry-failed); then KeyboardInterrupt stops the sweep as before."""
+    def stop(signum, frame):
+        STOPPING.set()
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
 
 
 def gpu_count() -> int:

@@ -502,3 +502,61 @@ def test_more_jobs_than_gpu_slots_share_them_in_turn():
     assert "up to 2 per set" in pool.describe(4)
     with SlotPool([], 3).env() as env:
         assert env == {}
+
+
+def _fake_root(tmp_path, exit_code: int) -> Path:
+    """A repository root whose run_train.sh prints a line and exits with exit_code."""
+    root = tmp_path / "root"
+    root.mkdir()
+    script = root / "run_train.sh"
+    script.write_text(f"#!/usr/bin/env bash\necho 'training... cut'\nexit {exit_code}\n")
+    script.chmod(0o755)
+    return root
+
+
+@pytest.mark.parametrize("stopping", [False, True], ids=["run-failed", "sweep-stopping"])
+def test_a_run_ended_by_the_sweeps_stop_trains_again_on_resume(tmp_path, stopping):
+    """A run that exits non-zero while the sweep is being stopped (Ctrl-C / timeout reach it too)
+    is "interrupted": no failure.json, so a resumed sweep trains it without --retry-failed; the
+    same exit without a stop is a failure, stored and skipped on resume."""
+    from fusion_titan.ablation import runner
+    from fusion_titan.ablation.report import markdown
+
+    sweep = parse_sweep(sweep_dict({"hybrid": []}, seeds=[0]), tmp_path / "s.toml")
+    plan = seed_major_plans(sweep, budget_flops(sweep, ngpu=1))[0]
+    out = tmp_path / "sweep"
+    if stopping:
+        runner.STOPPING.set()
+    try:
+        result = runner.execute(plan, sweep.config, out, _fake_root(tmp_path, 130), 1, 60)
+    finally:
+        runner.STOPPING.clear()
+    folder = runner.run_folder(out, plan)
+    assert result["exit_code"] == 130 and "training... cut" in (folder / runner.LOG).read_text()
+    if stopping:
+        assert result["status"] == runner.INTERRUPTED
+        assert not (folder / runner.FAILURE).exists() and not (folder / runner.RESULT).exists()
+        assert runner.finished(folder, retry_failed=False) is None  # trains again
+        report = markdown("r", [], [result], ["hybrid"], [], [])
+        assert "### hybrid, seed 0 (exit code 130, interrupted: it trains again when the sweep is resumed)" in report
+    else:
+        assert result["status"] == "failed"
+        assert runner.finished(folder, retry_failed=False)["status"] == "failed"  # skipped on resume
+
+
+def test_the_sweeps_signal_handler_marks_the_stop_before_interrupting():
+    from fusion_titan.ablation import runner
+
+    ablate = load_ablate_script()
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ablate.stop_on_signals()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            runner.STOPPING.clear()
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(sig)
+            assert runner.STOPPING.is_set()
+    finally:
+        runner.STOPPING.clear()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

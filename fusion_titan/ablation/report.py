@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .runner import replaced_atomically  # noqa: E402
+from .runner import INTERRUPTED, replaced_atomically  # noqa: E402
 
 PLOTS = {"heldout_vs_flops.png": ("flops", "training FLOPs"),
          "heldout_vs_wallclock.png": ("seconds", "training seconds (after step 1)")}
@@ -101,7 +101,8 @@ def markdown(title: str, header_lines: list[str], results: list[dict], order: li
     if failed:
         lines += ["", "## Failed runs", ""]
         for r in failed:
-            lines += [f"### {r['variant']}, seed {r['seed']} (exit code {r.get('exit_code')})", "",
+            cut = ", interrupted: it trains again when the sweep is resumed" if r["status"] == INTERRUPTED else ""
+            lines += [f"### {r['variant']}, seed {r['seed']} (exit code {r.get('exit_code')}{cut})", "",
                       "```", *r.get("log_tail", [r.get("error", "")]), "```", ""]
     if plots:
         lines += ["", "## Plots", "", *[f"![{p}](plots/{p})" for p in plots]]

@@ -4,7 +4,9 @@ A run's folder (`<out>/runs/<variant>-seed<S>-<run id>`) holds `train.log` and, 
 `result.json` (finished) or `failure.json` (non-zero exit or timeout, with the log's last lines).
 Either file marks the run as done: a resumed sweep skips it (`--retry-failed` reruns failures).
 A folder with neither is an interrupted run; it is emptied and the run starts over, so its
-TensorBoard curves never mix two attempts.
+TensorBoard curves never mix two attempts. A run that ends because the sweep itself is being
+stopped (Ctrl-C, `timeout -s INT`: the signal reaches the runs too) is such a run: `STOPPING` set
+by the sweep's signal handler, it writes no failure.json and reports status "interrupted".
 
 Wall clock: the trainer logs tokens/s per device for each logged interval (validation and
 checkpoint time excluded: fusion_titan/training/metrics.py restarts its clock after them). The
@@ -19,6 +21,7 @@ import json
 import os
 import shutil
 import statistics
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +33,9 @@ from .timing import phases
 
 RESULT, FAILURE, LOG = "result.json", "failure.json", "train.log"
 TAIL_LINES = 25
+INTERRUPTED = "interrupted"
+# set when the sweep is being stopped: runs that end then were cut, not failed (see above)
+STOPPING = threading.Event()
 
 
 def run_folder(out: Path, plan: RunPlan) -> Path:
@@ -131,9 +137,11 @@ def execute(plan: RunPlan, config: str, out: Path, root: Path, ngpu: int, timeou
             code, log = "unreadable", f"{log}\nharness: {type(e).__name__}: {e}"
     if result is None:
         tail = strip_ansi(log).rstrip().splitlines()[-TAIL_LINES:]
-        result = {"status": "failed", "variant": plan.variant, "seed": plan.seed, "run_id": plan.run_id,
+        status = INTERRUPTED if STOPPING.is_set() else "failed"
+        result = {"status": status, "variant": plan.variant, "seed": plan.seed, "run_id": plan.run_id,
                   "exit_code": code, "process_seconds": timing["wall"], "timing": timing, "log_tail": tail}
     # where it trained: the GPU set it was placed on (placement.py), else whatever was visible
     result["gpus"] = (extra_env or {}).get("CUDA_VISIBLE_DEVICES", "visible")
-    write_atomic(folder / (RESULT if result["status"] == "ok" else FAILURE), json.dumps(result, indent=1))
+    if result["status"] != INTERRUPTED:  # an interrupted run's folder stays without either file
+        write_atomic(folder / (RESULT if result["status"] == "ok" else FAILURE), json.dumps(result, indent=1))
     return result
