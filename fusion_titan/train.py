@@ -6,7 +6,8 @@ torchtitan's trainer modules are imported (they copy the device type at import t
 manager.py: resume only from full checkpoints, keep_latest_k never purges the last one, clear
 load errors), and that the console reads well (fusion_titan/infra/log_patches.py). Before
 torchtitan starts, the configuration is checked (fusion_titan/training/preflight.py): a bad
-setting, or a run that has nothing left to train, stops with one message and exit code 2.
+setting, or a run that has nothing left to train, stops with one message and exit code 2; so
+does a disk without room for one checkpoint, once the model and optimizer are built.
 """
 
 from fusion_titan.infra.torchtitan_version import require_supported_torchtitan
@@ -17,6 +18,7 @@ from fusion_titan.infra import cpu_shim  # noqa: E402
 
 ON_CPU = cpu_shim.install()
 
+import os  # noqa: E402
 import sys  # noqa: E402
 
 from fusion_titan.infra import log_patches  # noqa: E402
@@ -24,7 +26,9 @@ from fusion_titan.infra import log_patches  # noqa: E402
 log_patches.install(cpu=ON_CPU)  # before torchtitan parses the config (its HF-assets warning)
 
 import fusion_titan.spec  # noqa: E402  (registers the "fusion" TrainSpec)
+from fusion_titan.checkpoint.disk_space import check_room, checkpoint_bytes, kept_at_once  # noqa: E402
 from fusion_titan.checkpoint.manager import use_fusion_checkpointing  # noqa: E402
+from fusion_titan.infra.torchrun import CONFIG_ERROR  # noqa: E402
 from fusion_titan.model.flops import count_params  # noqa: E402
 from fusion_titan.training.preflight import ConfigError, preflight  # noqa: E402
 from torchtitan.config import ConfigManager  # noqa: E402
@@ -43,6 +47,7 @@ class FusionTrainer(Trainer):
         # torchtitan's __init__ builds its CheckpointManager by name; our subclass only
         # overrides methods, so switching the instance's class is enough.
         use_fusion_checkpointing(self.checkpointer)
+        self._check_checkpoint_room(job_config)
         if job_config.model.name == fusion_titan.spec.SPEC_NAME:
             counts = count_params(self.model_parts[0], self.model_args)
             flops = self.metrics_processor.num_flops_per_token
@@ -51,6 +56,26 @@ class FusionTrainer(Trainer):
                 f"{_count(counts.active)} active per token, {flops / 1e9:.2f} GFLOP per token "
                 f"(training, seq {job_config.training.seq_len}); all arguments: FUSION_LOG_LEVEL=DEBUG"
             )
+
+
+    def _check_checkpoint_room(self, job_config) -> None:
+        """Stop (exit 2, every rank) when not one checkpoint fits on the disk; warn when the
+        checkpoints kept at once may not (fusion_titan/checkpoint/disk_space.py)."""
+        ckpt = job_config.checkpoint
+        if not ckpt.enable:
+            return
+        optimizers = getattr(self.optimizers, "optimizers", [self.optimizers])
+        each = checkpoint_bytes(optimizers)
+        kept = kept_at_once(ckpt.keep_latest_k, job_config.training.steps, ckpt.interval)
+        problem = check_room(each, kept, os.path.join(job_config.job.dump_folder, ckpt.folder))
+        if problem is None:
+            return
+        level, message = problem
+        if level == "warning":
+            logger.warning(message)
+            return
+        logger.error(message)
+        sys.exit(CONFIG_ERROR)
 
 
 def check_config() -> None:
