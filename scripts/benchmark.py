@@ -78,6 +78,9 @@ SPEED_RUNS = {
     "dispatch_legacy": ["--model.moe_dispatch", "legacy"],
     "compile_submodules": ["--compile.granularity", "submodules"],
     "gdn_torch": ["--model.gdn_backend", "torch"],
+    # our Triton kernels inside the compiled blocks (custom ops since Session 7; "auto" compiles
+    # the PyTorch form): keep as the default if faster
+    "gdn_triton": ["--model.gdn_backend", "triton"],
     "group_align_1": ["--model.moe_group_align", "1"],
     "cudagraphs": ["--compile.cudagraphs"],
     "batch_4": ["--training.local_batch_size", "4"],

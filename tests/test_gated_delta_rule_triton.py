@@ -131,6 +131,47 @@ def test_interpreted_matches_float64_reference(interpreted, B, T, H, K, V, with_
         assert rel_err(a.double(), b) < 1e-5, (name, rel_err(a.double(), b))
 
 
+def test_interpreted_custom_ops_pass_opcheck(interpreted):
+    """Schema, fake (meta) shapes and autograd registration of the forward and backward ops agree
+    with what the kernels do (torch.library.opcheck), with and without initial / final state."""
+    from fusion_titan.ops import gated_delta_rule_triton as ours
+
+    q, k, v, g, beta, h0 = (x.float() for x in make_inputs(1, 70, 2, 16, 32, with_h0=True, seed=8))
+    for initial, final in ((h0, True), (None, False)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+        if initial is not None:
+            initial = initial.clone().requires_grad_()
+        torch.library.opcheck(ours._forward, (*leaves, 0.25, initial, final))
+        with torch.no_grad():  # as autograd calls the backward op (no double backward)
+            o, ht, *saved = ours._forward(*leaves, 0.25, initial, final)
+        dht = torch.randn_like(ht) if final else None
+        h0_in = None if initial is None else initial.detach()
+        torch.library.opcheck(ours._backward, (*[x.detach() for x in leaves], *saved,
+                                               torch.randn_like(o), dht, h0_in, 0.25))
+
+
+def test_interpreted_runs_inside_a_fullgraph_compile(interpreted):
+    """backend "triton" inside torch.compile(fullgraph=True) (the whole-block compile of training):
+    no graph break, and the compiled output and gradients are the eager ones."""
+    q, k, v, g, beta, h0 = make_inputs(2, 80, 2, 16, 16, with_h0=True, seed=9)
+
+    def block(q, k, v, g, beta, h0):
+        o, s = gated_delta_rule(q * 1.0, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                backend="triton")
+        return (o.sin() * 2.0).sum() + s.square().sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (block, compiled):
+        leaves = [x.float().requires_grad_() for x in (q, k, v, g, beta, h0)]
+        loss = fn(*leaves)
+        results.append((loss, torch.autograd.grad(loss, leaves)))
+    (eager_loss, eager_grads), (loss, grads) = results
+    assert torch.allclose(loss, eager_loss, rtol=1e-6)
+    for a, b in zip(grads, eager_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_interpreted_without_final_state_and_custom_scale(interpreted):
     q, k, v, g, beta, h0 = make_inputs(1, 90, 2, 16, 16, with_h0=True, seed=3)
     do = torch.randn(1, 90, 2, 16, dtype=torch.float64)

@@ -344,8 +344,8 @@ def gated_delta_rule(
     on CPU the PyTorch form. A runtime failure of fla in "auto" mode warns once and falls back.
     Under torch.compile "auto" takes the PyTorch form, which inductor compiles into the block's
     graph (measured on an H200: fusion_1b trains at 61.9K tokens/s this way, docs/performance.md);
-    the Triton kernels are compiler-disabled, and a graph break is refused by the whole-block
-    (fullgraph) compile, so "triton" under compile is an error naming the fix.
+    "triton" runs there too: the kernels are two custom ops (forward, backward) that the compiled
+    graph calls without a graph break, so the whole-block (fullgraph) compile takes them.
     """
     if backend not in ("auto", "torch", "triton", "fla"):
         raise ValueError(f"unknown gated_delta_rule backend {backend!r} (use 'auto', 'torch', 'triton' or 'fla')")
@@ -356,11 +356,6 @@ def gated_delta_rule(
         raise ValueError(f"gated_delta_rule backend={backend!r} does not take document_ids; use 'auto' or 'torch'")
     compiling = torch.compiler.is_compiling()
     if backend == "triton":
-        if compiling:
-            raise RuntimeError(
-                "gated_delta_rule backend 'triton' cannot run inside torch.compile (its kernels are "
-                "compiler-disabled and the whole-block compile takes no graph break): use "
-                "[model] gdn_backend = \"auto\" (PyTorch form, compiled) or [compile] enable = false")
         return _triton_chunk(q, k, v, g, beta, scale, initial_state, output_final_state)
     if backend == "fla":
         ok, reason = fla_is_safe()

@@ -13,6 +13,8 @@ Backward: the in-chunk part of dvn (the gradient of vn) in parallel, one sequent
 (the gradient of every chunk-end state, from the last chunk back; it completes dvn) and one
 parallel pass for everything else.
 Only the chunk scans are sequential; the state stays in registers (fp32) across the chunk loop.
+Forward and backward are custom ops joined by register_autograd, so they run in eager mode and
+inside the compiled blocks alike.
 Every product accumulates in fp32; G and Tm are stored in fp32, the larger intermediates (w, u,
 vn, chunk states and their gradients) in the inputs' dtype for bf16/fp16, fp32 otherwise.
 """
@@ -21,12 +23,14 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 
 import torch
 import triton
 import triton.language as tl
 
-from .unit_lower_inverse_triton import SUB, blocked_unit_lower_inverse, store_unit_lower_blocks
+# absolute: scripts/diagnose_gdn_triton.py loads this file by path, outside the package
+from fusion_titan.ops.unit_lower_inverse_triton import SUB, blocked_unit_lower_inverse, store_unit_lower_blocks
 
 __all__ = ["triton_chunk_gated_delta_rule"]
 
@@ -471,71 +475,119 @@ def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-class _ChunkGatedDeltaRule(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state):
-        q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-        B, T, H, K = k.shape
-        V = v.shape[-1]
-        BT = CHUNK
-        N = triton.cdiv(T, BT)
-        Tp = N * BT
-        f32 = dict(device=q.device, dtype=torch.float32)
-        big = dict(device=q.device, dtype=_storage_dtype(q.dtype))
-        G = torch.empty(B * H, Tp, **f32)
-        Tm = torch.empty(B * H, Tp, BT, **f32)
-        w = torch.empty(B * H, Tp, K, **big)
-        u = torch.empty(B * H, Tp, V, **big)
-        vn = torch.empty(B * H, Tp, V, **big)
-        S = torch.empty(B * H, N, K, V, **big)
-        h0 = None if initial_state is None else initial_state.contiguous()
-        ht = torch.empty(B, H, K, V, **f32) if output_final_state else None
-        o = torch.empty_like(v, dtype=q.dtype)
-        meta = dict(K=K, V=V, BT=BT, BK=_block(K), PREC=_precision(q.dtype))
-
-        _inverse_kernel[(N, B * H)](k, g, beta, G, Tm, T, H, Tp, K=K, BT=BT, BK=meta["BK"],
-                                    PREC=meta["PREC"])
-        _wu_kernel[(N, B * H)](k, v, beta, G, Tm, w, u, T, H, Tp, **meta)
-        _fwd_state_kernel[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
-            k, w, u, G, h0 if h0 is not None else G, S, vn, ht if ht is not None else G,
-            T, H, Tp, N, **meta, HAS_H0=h0 is not None, STORE_FINAL=ht is not None)
-        _fwd_output_kernel[lambda m: (triton.cdiv(V, m["BV"]), N, B * H)](
-            q, k, G, S, vn, o, scale, T, H, Tp, N, **meta)
-
-        ctx.save_for_backward(q, k, v, beta, G, Tm, w, S, vn)
-        ctx.scale, ctx.g_dtype, ctx.meta = scale, g.dtype, meta
-        ctx.h0_dtype = None if h0 is None else h0.dtype
-        return o, ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, beta, G, Tm, w, S, vn = ctx.saved_tensors
-        B, T, H, K = k.shape
-        V = v.shape[-1]
-        N, Tp = S.shape[1], G.shape[1]
-        meta, scale = ctx.meta, ctx.scale
-        do = do.contiguous()
-        big = dict(device=q.device, dtype=S.dtype)
-        dS = torch.empty(B * H, N, K, V, **big)
-        dvn = torch.empty(B * H, Tp, V, **big)
-        dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
-        dht = None if dht is None else dht.contiguous()
-        _bwd_local_kernel[lambda m: (triton.cdiv(V, m["BV"]), N, B * H)](
-            q, k, G, do, dvn, scale, T, H, Tp, **meta)
-        _bwd_state_kernel[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
-            q, k, w, G, do, dht if dht is not None else dh0, dS, dvn, dh0, scale,
-            T, H, Tp, N, **meta, HAS_DHT=dht is not None)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dg = torch.empty(B, T, H, device=q.device, dtype=ctx.g_dtype)
-        dbeta = torch.empty_like(beta)
-        _bwd_grads_kernel[(N, B * H)](
-            q, k, v, beta, G, Tm, S, dS, vn, dvn, do, dq, dk, dv, dg, dbeta, scale,
-            T, H, Tp, N, **meta)
-        dh0 = None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype)
-        return dq, dk, dv, dg, dbeta, None, dh0, None
+# Two custom ops, forward and backward, joined by register_autograd: torch.compile sees one
+# opaque op per call (no graph break, so the whole-block fullgraph compile takes it), eager mode
+# runs the same code. The namespace is per module: scripts/diagnose_gdn_triton.py loads other
+# versions of this file next to it.
+_OPS = "fusion_titan" if __name__ == "fusion_titan.ops.gated_delta_rule_triton" else (
+    "fusion_titan_" + re.sub(r"\W", "_", __name__))
 
 
-@torch.compiler.disable  # launched as opaque kernels; the compiled blocks graph-break around them
+def _shapes(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
+    B, T, H, K = k.shape
+    N = triton.cdiv(T, CHUNK)
+    return B, T, H, K, v.shape[-1], N, N * CHUNK
+
+
+def _empty_intermediates(q, k, v, output_final_state: bool):
+    """o, the final state (empty when not asked for) and what the backward reads: G, Tm, w, S, vn."""
+    B, T, H, K, V, N, Tp = _shapes(k, v)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    big = dict(device=q.device, dtype=_storage_dtype(q.dtype))
+    o = torch.empty_like(v, dtype=q.dtype)
+    ht = torch.empty(B, H, K, V, **f32) if output_final_state else torch.empty(0, **f32)
+    return (o, ht, torch.empty(B * H, Tp, **f32), torch.empty(B * H, Tp, CHUNK, **f32),
+            torch.empty(B * H, Tp, K, **big), torch.empty(B * H, N, K, V, **big),
+            torch.empty(B * H, Tp, V, **big))
+
+
+def _meta(q: torch.Tensor, K: int, V: int) -> dict:
+    return dict(K=K, V=V, BT=CHUNK, BK=_block(K), PREC=_precision(q.dtype))
+
+
+@torch.library.custom_op(f"{_OPS}::gated_delta_rule_fwd", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, Tensor? initial_state, "
+    "bool output_final_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"))
+def _forward(q, k, v, g, beta, scale, initial_state, output_final_state):
+    """o, the final state (empty when not asked for), G, Tm, w, S, vn."""
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    B, T, H, K, V, N, Tp = _shapes(k, v)
+    o, ht, G, Tm, w, S, vn = _empty_intermediates(q, k, v, output_final_state)
+    u = torch.empty_like(vn)
+    h0 = None if initial_state is None else initial_state.contiguous()
+    meta = _meta(q, K, V)
+    _inverse_kernel[(N, B * H)](k, g, beta, G, Tm, T, H, Tp, K=K, BT=CHUNK, BK=meta["BK"],
+                                PREC=meta["PREC"])
+    _wu_kernel[(N, B * H)](k, v, beta, G, Tm, w, u, T, H, Tp, **meta)
+    _fwd_state_kernel[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
+        k, w, u, G, h0 if h0 is not None else G, S, vn, ht if output_final_state else G,
+        T, H, Tp, N, **meta, HAS_H0=h0 is not None, STORE_FINAL=output_final_state)
+    _fwd_output_kernel[lambda m: (triton.cdiv(V, m["BV"]), N, B * H)](
+        q, k, G, S, vn, o, scale, T, H, Tp, N, **meta)
+    return o, ht, G, Tm, w, S, vn
+
+
+@_forward.register_fake
+def _(q, k, v, g, beta, scale, initial_state, output_final_state):
+    return _empty_intermediates(q, k, v, output_final_state)
+
+
+@torch.library.custom_op(f"{_OPS}::gated_delta_rule_bwd", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor G, Tensor Tm, Tensor w, Tensor S, "
+    "Tensor vn, Tensor do, Tensor? dht, Tensor? initial_state, float scale) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"))
+def _backward(q, k, v, g, beta, G, Tm, w, S, vn, do, dht, initial_state, scale):
+    """dq, dk, dv, dg, dbeta and dh0 (empty without an initial state), in the inputs' dtypes."""
+    q, k, v, beta, do = (x.contiguous() for x in (q, k, v, beta, do))
+    B, T, H, K, V, N, Tp = _shapes(k, v)
+    meta = _meta(q, K, V)
+    big = dict(device=q.device, dtype=S.dtype)
+    dS = torch.empty(B * H, N, K, V, **big)
+    dvn = torch.empty(B * H, Tp, V, **big)
+    dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+    dht = None if dht is None else dht.contiguous()
+    _bwd_local_kernel[lambda m: (triton.cdiv(V, m["BV"]), N, B * H)](
+        q, k, G, do, dvn, scale, T, H, Tp, **meta)
+    _bwd_state_kernel[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
+        q, k, w, G, do, dht if dht is not None else dh0, dS, dvn, dh0, scale,
+        T, H, Tp, N, **meta, HAS_DHT=dht is not None)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dg = torch.empty(B, T, H, device=q.device, dtype=g.dtype)
+    dbeta = torch.empty_like(beta)
+    _bwd_grads_kernel[(N, B * H)](
+        q, k, v, beta, G, Tm, S, dS, vn, dvn, do, dq, dk, dv, dg, dbeta, scale,
+        T, H, Tp, N, **meta)
+    dh0 = dh0.to(initial_state.dtype) if initial_state is not None else dh0.new_empty(0)
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+@_backward.register_fake
+def _(q, k, v, g, beta, G, Tm, w, S, vn, do, dht, initial_state, scale):
+    B, T, H, K, V, _, _ = _shapes(k, v)
+    dh0 = (q.new_empty(B, H, K, V, dtype=initial_state.dtype) if initial_state is not None
+           else q.new_empty(0, dtype=torch.float32))
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(g), torch.empty_like(beta), dh0)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, beta, scale, initial_state, _ = inputs
+    _, _, G, Tm, w, S, vn = output
+    ctx.save_for_backward(q, k, v, g, beta, G, Tm, w, S, vn, initial_state)
+    ctx.scale = scale
+
+
+def _autograd_backward(ctx, do, dht, *_intermediates):
+    q, k, v, g, beta, G, Tm, w, S, vn, initial_state = ctx.saved_tensors
+    dht = dht if dht is not None and dht.numel() else None
+    dq, dk, dv, dg, dbeta, dh0 = _backward(q, k, v, g, beta, G, Tm, w, S, vn, do, dht, initial_state,
+                                           ctx.scale)
+    return dq, dk, dv, dg, dbeta, None, dh0 if initial_state is not None else None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
 def triton_chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -547,7 +599,8 @@ def triton_chunk_gated_delta_rule(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same I/O as chunk_gated_delta_rule (without document_ids); float32 intermediates,
-    o in q's dtype, the final state in float32."""
+    o in q's dtype, the final state in float32. Runs in eager mode and inside torch.compile
+    (fullgraph too: one opaque op each way)."""
     if q.dtype == torch.float64:
         raise ValueError("the Triton gated delta rule computes in float32; use backend='torch' for float64")
     if not (q.is_cuda or _interpreting()):
@@ -555,4 +608,5 @@ def triton_chunk_gated_delta_rule(
                          "use backend='torch' on CPU")
     if scale is None:
         scale = k.shape[-1] ** -0.5
-    return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, float(scale), initial_state, output_final_state)
+    o, ht, *_ = _forward(q, k, v, g, beta, float(scale), initial_state, output_final_state)
+    return o, ht if output_final_state else None
