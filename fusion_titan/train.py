@@ -21,12 +21,14 @@ ON_CPU = cpu_shim.install()
 import os  # noqa: E402
 import sys  # noqa: E402
 
+import torch  # noqa: E402
+
 from fusion_titan.infra import log_patches  # noqa: E402
 
 log_patches.install(cpu=ON_CPU)  # before torchtitan parses the config (its HF-assets warning)
 
 import fusion_titan.spec  # noqa: E402  (registers the "fusion" TrainSpec)
-from fusion_titan.checkpoint.disk_space import check_room, checkpoint_bytes, kept_at_once  # noqa: E402
+from fusion_titan.checkpoint.disk_space import check_room, checkpoint_bytes, free_bytes, kept_at_once  # noqa: E402
 from fusion_titan.checkpoint.manager import use_fusion_checkpointing  # noqa: E402
 from fusion_titan.infra.torchrun import CONFIG_ERROR  # noqa: E402
 from fusion_titan.model.flops import count_params  # noqa: E402
@@ -67,7 +69,12 @@ class FusionTrainer(Trainer):
         optimizers = getattr(self.optimizers, "optimizers", [self.optimizers])
         each = checkpoint_bytes(optimizers)
         kept = kept_at_once(ckpt.keep_latest_k, job_config.training.steps, ckpt.interval)
-        problem = check_room(each, kept, os.path.join(job_config.job.dump_folder, ckpt.folder))
+        folder = os.path.join(job_config.job.dump_folder, ckpt.folder)
+        # the least free space of any rank, so that all ranks stop or go on together
+        free = torch.tensor([free_bytes(folder)], dtype=torch.float64, device=self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
+        problem = check_room(each, kept, folder, free=int(free.item()))
         if problem is None:
             return
         level, message = problem

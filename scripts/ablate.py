@@ -150,15 +150,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def stop_on_signals() -> None:
-    """Ctrl-C / SIGTERM (a device call's `timeout`): the signal also ends the runs training now;
-    STOPPING is set first, so they are reported interrupted and train again on resume (not
-    failed, which would need --retry-failed); then KeyboardInterrupt stops the sweep as before."""
+    """Ctrl-C / `timeout -s INT` (a device call's limit): SIGINT reaches the runs training now
+    too (one process group); STOPPING is set first, so they are reported interrupted and train
+    again on resume (not failed, which would need --retry-failed); then KeyboardInterrupt stops
+    the sweep as Python's own handler would. Other signals keep their default."""
     def stop(signum, frame):
         STOPPING.set()
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def gpu_count() -> int:

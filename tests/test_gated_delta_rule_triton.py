@@ -131,14 +131,25 @@ def test_interpreted_matches_float64_reference(interpreted, B, T, H, K, V, with_
         assert rel_err(a.double(), b) < 1e-5, (name, rel_err(a.double(), b))
 
 
+def _contiguous(x):
+    return x.clone()
+
+
+def _short_conv_layout(x):
+    """x [B, T, H, D] with the strides the model gives q/k/v (a [B, C, T] conv output transposed
+    and viewed as [B, T, H, D]): same values, not contiguous."""
+    B, T, H, D = x.shape
+    return x.reshape(B, T, H * D).transpose(1, 2).contiguous().transpose(1, 2).view(B, T, H, D)
+
+
 def test_interpreted_custom_ops_pass_opcheck(interpreted):
     """Schema, fake (meta) shapes and autograd registration of the forward and backward ops agree
     with what the kernels do (torch.library.opcheck), with and without initial / final state."""
     from fusion_titan.ops import gated_delta_rule_triton as ours
 
     q, k, v, g, beta, h0 = (x.float() for x in make_inputs(1, 70, 2, 16, 32, with_h0=True, seed=8))
-    for initial, final in ((h0, True), (None, False)):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+    for initial, final, layout in ((h0, True, _contiguous), (None, False, _short_conv_layout)):
+        leaves = [layout(x).requires_grad_() for x in (q, k, v)] + [x.clone().requires_grad_() for x in (g, beta)]
         if initial is not None:
             initial = initial.clone().requires_grad_()
         torch.library.opcheck(ours._forward, (*leaves, 0.25, initial, final))
@@ -151,8 +162,9 @@ def test_interpreted_custom_ops_pass_opcheck(interpreted):
 
 
 def test_interpreted_runs_inside_a_fullgraph_compile(interpreted):
-    """backend "triton" inside torch.compile(fullgraph=True) (the whole-block compile of training):
-    no graph break, and the compiled output and gradients are the eager ones."""
+    """backend "triton" inside torch.compile(fullgraph=True) with inductor (the whole-block compile
+    of training) on q/k/v laid out as the model gives them: no graph break, and the compiled
+    output and gradients are the eager ones."""
     q, k, v, g, beta, h0 = make_inputs(2, 80, 2, 16, 16, with_h0=True, seed=9)
 
     def block(q, k, v, g, beta, h0):
@@ -160,16 +172,18 @@ def test_interpreted_runs_inside_a_fullgraph_compile(interpreted):
                                 backend="triton")
         return (o.sin() * 2.0).sum() + s.square().sum()
 
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(block, fullgraph=True)
     results = []
     for fn in (block, compiled):
-        leaves = [x.float().requires_grad_() for x in (q, k, v, g, beta, h0)]
+        leaves = ([_short_conv_layout(x.float()).requires_grad_() for x in (q, k, v)]
+                  + [x.float().requires_grad_() for x in (g, beta, h0)])
+        assert not leaves[0].is_contiguous()
         loss = fn(*leaves)
         results.append((loss, torch.autograd.grad(loss, leaves)))
     (eager_loss, eager_grads), (loss, grads) = results
-    assert torch.allclose(loss, eager_loss, rtol=1e-6)
+    assert torch.allclose(loss, eager_loss, rtol=1e-5)  # inductor fuses sin/square differently
     for a, b in zip(grads, eager_grads):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_interpreted_without_final_state_and_custom_scale(interpreted):

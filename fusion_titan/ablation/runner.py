@@ -5,7 +5,7 @@ A run's folder (`<out>/runs/<variant>-seed<S>-<run id>`) holds `train.log` and, 
 Either file marks the run as done: a resumed sweep skips it (`--retry-failed` reruns failures).
 A folder with neither is an interrupted run; it is emptied and the run starts over, so its
 TensorBoard curves never mix two attempts. A run that ends because the sweep itself is being
-stopped (Ctrl-C, `timeout -s INT`: the signal reaches the runs too) is such a run: `STOPPING` set
+stopped (Ctrl-C, `timeout -s INT`: the SIGINT reaches the runs too) is such a run: `STOPPING` set
 by the sweep's signal handler, it writes no failure.json and reports status "interrupted".
 
 Wall clock: the trainer logs tokens/s per device for each logged interval (validation and
@@ -137,7 +137,8 @@ def execute(plan: RunPlan, config: str, out: Path, root: Path, ngpu: int, timeou
             code, log = "unreadable", f"{log}\nharness: {type(e).__name__}: {e}"
     if result is None:
         tail = strip_ansi(log).rstrip().splitlines()[-TAIL_LINES:]
-        status = INTERRUPTED if STOPPING.is_set() else "failed"
+        # the run's SIGINT and the sweep's handler race: give the handler a moment to say so
+        status = INTERRUPTED if STOPPING.wait(timeout=2.0) else "failed"
         result = {"status": status, "variant": plan.variant, "seed": plan.seed, "run_id": plan.run_id,
                   "exit_code": code, "process_seconds": timing["wall"], "timing": timing, "log_tail": tail}
     # where it trained: the GPU set it was placed on (placement.py), else whatever was visible

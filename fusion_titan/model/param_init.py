@@ -14,11 +14,13 @@ run with the same seed, whatever the plan.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Callable
 
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+# private, but the one place torch answers "does DTensor's RNG cover this mesh" (torch 2.9-2.13)
 from torch.distributed.tensor._random import is_rng_supported_mesh
 
 # module names that wrappers (torch.compile, activation checkpointing, FSDP1) put into FQNs
@@ -42,8 +44,6 @@ def needs_whole_init(model: nn.Module) -> bool:
 
 
 def _rng_supported(mesh) -> bool:
-    import warnings
-
     with warnings.catch_warnings():  # it warns on every call where the answer is no
         warnings.simplefilter("ignore")
         return is_rng_supported_mesh(mesh)

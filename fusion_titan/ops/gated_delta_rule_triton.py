@@ -1,4 +1,4 @@
-"""Gated delta rule in Triton: chunked forward and backward as one torch.autograd.Function.
+"""Gated delta rule in Triton: chunked forward and backward, two custom ops joined by autograd.
 
 Same math, layout and arguments as `chunk_gated_delta_rule` in gated_delta_rule.py (read its
 docstring for the derivation). Per (batch, head) and chunk of BT tokens, with G the in-chunk
@@ -124,7 +124,7 @@ def _kkt_block(k_i, k_j, G_i, G_j, beta_i, DIAGONAL: tl.constexpr, PREC: tl.cons
     return _dot_as_loaded(k_i, tl.trans(k_j), PREC) * tl.exp(diff) * beta_i[:, None]
 
 
-@_autotune([triton.Config({}, num_warps=nw) for nw in (4, 2, 1)], key=["K"])
+@_autotune([triton.Config({}, num_warps=nw) for nw in (4, 8, 2)], key=["K"])  # 1 warp spills (sm_90)
 @triton.jit
 def _inverse_kernel(k_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, T, H, Tp, K: tl.constexpr,
                     BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
@@ -161,7 +161,7 @@ def _inverse_kernel(k_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, T, H, Tp, K: tl.const
         _kkt_block(k2, k2, G2, G2, beta2, True, PREC),
         _kkt_block(k3, k0, G3, G0, beta3, False, PREC), _kkt_block(k3, k1, G3, G1, beta3, False, PREC),
         _kkt_block(k3, k2, G3, G2, beta3, False, PREC), _kkt_block(k3, k3, G3, G3, beta3, True, PREC),
-        PREC)
+        "ieee")  # fp32 products in the merges, as the elementwise inverse had: tiny 16x16 dots
     store_unit_lower_blocks(Tm_ptr + row0 * BT, *Tm, BT)
 
 
@@ -494,11 +494,17 @@ def _empty_intermediates(q, k, v, output_final_state: bool):
     B, T, H, K, V, N, Tp = _shapes(k, v)
     f32 = dict(device=q.device, dtype=torch.float32)
     big = dict(device=q.device, dtype=_storage_dtype(q.dtype))
-    o = torch.empty_like(v, dtype=q.dtype)
+    o = torch.empty(v.shape, device=q.device, dtype=q.dtype)  # contiguous whatever v's strides
     ht = torch.empty(B, H, K, V, **f32) if output_final_state else torch.empty(0, **f32)
     return (o, ht, torch.empty(B * H, Tp, **f32), torch.empty(B * H, Tp, CHUNK, **f32),
             torch.empty(B * H, Tp, K, **big), torch.empty(B * H, N, K, V, **big),
             torch.empty(B * H, Tp, V, **big))
+
+
+def _empty_grads(q, k, v, g, beta):
+    """dq, dk, dv, dg, dbeta: contiguous (the kernels write them so, whatever the inputs' strides:
+    the model's q/k/v come from a transposed short conv), in the inputs' dtypes."""
+    return tuple(torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v, g, beta))
 
 
 def _meta(q: torch.Tensor, K: int, V: int) -> dict:
@@ -551,9 +557,7 @@ def _backward(q, k, v, g, beta, G, Tm, w, S, vn, do, dht, initial_state, scale):
     _bwd_state_kernel[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
         q, k, w, G, do, dht if dht is not None else dh0, dS, dvn, dh0, scale,
         T, H, Tp, N, **meta, HAS_DHT=dht is not None)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dg = torch.empty(B, T, H, device=q.device, dtype=g.dtype)
-    dbeta = torch.empty_like(beta)
+    dq, dk, dv, dg, dbeta = _empty_grads(q, k, v, g, beta)
     _bwd_grads_kernel[(N, B * H)](
         q, k, v, beta, G, Tm, S, dS, vn, dvn, do, dq, dk, dv, dg, dbeta, scale,
         T, H, Tp, N, **meta)
@@ -566,19 +570,24 @@ def _(q, k, v, g, beta, G, Tm, w, S, vn, do, dht, initial_state, scale):
     B, T, H, K, V, _, _ = _shapes(k, v)
     dh0 = (q.new_empty(B, H, K, V, dtype=initial_state.dtype) if initial_state is not None
            else q.new_empty(0, dtype=torch.float32))
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(g), torch.empty_like(beta), dh0)
+    return (*_empty_grads(q, k, v, g, beta), dh0)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, scale, initial_state, _ = inputs
     _, _, G, Tm, w, S, vn = output
+    ctx.mark_non_differentiable(G, Tm, w, S, vn)
+    # no zero-filled gradients for the intermediates (hundreds of MB per layer at fusion_1b's
+    # shapes) nor for an unused final state: they arrive as None
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, g, beta, G, Tm, w, S, vn, initial_state)
     ctx.scale = scale
 
 
 def _autograd_backward(ctx, do, dht, *_intermediates):
     q, k, v, g, beta, G, Tm, w, S, vn, initial_state = ctx.saved_tensors
+    if do is None:  # only the final state is used
+        do = torch.zeros(v.shape, device=v.device, dtype=q.dtype)
     dht = dht if dht is not None and dht.numel() else None
     dq, dk, dv, dg, dbeta, dh0 = _backward(q, k, v, g, beta, G, Tm, w, S, vn, do, dht, initial_state,
                                            ctx.scale)
@@ -608,5 +617,9 @@ def triton_chunk_gated_delta_rule(
                          "use backend='torch' on CPU")
     if scale is None:
         scale = k.shape[-1] ** -0.5
+    # contiguous before the op, not only inside it: under inductor the op's outputs were expected
+    # in v's layout (the model's q/k/v come transposed from the short conv), not the fake's
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    initial_state = None if initial_state is None else initial_state.contiguous()
     o, ht, *_ = _forward(q, k, v, g, beta, float(scale), initial_state, output_final_state)
     return o, ht if output_final_state else None
