@@ -1,7 +1,7 @@
 """Room for checkpoints, checked at start-up (fusion_titan/checkpoint/disk_space.py)."""
 
+import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +9,7 @@ import pytest
 from fusion_titan.checkpoint.disk_space import check_room, checkpoint_bytes, kept_at_once
 from trainer_runs import run_train
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_checkpoints_on_disk_at_once():
@@ -30,7 +30,11 @@ def test_room_levels(tmp_path):
 @pytest.mark.slow
 def test_the_estimate_is_the_size_of_a_real_checkpoint(async_run):
     """The debug model with NorMuon + CautiousAdamW, as the trainer saved it at step 6 (async_run)."""
-    from count_optimizer_ops import _config
+    # the optimizer options scripts/count_optimizer_ops.py builds (loaded by path: scripts/ on
+    # sys.path would shadow packages such as lm_eval with the scripts of the same name)
+    spec = importlib.util.spec_from_file_location("count_optimizer_ops", ROOT / "scripts" / "count_optimizer_ops.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
 
     from fusion_titan.model.flavors import FLAVORS
     from fusion_titan.model.model import FusionModel
@@ -38,7 +42,7 @@ def test_the_estimate_is_the_size_of_a_real_checkpoint(async_run):
 
     dump, _ = async_run
     real = sum(f.stat().st_size for f in (dump / "checkpoint" / "step-6").rglob("*") if f.is_file())
-    estimate = checkpoint_bytes([_optimizer_factory(_config("NorMuon"))(FusionModel(FLAVORS["debugmodel"]))])
+    estimate = checkpoint_bytes([_optimizer_factory(script._config("NorMuon"))(FusionModel(FLAVORS["debugmodel"]))])
     assert abs(estimate - real) / real < 0.05, (estimate, real)
 
 
