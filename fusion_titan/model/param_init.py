@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-# private, but the one place torch answers "does DTensor's RNG cover this mesh" (torch 2.9-2.13)
+# private, but torch's one answer to "does DTensor's RNG cover this mesh" (torch 2.11 and 2.13)
 from torch.distributed.tensor._random import is_rng_supported_mesh
 
 # module names that wrappers (torch.compile, activation checkpointing, FSDP1) put into FQNs
