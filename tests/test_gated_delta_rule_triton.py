@@ -163,14 +163,17 @@ def test_interpreted_custom_ops_pass_opcheck(interpreted):
 
 def test_interpreted_runs_inside_a_fullgraph_compile(interpreted):
     """backend "triton" inside torch.compile(fullgraph=True) with inductor (the whole-block compile
-    of training) on q/k/v laid out as the model gives them: no graph break, and the compiled
-    output and gradients are the eager ones."""
+    of training) on q/k/v laid out as the model gives them and with transposed consumers: no graph
+    break, and the compiled output and gradients are the eager ones."""
     q, k, v, g, beta, h0 = make_inputs(2, 80, 2, 16, 16, with_h0=True, seed=9)
 
     def block(q, k, v, g, beta, h0):
         o, s = gated_delta_rule(q * 1.0, k, v, g, beta, initial_state=h0, output_final_state=True,
                                 backend="triton")
-        return (o.sin() * 2.0).sum() + s.square().sum()
+        # consumers that read o and the state transposed: their gradients arrive non-contiguous
+        w = torch.arange(o.shape[1], dtype=o.dtype).view(1, -1, 1, 1)
+        o_t = o.transpose(1, 3).contiguous().transpose(1, 3)
+        return (o.sin() * 2.0).sum() + (o_t * w).cos().sum() + s.transpose(2, 3).square().sum()
 
     compiled = torch.compile(block, fullgraph=True)
     results = []
