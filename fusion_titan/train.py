@@ -59,7 +59,6 @@ class FusionTrainer(Trainer):
                 f"(training, seq {job_config.training.seq_len}); all arguments: FUSION_LOG_LEVEL=DEBUG"
             )
 
-
     def _check_checkpoint_room(self, job_config) -> None:
         """Stop (exit 2, every rank) when not one checkpoint fits on the disk; warn when the
         checkpoints kept at once may not (fusion_titan/checkpoint/disk_space.py)."""

@@ -62,12 +62,11 @@ def free_bytes(folder: str) -> int:
     return shutil.disk_usage(_existing(folder)).free
 
 
-def check_room(each: int, kept: int, folder: str, free: int | None = None) -> tuple[str, str] | None:
-    """(level, message) when `kept` checkpoints of `each` bytes may not fit in `free` bytes (default:
-    what is free under `folder`): "error" when not even one fits, "warning" when all of them may
-    not; None when they fit."""
+def check_room(each: int, kept: int, folder: str, free: int) -> tuple[str, str] | None:
+    """(level, message) when `kept` checkpoints of `each` bytes may not fit in `free` bytes (the
+    least free under `folder` on any rank): "error" when not even one fits, "warning" when all of
+    them may not; None when they fit."""
     where = _existing(folder)
-    free = free_bytes(folder) if free is None else free
     if each <= free and each * kept <= free:
         return None
     sizes = (f"a full checkpoint (weights + optimizer state) is ~{each / GB:.2f} GB and "

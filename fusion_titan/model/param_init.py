@@ -72,4 +72,3 @@ def init_whole_then_keep_shards(model: nn.Module, build_whole: Callable[[], nn.M
         if key not in whole or whole[key].shape != param.shape:
             raise RuntimeError(f"whole init: parameter {name} has no twin of shape {tuple(param.shape)}")
         assign_(param, whole.pop(key))
-    del twin
