@@ -59,6 +59,14 @@ class FusionTrainer(Trainer):
                 f"(training, seq {job_config.training.seq_len}); all arguments: FUSION_LOG_LEVEL=DEBUG"
             )
 
+    def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
+        if getattr(self.job_config.compile, "cudagraphs", False):
+            # CUDA graph trees reuse a graph's memory on its next replay; a new step each
+            # micro-batch tells them the previous one's outputs are done with
+            torch.compiler.cudagraph_mark_step_begin()
+        return super().forward_backward_step(input_dict=input_dict, labels=labels,
+                                             global_valid_tokens=global_valid_tokens)
+
     def _check_checkpoint_room(self, job_config) -> None:
         """Stop (exit 2, every rank) when not one checkpoint fits on the disk; warn when the
         checkpoints kept at once may not (fusion_titan/checkpoint/disk_space.py)."""

@@ -38,9 +38,9 @@ def kernel_ms(name: str, fn, calls: int = 3) -> float:
             fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    total_us = sum(getattr(e, "self_device_time_total", None) or e.self_cuda_time_total for e in events)
+    total_us = sum(e.self_device_time_total for e in events)  # self_cuda_time_total: gone in torch 2.11
     print(f"--- {name}: {total_us / calls / 1e3:.3f} ms of GPU kernels per call")
-    print(events.table(sort_by="self_cuda_time_total", row_limit=12))
+    print(events.table(sort_by="self_device_time_total", row_limit=12))
     return total_us / calls / 1e3
 
 

@@ -57,8 +57,12 @@ class GatedRMSNorm(nn.Module):
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    # x / sqrt(sum x^2 + eps), the convention of fla and Qwen3-Next.
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+    # x / sqrt(sum x^2 + eps), the convention of fla and Qwen3-Next: computed in float32 (float64
+    # stays float64) and returned in x's dtype, as fla does. Under autocast (one GPU, no FSDP)
+    # pow/sum/rsqrt run in float32 and would otherwise hand float32 q and k to the gated delta
+    # rule: its slow float32 path on one GPU, bf16 under FSDP.
+    xf = x if x.dtype == torch.float64 else x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class GatedDeltaNet(nn.Module):
