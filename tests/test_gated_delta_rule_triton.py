@@ -325,3 +325,25 @@ def test_gpu_auto_runs_triton_where_fla_is_unsafe():
     o_auto, _ = gated_delta_rule(*args, backend="auto")
     o_triton, _ = gated_delta_rule(*args, backend="triton")
     assert torch.equal(o_auto, o_triton)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_auto_under_compile_calls_the_triton_op():
+    """Inside a fullgraph compile "auto" must take our Triton op (fla would be a graph break,
+    the PyTorch form is slower), and the compiled call gives the eager op's output."""
+    (q, k, v, g, beta, _), _, _ = _bf16_case(B=1, T=130, H=2, seed=17)
+    args = [x.bfloat16().cuda() for x in (q, k, v)] + [g.float().cuda(), beta.bfloat16().cuda()]
+    graphs = []
+
+    def capture(gm, _example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: gated_delta_rule(*a, backend="auto")[0], backend=capture, fullgraph=True)
+    o_compiled = compiled(*args)
+    targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert any("gated_delta_rule_fwd" in t for t in targets), targets
+    o_triton, _ = gated_delta_rule(*args, backend="triton")
+    assert torch.equal(o_compiled, o_triton)
