@@ -82,6 +82,7 @@ SPEED_RUNS = {
     # the PyTorch form): keep as the default if faster
     "gdn_triton": ["--model.gdn_backend", "triton"],
     "group_align_1": ["--model.moe_group_align", "1"],
+    "combine_einsum": ["--model.moe_combine", "einsum"],  # the top-k combine before Session 8
     "cudagraphs": ["--compile.cudagraphs"],
     "batch_4": ["--training.local_batch_size", "4"],
     "deepseek_v3_batch_4": PEER_RUNS["deepseek_v3"],

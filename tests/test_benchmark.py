@@ -91,6 +91,7 @@ def test_speed_suite_overrides_parse_against_fusion_1b():
     assert seen["ours_main_today"].compile.granularity == "submodules"
     assert seen["cudagraphs"].compile.cudagraphs is True
     assert seen["group_align_1"].model.moe_group_align == 1
+    assert seen["combine_einsum"].model.moe_combine == "einsum"
     assert seen["cce_exact"].loss.cce_filter_eps == "off"
     assert seen["ours"].training.local_batch_size == 8
     assert seen["batch_4"].training.local_batch_size == 4

@@ -587,3 +587,55 @@ def test_grouped_mm_matches_loop_cuda(dtype, capacity_factor, dispatch):
 @pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
 def test_static_dispatch_inductor_fullgraph_cuda(capacity_factor):
     _compiled_equals_eager("cuda", "inductor", capacity_factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k combine: fused weighted sum vs batched matmul
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.75])
+def test_sum_combine_equals_einsum_combine(capacity_factor):
+    """The default "sum" combine gives the einsum form's output and gradients (float64; with
+    the capacity limit, dropped assignments carry zero weight in both)."""
+    x = torch.randn(2, 9, 12, dtype=torch.float64)
+    results = []
+    for combine in ("einsum", "sum"):
+        moe = make_moe(top_k=3, seed=4, combine=combine, capacity_factor=capacity_factor).train()
+        xi = x.clone().requires_grad_(True)
+        out = moe(xi)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                    [xi, *moe.parameters()])
+        results.append((out, grads))
+    (o_ref, g_ref), (o, g) = results
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_sum_combine_has_no_batched_matmul_in_forward_or_backward():
+    """What "sum" is for: inductor receives pointwise ops for the combine, not a bmm (cuBLAS's
+    batched kernels for 1 x k x dim products), in the forward and the backward graph."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def bmm_count(combine):
+        counts = []
+
+        def count(gm, _inputs):
+            counts.append(sum(n.target == torch.ops.aten.bmm.default for n in gm.graph.nodes))
+            return make_boxed_func(gm.forward)
+
+        torch._dynamo.reset()
+        moe = make_moe(top_k=3, seed=4, combine=combine, dtype=torch.float32).train()
+        fn = torch.compile(moe, backend=aot_autograd(fw_compiler=count, bw_compiler=count), fullgraph=True)
+        fn(torch.randn(2, 9, 12, requires_grad=True)).sum().backward()
+        return counts
+
+    assert bmm_count("sum") == [0, 0]
+    assert sum(bmm_count("einsum")) > 0  # the check can see the batched matmul
+
+
+def test_unknown_combine_is_refused():
+    with pytest.raises(ValueError, match="moe_combine = 'dot'"):
+        make_moe(combine="dot")

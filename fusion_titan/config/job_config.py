@@ -46,6 +46,7 @@ class Model:
     moe_aux_loss_weight: float | None = None
     moe_dispatch: str | None = None
     moe_group_align: int | None = None
+    moe_combine: str | None = None
     ffn_hidden_dim: int | None = None
     n_kv_heads: int | None = None
     head_dim: int | None = None

@@ -16,7 +16,7 @@ OVERRIDABLE_FIELDS = (
     "logit_softcap", "mup", "sliding_window", "attn_backend", "gdn_backend",
     "moe_bias_update_rate", "use_grouped_mm", "ssm_type", "moe_seq_aux_weight",
     "moe_capacity_factor", "layer_pattern", "residual", "moe_dispatch", "moe_group_align",
-    "moe_router", "moe_router_jitter", "moe_router_norm_topk", "moe_router_z_loss_weight",
+    "moe_combine", "moe_router", "moe_router_jitter", "moe_router_norm_topk", "moe_router_z_loss_weight",
     "moe_aux_loss", "moe_aux_loss_weight", "ffn_hidden_dim", "n_kv_heads", "head_dim",
     "qk_norm", "attn_gate", "rope_fraction", "attn_rope_theta", "attn_window",
     "block_sparse_block", "block_sparse_local", "block_sparse_global", "csa_stride",
@@ -103,6 +103,7 @@ class FusionModelArgs(BaseModelArgs):
     use_grouped_mm: bool = True  # used on CUDA only; CPU runs the per-expert loop
     moe_dispatch: str = "static"  # static (padded, sync-free, moe_dispatch.py) | legacy (torchtitan's)
     moe_group_align: int = 16  # static dispatch: rows per expert group padded to this multiple
+    moe_combine: str = "sum"  # top-k weighting of the expert outputs: sum (fused) | einsum (batched matmul)
 
     # The recurrent ("gdn") blocks' mixer: "gdn" = Gated DeltaNet, "mamba2" = the seed's legacy SSD
     ssm_type: str = "gdn"
