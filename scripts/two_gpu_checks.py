@@ -9,7 +9,9 @@ local batch, as 2 micro-batches on one GPU or one per GPU on two.
 
 - same: 1 GPU, FSDP 2 and FSDP 2 x EP 2 (the TOML's optimizer); per-step losses compared with
   the 1-GPU run (max relative difference) and plotted (same_losses.png).
-- throughput: the same three runs with NorMuon; per-GPU tokens/s of every run vs its 1-GPU run.
+- throughput: the same three runs with NorMuon; per-GPU tokens/s of every run vs its 1-GPU run,
+  and vs a 1-GPU run without accumulation (`one_gpu_no_accum`: one local batch per optimizer
+  step, the per-GPU work of a 2-GPU step; with "same" in --parts the AdamW runs get it too).
   Every run also reports, over the measured steps, the busiest expert-parallel rank's load over
   the ranks' mean (`moe/mean_max_over_mean_ep_rank_load`, EP runs: each MoE layer's all-to-all
   waits for that rank, so routing that drifts out of balance slows EP runs only) and the
@@ -29,7 +31,7 @@ Profiling one run's step (e.g. why NorMuon loses more than AdamW to expert paral
 
     python scripts/two_gpu_checks.py --profile fsdp2_ep2_normuon [--steps 12] [--flat] [--out DIR]
 
-`--profile RUN` (one_gpu, fsdp2 or fsdp2_ep2, with `_normuon` for NorMuon; comma-separate
+`--profile RUN` (one_gpu, one_gpu_no_accum, fsdp2 or fsdp2_ep2, with `_normuon` for NorMuon; comma-separate
 several) trains that run from the seed checkpoint with torchtitan's profiler on step
 `steps - 1` and writes `profile_<RUN>.md` at the top of --out, per rank: step time, GPU-busy
 time, the optimizer step's host time and the GPU time / count of the kernels it launched, NCCL
@@ -65,18 +67,23 @@ from fusion_titan.training.tb_scalars import read_all_scalars  # noqa: E402
 
 EP2 = ["--parallelism.expert_parallel_degree", "2"]
 NORMUON = ["--optimizer.name", "NorMuon"]
-# run name -> (GPUs, overrides); "<name>_normuon" is the same run with NorMuon
-RUNS = {"one_gpu": (1, []), "fsdp2": (2, []), "fsdp2_ep2": (2, EP2)}
+# run name -> (GPUs, local batches per optimizer step, overrides); "<name>_normuon" is the same
+# run with NorMuon. one_gpu trains the 2-GPU runs' global batch as 2 micro-batches (the same
+# losses); one_gpu_no_accum trains one local batch per optimizer step, the work each GPU of a
+# 2-GPU run does between optimizer steps: per-GPU throughput at the same per-GPU work, where
+# per-step costs (the optimizer step, above all NorMuon's) fall on the same tokens.
+RUNS = {"one_gpu": (1, 2, []), "one_gpu_no_accum": (1, 1, []), "fsdp2": (2, 2, []),
+        "fsdp2_ep2": (2, 2, EP2)}
 
 
-def named_run(name: str) -> tuple[int, list[str]]:
-    """(GPUs, overrides) of a run name of the same / throughput parts."""
+def named_run(name: str) -> tuple[int, int, list[str]]:
+    """(GPUs, local batches per optimizer step, overrides) of a run of the same / throughput parts."""
     base, normuon = (name[:-len("_normuon")], True) if name.endswith("_normuon") else (name, False)
     if base not in RUNS:
         choices = ", ".join(f"{n}, {n}_normuon" for n in RUNS)
         raise SystemExit(f"--profile {name}: unknown run; choose from {choices}")
-    ngpu, extra = RUNS[base]
-    return ngpu, (NORMUON if normuon else []) + extra
+    ngpu, batches, extra = RUNS[base]
+    return ngpu, batches, (NORMUON if normuon else []) + extra
 
 
 class Runner:
@@ -85,11 +92,12 @@ class Runner:
         self.out = ROOT / args.out
         self.seed = self.out / "seed" / "checkpoint" / "step-0"
 
-    def command(self, dump: Path, extra: list[str]) -> list[str]:
+    def command(self, dump: Path, extra: list[str], batches: int = 2) -> list[str]:
+        """The trainer's command line; the global batch is `batches` local batches."""
         a = self.args
         return ["./run_train.sh", "--job.dump_folder", str(dump), "--training.steps", str(a.steps),
                 "--metrics.log_freq", "1", "--training.local_batch_size", str(a.local_batch),
-                "--training.global_batch_size", str(2 * a.local_batch), *a.extra, *extra]
+                "--training.global_batch_size", str(batches * a.local_batch), *a.extra, *extra]
 
     def env(self, ngpu: int) -> dict:
         return dict(os.environ, CONFIG_FILE=self.args.config, NGPU=str(ngpu), PYTHONUNBUFFERED="1")
@@ -119,13 +127,13 @@ class Runner:
         return dump
 
     def train(self, name: str, ngpu: int, extra: list[str], dump: Path | None = None,
-              kill_at: Path | None = None) -> dict:
+              kill_at: Path | None = None, batches: int = 2) -> dict:
         """One run; with kill_at, SIGKILL the whole run as soon as that folder appears."""
         dump = dump or self.prepare(name)
         t0 = time.time()
         log_path = dump / f"{name}.log"
         with open(log_path, "w") as log_file:
-            proc = subprocess.Popen(self.command(dump, extra), cwd=ROOT, env=self.env(ngpu),
+            proc = subprocess.Popen(self.command(dump, extra, batches), cwd=ROOT, env=self.env(ngpu),
                                     stdout=log_file, stderr=subprocess.STDOUT)
             killed = None
             if kill_at is not None:
@@ -298,20 +306,27 @@ def run_parts(args, runner: Runner, parts: set[str], profiled: list[str]) -> Non
 
     if "same" in parts or "throughput" in parts:
         tags = ([""] if "same" in parts else []) + (["_normuon"] if "throughput" in parts else [])
+        def run(name: str) -> dict:
+            ngpu, batches, extra = named_run(name)
+            return runner.train(name, ngpu, from_seed + extra, batches=batches)
+
         for tag in tags:
-            one = runner.train(f"one_gpu{tag}", 1, from_seed + named_run(f"one_gpu{tag}")[1])
+            one = run(f"one_gpu{tag}")
             rows = [one]
+            # throughput: also the 1-GPU run of the same per-GPU work (no accumulation)
+            no_accum = run(f"one_gpu_no_accum{tag}") if "throughput" in parts else None
+            rows += [no_accum] if no_accum else []
             for name in (f"fsdp2{tag}", f"fsdp2_ep2{tag}"):
-                ngpu, extra = named_run(name)
-                r = runner.train(name, ngpu, from_seed + extra)
+                r = run(name)
                 r["max_rel_loss_vs_1gpu"] = max_rel(r["losses"], one["losses"], all_steps)
-                if r["tps_per_gpu"] and one["tps_per_gpu"]:
-                    r["tps_per_gpu_vs_1gpu"] = r["tps_per_gpu"] / one["tps_per_gpu"]
+                for key, ref in (("tps_per_gpu_vs_1gpu", one), ("tps_per_gpu_vs_1gpu_no_accum", no_accum)):
+                    if ref and r["tps_per_gpu"] and ref["tps_per_gpu"]:
+                        r[key] = r["tps_per_gpu"] / ref["tps_per_gpu"]
                 rows.append(r)
             report["runs"] += rows
             save()
             if not tag:
-                plot(rows, runner.out / "same_losses.png")
+                plot([r for r in rows if r is not no_accum], runner.out / "same_losses.png")
 
     every = max(1, args.steps // 4)
     ckpt = ["--checkpoint.enable", "--checkpoint.interval", str(every),
@@ -347,9 +362,9 @@ def run_parts(args, runner: Runner, parts: set[str], profiled: list[str]) -> Non
         save()
 
     for name in profiled:
-        ngpu, extra = named_run(name)
+        ngpu, batches, extra = named_run(name)
         dump = runner.out / f"{name}_profile"
-        r = runner.train(dump.name, ngpu, from_seed + extra + profiler_overrides(args.steps))
+        r = runner.train(dump.name, ngpu, from_seed + extra + profiler_overrides(args.steps), batches=batches)
         summary = summarize_ranks(dump / PROFILE_FOLDER)
         (runner.out / f"profile_{name}.md").write_text(format_ranks(
             f"{name}: one profiled step (step {args.steps - 1} of {args.steps}), {ngpu} GPU(s), "
@@ -362,15 +377,16 @@ def run_parts(args, runner: Runner, parts: set[str], profiled: list[str]) -> Non
         save()
 
     save()
-    print("\n| run | GPUs | starts at | tokens/s per GPU | x 1 GPU | peak GiB | max rel loss diff "
-          "| EP-rank load max/mean | alloc retries |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| run | GPUs | starts at | tokens/s per GPU | x 1 GPU | x 1 GPU, no accumulation "
+          "| peak GiB | max rel loss diff | EP-rank load max/mean | alloc retries |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report["runs"]:
         diff = next((r[k] for k in ("max_rel_loss_vs_1gpu", "max_rel_loss_vs_uninterrupted",
                                     "max_rel_loss_vs_writer") if r.get(k) is not None), None)
         tps = f"{r['tps_per_gpu']:.0f}" if r.get("tps_per_gpu") else "n/a"
-        ratio = f"{r['tps_per_gpu_vs_1gpu']:.2f}" if r.get("tps_per_gpu_vs_1gpu") else ""
-        print(f"| {r['name']} | {r['ngpu']} | {r.get('starts_at')} | {tps} | {ratio} | "
+        ratio, ratio_no_accum = (f"{r[k]:.2f}" if r.get(k) else ""
+                                 for k in ("tps_per_gpu_vs_1gpu", "tps_per_gpu_vs_1gpu_no_accum"))
+        print(f"| {r['name']} | {r['ngpu']} | {r.get('starts_at')} | {tps} | {ratio} | {ratio_no_accum} | "
               f"{r.get('peak_gib')} | {'' if diff is None else f'{diff:.2e}'} | "
               f"{r.get('ep_rank_load_max_over_mean', '')} | {r.get('alloc_retries', '')} |"
               + (f" killed: {r['killed']}" if "killed" in r else "")

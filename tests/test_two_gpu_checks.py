@@ -18,14 +18,22 @@ def test_run_names_give_gpus_and_overrides_that_parse():
     from torchtitan.config import ConfigManager
 
     script = _script()
-    assert script.named_run("fsdp2") == (2, [])
-    ngpu, extra = script.named_run("fsdp2_ep2_normuon")
-    assert ngpu == 2
+    assert script.named_run("fsdp2") == (2, 2, [])
+    ngpu, batches, extra = script.named_run("fsdp2_ep2_normuon")
+    assert (ngpu, batches) == (2, 2)
+    runner = script.Runner(SimpleNamespace(out="outputs/x", steps=3, local_batch=4, extra=[]))
+    cmd = runner.command(Path("d"), ["--checkpoint.enable", "--checkpoint.load_only", *extra], batches)
     cfg = ConfigManager().parse_args(
-        ["--job.config_file", str(ROOT / "train_configs" / "fusion_1b.toml"), *extra,
-         "--checkpoint.enable", "--checkpoint.load_only"])
+        ["--job.config_file", str(ROOT / "train_configs" / "fusion_1b.toml"), *cmd[1:]])
     assert cfg.optimizer.name == "NorMuon" and cfg.parallelism.expert_parallel_degree == 2
     assert cfg.checkpoint.enable and cfg.checkpoint.load_only  # loads the seed, saves nothing
+    assert (cfg.training.local_batch_size, cfg.training.global_batch_size) == (4, 8)
+    # the 1-GPU reference of the same per-GPU work: one local batch per optimizer step
+    ngpu, batches, extra = script.named_run("one_gpu_no_accum_normuon")
+    cfg = ConfigManager().parse_args(["--job.config_file", str(ROOT / "train_configs" / "fusion_1b.toml"),
+                                      *runner.command(Path("d"), extra, batches)[1:]])
+    assert ngpu == 1 and cfg.training.global_batch_size == cfg.training.local_batch_size == 4
+    assert cfg.optimizer.name == "NorMuon"
     with pytest.raises(SystemExit, match="unknown run"):
         script.named_run("fsdp4")
 
