@@ -505,3 +505,25 @@ def test_fsdp2_two_ranks_equal_one_process():
     torch.manual_seed(0)
     init = _Tiny()
     assert not torch.allclose(expected["normuon/fc1.weight"], init.fc1.weight)
+
+
+def test_cautious_mask_means_keep_the_parameters_order_across_meshes(tmp_path):
+    """The mask means are computed mesh by mesh in a regrouped order (one all-reduce per mesh):
+    each must come back to its own parameter, DTensors of two meshes and plain tensors mixed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh_a, mesh_b = init_device_mesh("cpu", (1,)), init_device_mesh("cpu", (1,), mesh_dim_names=("b",))
+        gen = torch.Generator().manual_seed(3)
+        masks = [(torch.rand(n, generator=gen) > 0.5).float() for n in (7, 5, 9, 4, 6)]
+        meshes = [mesh_a, None, mesh_b, mesh_a, None]
+        params = [torch.zeros(m.shape) if mesh is None
+                  else distribute_tensor(torch.zeros(m.shape), mesh, [Replicate()]) for m, mesh in zip(masks, meshes)]
+        means = CautiousAdamW._global_means(masks, params)
+        for got, m in zip(means, masks):
+            assert got.item() == pytest.approx(m.mean().item())
+    finally:
+        dist.destroy_process_group()

@@ -21,6 +21,7 @@ divided by the global element count, so 1 and N ranks give the same step even wi
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterable
 
@@ -105,7 +106,7 @@ class CautiousAdamW(GroupSteppingOptimizer):
             mask = self._positive(update, gs)
             kept = self._global_means(mask, params)
             torch._foreach_mul_(update, mask)
-            torch._foreach_div_(update, [k.clamp(min=1e-3) for k in kept])
+            torch._foreach_div_(update, torch._foreach_clamp_min(kept, 1e-3))
             del mask
 
         if wd != 0.0:
@@ -133,18 +134,32 @@ class CautiousAdamW(GroupSteppingOptimizer):
     def _global_means(masks: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Mean of each 0/1 mask over its whole (unsharded) parameter.
 
-        Local sums of all tensors in one stacked vector; DTensor parameters add the other
-        shards' sums with one all-reduce per distinct mesh (explicit global sum / global count,
-        exact for uneven shards), not one per tensor."""
-        sums = torch.stack(torch._foreach_norm(masks, 1)).float()  # |0/1| summed = count
-        by_mesh: dict[int, list[int]] = {}
-        for i, p in enumerate(params):
+        Local sums of all tensors in one stacked vector, ordered so that the DTensor parameters
+        of each mesh are one contiguous slice; each such slice adds the other shards' sums with
+        one all-reduce (explicit global sum / global count, exact for uneven shards), not one
+        per tensor. No index or count tensor is built from Python lists: on CUDA each would be
+        a host-to-device copy from pageable memory, which waits for the GPU to drain."""
+        meshes: dict[int, int] = {}  # id(mesh) -> order of first appearance
+        for p in params:
             if isinstance(p, DTensor):
-                by_mesh.setdefault(id(p.device_mesh), []).append(i)
-        for members in by_mesh.values():
-            p0 = params[members[0]]
-            part = DTensor.from_local(sums[members], p0.device_mesh, [Partial()] * p0.device_mesh.ndim,
-                                      run_check=False)
-            sums[members] = part.full_tensor()
-        counts = torch.tensor([float(p.numel()) for p in params], device=sums.device)
-        return list((sums / counts).unbind())
+                meshes.setdefault(id(p.device_mesh), len(meshes))
+
+        def mesh_rank(i: int) -> int:  # plain tensors last
+            p = params[i]
+            return meshes[id(p.device_mesh)] if isinstance(p, DTensor) else len(meshes)
+
+        order = sorted(range(len(params)), key=mesh_rank)
+        sums = torch.stack(torch._foreach_norm([masks[i] for i in order], 1)).float()  # |0/1| = count
+        first = 0
+        for key, run in itertools.groupby(order, key=mesh_rank):
+            last = first + len(list(run))
+            if key < len(meshes):
+                mesh = params[order[first]].device_mesh
+                part = DTensor.from_local(sums[first:last], mesh, [Partial()] * mesh.ndim, run_check=False)
+                sums[first:last] = part.full_tensor()
+            first = last
+        means = torch._foreach_div(list(sums.unbind()), [float(params[i].numel()) for i in order])
+        out: list[torch.Tensor] = [means[0]] * len(params)
+        for j, i in enumerate(order):
+            out[i] = means[j]
+        return out
