@@ -76,6 +76,23 @@ def test_two_ranks_log_the_losses_of_one(optimizer, split, one_rank, seed_checkp
 
 
 @pytest.mark.slow
+def test_two_ranks_with_blocks_compiled_under_fsdp_log_the_losses_of_one(one_rank, seed_checkpoint, tmp_path):
+    """FSDP 2 with each block's forward compiled (its all-gather / reshard hooks around the
+    compiled region): the losses of 1 uncompiled rank. Dynamo with its eager backend (CPU:
+    inductor would take minutes; the CPU's per-expert loop gives graph breaks, fullgraph is the
+    GPU's path, tests/test_compile_blocks.py)."""
+    reference = one_rank("AdamW")
+    shutil.copytree(seed_checkpoint, tmp_path / "checkpoint" / "step-0")
+    log = launch(tmp_path, *_optimizer_args("AdamW"), *SPLITS["fsdp2"]["args"], "--compile.enable",
+                 "--compile.backend", "eager", nproc=2, timeout=1200)
+    assert "Compiled 7 blocks whole" in log and "compiling submodules" not in log
+    losses = tb_losses(tmp_path)
+    got = [losses[s] for s in range(1, STEPS + 1)]
+    rel = [abs(a - b) / abs(b) for a, b in zip(got, reference)]
+    assert max(rel) < REL, f"compiled FSDP 2 vs 1 rank, per step: {got} vs {reference} ({rel})"
+
+
+@pytest.mark.slow
 def test_four_ranks_fsdp2_ep2_normuon_log_the_losses_of_one(seed_checkpoint, tmp_path):
     """4 ranks, FSDP 2 x expert parallel 2 (experts over "ep", their FSDP over 2 more ranks):
     owner-sharded NorMuon gives each of 4 ranks its share of the matrices; the losses are those

@@ -116,18 +116,19 @@ def block_fullgraph_blocker(block: nn.Module) -> str:
 
 
 def apply_compile(model: nn.Module, backend: str, granularity: str = "block",
-                  cudagraphs: bool = False, sharded: bool = False) -> None:
+                  cudagraphs: bool = False, sharded: bool = False, expert_parallel: bool = False) -> None:
     """torch.compile with static shapes (dynamic=False).
 
     granularity "block": each block as one compiled region, activation-checkpointing wrapper
     included (its recompute then runs inside the compiled backward), the MoE dispatch with it:
     fullgraph where nothing in the block reads device values on the host
-    (`block_fullgraph_blocker`), else the same region with graph breaks. Blocks are compiled in
-    place (module.compile: parameter names unchanged), so FSDP's hooks, registered on the block
-    afterwards, would run inside the compiled region: with FSDP or EP (sharded) the submodules
-    granularity is used instead. "submodules": the norms, the mixer, the router and the shared /
-    dense FFNs compiled one by one, the MoE dispatch and expert GEMMs eager (the behaviour
-    before the static dispatch).
+    (`block_fullgraph_blocker`), else the same region with graph breaks. Each block's `forward`
+    is compiled, not its module call: the hooks FSDP registers on the block afterwards (all-gather
+    before, reshard after) run outside the compiled region, as around torchtitan's compiled-block
+    wrapper, and parameter names are unchanged. With expert parallel the submodules granularity is
+    used instead (its all-to-alls read their split sizes on the host: the dispatch cannot be one
+    graph). "submodules": the norms, the mixer, the router and the shared / dense FFNs compiled one
+    by one, the MoE dispatch and expert GEMMs eager (the behaviour before the static dispatch).
 
     cudagraphs: inductor's "reduce-overhead" mode (CUDA graph trees) per block, to remove the
     kernel-launch overhead; only where every block is one graph and nothing moves parameters
@@ -148,15 +149,16 @@ def apply_compile(model: nn.Module, backend: str, granularity: str = "block",
     units = _block_units(model)
     why_not_fullgraph = {unit: block_fullgraph_blocker(_unwrap(unit)) for unit in units}
     blockers = {why for why in why_not_fullgraph.values() if why}
-    if sharded:
-        blockers.add("FSDP / expert parallel (parameters and hooks change between steps)")
-    if cudagraphs and (blockers or backend != "inductor" or granularity != "block"):
-        why = "; ".join(sorted(blockers)) or f"backend {backend!r}, granularity {granularity!r}"
+    no_graphs = blockers | ({"FSDP / expert parallel (parameters and hooks change between steps)"}
+                            if sharded else set())
+    if cudagraphs and (no_graphs or backend != "inductor" or granularity != "block"):
+        why = "; ".join(sorted(no_graphs)) or f"backend {backend!r}, granularity {granularity!r}"
         raise ValueError(f"[compile] cudagraphs = true cannot apply here ({why}): it needs "
                          "granularity = \"block\", the inductor backend and every block one graph "
                          "on one device. Set cudagraphs = false.")
-    if granularity == "block" and sharded:
-        logger.info("[compile] granularity = block is single-device only: compiling submodules")
+    if granularity == "block" and expert_parallel:
+        logger.info("[compile] granularity = block does not apply with expert parallel (host-read "
+                    "all-to-all split sizes): compiling submodules")
         granularity = "submodules"
     if granularity == "submodules":
         for block in _all_blocks(model):
@@ -172,7 +174,7 @@ def apply_compile(model: nn.Module, backend: str, granularity: str = "block",
         return
     mode = dict(mode="reduce-overhead") if cudagraphs else {}
     for unit in units:
-        unit.compile(**static, fullgraph=not why_not_fullgraph[unit], **mode)
+        unit.forward = torch.compile(unit.forward, **static, fullgraph=not why_not_fullgraph[unit], **mode)
     logger.info(f"Compiled {len(units)} blocks whole (dynamic=False"
                 + (", CUDA graphs" if cudagraphs else "") + ")"
                 + (f"; with graph breaks because of {'; '.join(sorted(blockers))}" if blockers else
@@ -242,7 +244,7 @@ def parallelize_fusion(model: nn.Module, parallel_dims, job_config) -> nn.Module
         apply_compile(model, job_config.compile.backend,
                       granularity=getattr(job_config.compile, "granularity", "block"),
                       cudagraphs=getattr(job_config.compile, "cudagraphs", False),
-                      sharded=sharded)
+                      sharded=sharded, expert_parallel=parallel_dims.ep_enabled)
 
     if parallel_dims.fsdp_enabled or parallel_dims.ep_enabled:
         apply_fsdp(model, parallel_dims, job_config, on_cpu)
