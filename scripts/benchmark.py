@@ -78,13 +78,14 @@ SPEED_RUNS = {
     "dispatch_legacy": ["--model.moe_dispatch", "legacy"],
     "compile_submodules": ["--compile.granularity", "submodules"],
     "gdn_torch": ["--model.gdn_backend", "torch"],
-    # our Triton kernels inside the compiled blocks (custom ops since Session 7; "auto" compiles
-    # the PyTorch form): keep as the default if faster
+    # = ours since Session 8 ("auto" takes the Triton custom ops under compile); gdn_torch toggles back
     "gdn_triton": ["--model.gdn_backend", "triton"],
     "group_align_1": ["--model.moe_group_align", "1"],
     "combine_einsum": ["--model.moe_combine", "einsum"],  # the top-k combine before Session 8
     "cudagraphs": ["--compile.cudagraphs"],
     "batch_4": ["--training.local_batch_size", "4"],
+    # the H200's 141 GB: each model at its largest batch there (the peer's is 8, at 134 GiB)
+    "batch_16": ["--training.local_batch_size", "16"],
     "deepseek_v3_batch_4": PEER_RUNS["deepseek_v3"],
     "cce_exact": ["--loss.cce_filter_eps", "off"],
     "cce_eps_1e-3": ["--loss.cce_filter_eps", "1e-3"],

@@ -95,6 +95,7 @@ def test_speed_suite_overrides_parse_against_fusion_1b():
     assert seen["cce_exact"].loss.cce_filter_eps == "off"
     assert seen["ours"].training.local_batch_size == 8
     assert seen["batch_4"].training.local_batch_size == 4
+    assert seen["batch_16"].training.local_batch_size == 16
     assert seen["deepseek_v3_batch_4"].training.local_batch_size == 4
     assert seen["deepseek_v3_batch_4"].model.name == "deepseek_v3_peer"
 
