@@ -61,8 +61,8 @@ class FusionTrainer(Trainer):
 
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
         if getattr(self.job_config.compile, "cudagraphs", False):
-            # CUDA graph trees reuse a graph's memory on its next replay; a new step each
-            # micro-batch tells them the previous one's outputs are done with
+            # CUDA graph trees reuse a graph's memory on its next replay: mark each step's start
+            # (one micro-batch per step: preflight refuses cudagraphs with accumulation)
             torch.compiler.cudagraph_mark_step_begin()
         return super().forward_backward_step(input_dict=input_dict, labels=labels,
                                              global_valid_tokens=global_valid_tokens)

@@ -84,7 +84,7 @@ SPEED_RUNS = {
     "combine_einsum": ["--model.moe_combine", "einsum"],  # the top-k combine before Session 8
     "cudagraphs": ["--compile.cudagraphs"],
     "batch_4": ["--training.local_batch_size", "4"],
-    # the H200's 141 GB: each model at its largest batch there (the peer's is 8, at 134 GiB)
+    # more of the H200's 141 GB for ours (the peer's batch 8 takes 134 GiB; 16 is not measured)
     "batch_16": ["--training.local_batch_size", "16"],
     "deepseek_v3_batch_4": PEER_RUNS["deepseek_v3"],
     "cce_exact": ["--loss.cce_filter_eps", "off"],

@@ -75,3 +75,13 @@ def test_a_finished_run_stops_and_says_how_to_go_on(tmp_path):
     # the ways out it names work
     preflight(parse("--job.dump_folder", str(tmp_path), "--training.steps", "6", "--checkpoint.no-enable"))
     preflight(parse("--job.dump_folder", str(tmp_path / "fresh"), "--training.steps", "6"))
+
+
+def test_cudagraphs_with_gradient_accumulation_is_refused():
+    """A CUDA graph replay would overwrite the earlier micro-batches' gradients."""
+    with pytest.raises(ConfigError, match=r"cudagraphs = true cannot run with gradient accumulation \(2"):
+        preflight(parse("--compile.cudagraphs", "--training.local_batch_size", "4",
+                        "--training.global_batch_size", "8", "--checkpoint.no-enable"))
+    # one micro-batch per step: allowed (the compile-time checks decide the rest)
+    preflight(parse("--compile.cudagraphs", "--training.local_batch_size", "8",
+                    "--training.global_batch_size", "8", "--checkpoint.no-enable"))

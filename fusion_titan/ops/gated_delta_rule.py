@@ -342,11 +342,11 @@ def gated_delta_rule(
     "fla" -> fla (raises if unsafe/unavailable); "auto" -> on CUDA, fla when safe and in
     bf16/fp16 (the dtypes fla's kernels target), else our Triton kernels (float64: PyTorch);
     on CPU the PyTorch form. A runtime failure of fla in "auto" mode warns once and falls back.
-    Under torch.compile "auto" takes our Triton kernels on CUDA: they are two custom ops (forward,
-    backward) that the compiled graph calls without a graph break, so the whole-block (fullgraph)
-    compile takes them, while fla is compiler-disabled (a graph break). Measured on an H200
-    (fusion_1b, docs/performance.md): 2.2% more tokens/s and 1.8 GiB less than the PyTorch form
-    compiled into the block.
+    Under torch.compile "auto" takes our Triton kernels on CUDA for bf16/fp16 (float32: the
+    PyTorch form): they are two custom ops (forward, backward) that the compiled graph calls
+    without a graph break, so the whole-block (fullgraph) compile takes them, while fla is
+    compiler-disabled (a graph break). Measured on an H200 (fusion_1b, docs/performance.md):
+    1.6-2.2% more tokens/s and 1.8 GiB less than the PyTorch form compiled into the block.
     """
     if backend not in ("auto", "torch", "triton", "fla"):
         raise ValueError(f"unknown gated_delta_rule backend {backend!r} (use 'auto', 'torch', 'triton' or 'fla')")
@@ -363,11 +363,15 @@ def gated_delta_rule(
         if not ok:
             raise RuntimeError(f"gated_delta_rule backend='fla' requested but unusable: {reason}")
         return _fla_chunk(q, k, v, g, beta, scale, initial_state, output_final_state)
-    if not q.is_cuda or q.dtype == torch.float64:
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    if not q.is_cuda or q.dtype == torch.float64 or (compiling and not half):
+        # float32 under compile: the Triton kernels' float32 path (ieee products) took minutes
+        # to compile inside a training run (docs/performance.md, Session 8); keep the form
+        # inductor compiles into the block
         return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
     if compiling:
         return _triton_chunk(q, k, v, g, beta, scale, initial_state, output_final_state)
-    use_fla = q.dtype in (torch.bfloat16, torch.float16) and not _fla_failed and fla_is_safe()[0]
+    use_fla = half and not _fla_failed and fla_is_safe()[0]
     if use_fla:
         return _fla_or_fallback(q, k, v, g, beta, scale, initial_state, output_final_state)
     return _triton_chunk(q, k, v, g, beta, scale, initial_state, output_final_state)

@@ -42,6 +42,23 @@ def check_validation(job_config, max_seq_len: int) -> None:
         )
 
 
+def check_cudagraphs(job_config, world: int) -> None:
+    """CUDA graph trees replay a graph over the memory of its previous outputs. With gradient
+    accumulation the first micro-batch's parameter gradients are outputs of the backward graph
+    that autograd keeps as .grad: the next micro-batch's replay would overwrite them."""
+    training = job_config.training
+    if not getattr(job_config.compile, "cudagraphs", False) or training.global_batch_size <= 0:
+        return
+    accumulation = training.global_batch_size // (training.local_batch_size * world)
+    if accumulation > 1:
+        raise ConfigError(
+            f"[compile] cudagraphs = true cannot run with gradient accumulation ({accumulation} "
+            f"micro-batches per step: global_batch_size {training.global_batch_size}, "
+            f"local_batch_size {training.local_batch_size}, {world} rank(s)): the CUDA graphs "
+            "would overwrite the gradients of the earlier micro-batches. Set cudagraphs = false, "
+            "or global_batch_size = local_batch_size x ranks.")
+
+
 def start_line(job_config) -> str:
     """Where the run starts (fresh, from initial weights, or resuming); ConfigError if it is done."""
     ckpt, steps = job_config.checkpoint, job_config.training.steps
@@ -90,4 +107,5 @@ def preflight(job_config) -> str:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         check_validation(job_config, args.max_seq_len)
+        check_cudagraphs(job_config, world)
     return start_line(job_config)

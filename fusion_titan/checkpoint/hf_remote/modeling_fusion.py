@@ -184,7 +184,9 @@ class ShortConv(nn.Module):
 
 
 def _l2norm(x, eps: float = 1e-6):
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+    # in float32 (float64 stays), returned in x's dtype: as the trained model computes it
+    xf = x if x.dtype == torch.float64 else x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class GatedDeltaNet(nn.Module):
