@@ -5,9 +5,6 @@ one the GPU runs; fullgraph=True turns any graph break (a host sync) into an err
 """
 
 import copy
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +13,8 @@ from fusion_titan.infra.parallelize import apply_compile, block_fullgraph_blocke
 from fusion_titan.model.flavors import FLAVORS
 from fusion_titan.model.model import FusionModel
 from fusion_titan.model.moe import DeepSeekMoE
-from fusion_titan.training.tb_scalars import read_scalars
 from tiny_models import loss_grads_and_load
-
-ROOT = Path(__file__).resolve().parents[1]
+from trainer_runs import launch, tb_losses
 
 
 # dynamo + autograd only: fullgraph proves no graph break (inductor on 2 CPU cores takes ~9 min;
@@ -79,13 +74,9 @@ def test_gpu_trainer_with_cudagraphs_logs_the_losses_of_the_compiled_run(tmp_pat
     losses = {}
     for name, extra in (("plain", []), ("graphs", ["--compile.cudagraphs"])):
         dump = tmp_path / name
-        cmd = ["./run_train.sh", "--job.dump_folder", str(dump), "--metrics.log_freq", "1",
-               "--training.steps", "4", "--debug.seed", "0", "--compile.enable",
-               "--checkpoint.no-enable", *extra]
-        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, NGPU="1"), capture_output=True,
-                              text=True, timeout=900)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-        losses[name] = read_scalars(dump, "loss_metrics/global_avg_loss")
+        launch(dump, "--training.steps", "4", "--debug.seed", "0", "--compile.enable",
+               "--checkpoint.no-enable", *extra, cpu=False)
+        losses[name] = tb_losses(dump)
     assert sorted(losses["graphs"]) == [1, 2, 3, 4]
     for step, want in losses["plain"].items():
         assert losses["graphs"][step] == pytest.approx(want, rel=1e-3), (step, losses)

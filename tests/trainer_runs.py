@@ -15,9 +15,12 @@ SEEDED = ("--debug.seed", "0")
 
 
 def launch(dump: Path, *args: str, nproc: int = 1, config: str | None = None, timeout: int = 900,
-           expect_ok: bool = True) -> str:
-    """./run_train.sh on CPU into `dump` (logging every step) with `args`; the combined log."""
-    env = dict(os.environ, NGPU=str(nproc), FUSION_FORCE_CPU="1", PYTHONUNBUFFERED="1")
+           expect_ok: bool = True, cpu: bool = True) -> str:
+    """./run_train.sh into `dump` (logging every step) with `args`, on CPU unless cpu=False (a
+    GPU test); the combined log."""
+    env = dict(os.environ, NGPU=str(nproc), PYTHONUNBUFFERED="1")
+    if cpu:
+        env["FUSION_FORCE_CPU"] = "1"
     if config is not None:
         env["CONFIG_FILE"] = config
     cmd = ["./run_train.sh", "--job.dump_folder", str(dump), "--metrics.log_freq", "1", *args]
