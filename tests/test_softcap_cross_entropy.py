@@ -119,6 +119,20 @@ def test_impl_resolution():
         resolve_ce_impl("triton", on_cuda=True, need_extras=False)
 
 
+def test_float32_runs_do_not_take_cut_cross_entropy(monkeypatch):
+    """cut-cross-entropy's backward asserts bf16/fp16 operands: auto takes Liger or the chunked op
+    for a float32 head, and an explicit 'cce' is refused before the first step."""
+    from fusion_titan.ops import softcap_cross_entropy as ce
+
+    monkeypatch.setattr(ce, "_library_available", lambda name: name == "cce")
+    assert ce.resolve_ce_impl("auto", on_cuda=True, need_extras=False) == "cce"
+    assert ce.resolve_ce_impl("auto", on_cuda=True, need_extras=False, low_precision=False) == "chunked"
+    monkeypatch.setattr(ce, "_library_available", lambda name: True)
+    assert ce.resolve_ce_impl("auto", on_cuda=True, need_extras=False, low_precision=False) == "liger"
+    with pytest.raises(ValueError, match="mixed_precision_param"):
+        ce.resolve_ce_impl("cce", on_cuda=True, need_extras=False, low_precision=False)
+
+
 def test_cce_filter_eps_option():
     from fusion_titan.ops.softcap_cross_entropy import cce_filter_eps
 

@@ -20,6 +20,7 @@ from torchtitan.protocols.model import ModelProtocol
 
 from ..ops.softcap_cross_entropy import (
     IGNORE_INDEX,
+    head_kernel_dtype,
     library_linear_cross_entropy,
     linear_softcap_cross_entropy,
     resolve_ce_impl,
@@ -119,7 +120,8 @@ class FusionModel(ModelProtocol):
         """
         h, y = normed_hidden.flatten(0, 1), labels.flatten()
         args = self.model_args
-        impl = resolve_ce_impl(args.ce_impl, h.is_cuda, need_extras=args.z_loss)
+        impl = resolve_ce_impl(args.ce_impl, h.is_cuda, need_extras=args.z_loss,
+                               low_precision=head_kernel_dtype(h) in (torch.bfloat16, torch.float16))
         if impl != "chunked":
             return library_linear_cross_entropy(impl, h, self.output_weight, y, args.logit_softcap,
                                                 self.logit_scale, args.cce_filter_eps), None, None

@@ -145,17 +145,19 @@ def _library_available(name: str) -> bool:
     return True
 
 
-def resolve_ce_impl(impl: str, on_cuda: bool, need_extras: bool) -> str:
+def resolve_ce_impl(impl: str, on_cuda: bool, need_extras: bool, low_precision: bool = True) -> str:
     """auto: cut-cross-entropy, else Liger-Kernel, on CUDA when installed; our chunked op otherwise.
 
     The library kernels give neither the z-loss nor the top-1 hit count, so runs that need them
     (z-loss on, or MTP accuracy) with impl = auto fall back to the chunked op for those calls.
+    low_precision: the head's operands reach the kernel in bf16/fp16 (cut-cross-entropy's
+    backward accepts nothing else, so float32 runs take Liger or the chunked op).
     """
     if impl not in CE_IMPLS:
         raise ValueError(f"[loss] ce_impl = {impl!r}: choose one of {CE_IMPLS}")
     if impl == "auto":
         if on_cuda and not need_extras:
-            for name in ("cce", "liger"):
+            for name in ("cce", "liger") if low_precision else ("liger",):
                 if _library_available(name):
                     return name
         return "chunked"
@@ -164,6 +166,10 @@ def resolve_ce_impl(impl: str, on_cuda: bool, need_extras: bool) -> str:
             raise ValueError(f"[loss] ce_impl = {impl!r} needs CUDA tensors; use 'chunked' or 'auto'")
         if need_extras:
             raise ValueError(f"[loss] ce_impl = {impl!r} gives no z-loss / hit count; use 'chunked' or 'auto'")
+        if impl == "cce" and not low_precision:
+            raise ValueError("[loss] ce_impl = 'cce': cut-cross-entropy's backward needs bf16/fp16 "
+                             "operands and this run computes in float32; use 'auto' or 'chunked', or "
+                             "train in bf16 ([training] mixed_precision_param = \"bfloat16\")")
         if not _library_available(impl):
             package = "cut-cross-entropy" if impl == "cce" else "liger-kernel"
             raise ImportError(f"[loss] ce_impl = {impl!r} needs `pip install {package}` (or use 'auto')")
@@ -187,16 +193,20 @@ def cce_filter_eps(value: str) -> float | str | None:
         raise ValueError(f"[loss] cce_filter_eps = {value!r}: use 'auto', 'off' or a number such as '1e-3'") from None
 
 
+def head_kernel_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype a library kernel computes the head in: autocast's on CUDA, else the activations'."""
+    if h.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return h.dtype
+
+
 def library_linear_cross_entropy(impl: str, h, weight, labels, softcap: float, scale: float,
                                  filter_eps: str = "auto"):
     """Summed CE through a library kernel; the muP logit scale is folded into h (h*s) W^T."""
     if scale != 1.0:
         h = h * scale
-    if torch.is_autocast_enabled("cuda"):  # the kernels want both operands in one low precision
-        dtype = torch.get_autocast_dtype("cuda")
-        h, weight = h.to(dtype), weight.to(dtype)
-    else:
-        weight = weight.to(h.dtype)
+    dtype = head_kernel_dtype(h)  # the kernels want both operands in one dtype
+    h, weight = h.to(dtype), weight.to(dtype)
     cap = softcap if softcap > 0 else None
     if impl == "cce":
         from cut_cross_entropy import linear_cross_entropy
