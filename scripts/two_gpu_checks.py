@@ -271,7 +271,7 @@ def main() -> None:
     ap.add_argument("--flat", action="store_true",
                     help="leave only flat files at the top of --out (device output folders)")
     ap.add_argument("--archive", type=Path, help="also write the summaries and logs as one .tar.gz here "
-                    "(at the end, also when a run fails or the call is interrupted with SIGINT)")
+                    "(at the end, also when a run fails or the call is interrupted with SIGINT or SIGTERM)")
     ap.add_argument("--out", default="outputs/two_gpu")
     ap.add_argument("extra", nargs="*", help="overrides added to every run")
     args = ap.parse_args()
@@ -285,6 +285,8 @@ def main() -> None:
     parts = set(filter(None, args.parts.split(",")))
     runner = Runner(args)
     runner.out.mkdir(parents=True, exist_ok=True)
+    # `timeout` sends SIGTERM: end like SIGINT, so the summaries so far are flattened and packed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("two_gpu_checks: terminated (SIGTERM)"))
     try:
         run_parts(args, runner, parts, profiled)
     finally:
@@ -322,6 +324,9 @@ def run_parts(args, runner: Runner, parts: set[str], profiled: list[str]) -> Non
                 for key, ref in (("tps_per_gpu_vs_1gpu", one), ("tps_per_gpu_vs_1gpu_no_accum", no_accum)):
                     if ref and r["tps_per_gpu"] and ref["tps_per_gpu"]:
                         r[key] = r["tps_per_gpu"] / ref["tps_per_gpu"]
+                print(json.dumps({"name": name, **{k: r.get(k) for k in (
+                    "max_rel_loss_vs_1gpu", "tps_per_gpu_vs_1gpu", "tps_per_gpu_vs_1gpu_no_accum")}}),
+                      flush=True)  # as soon as known: a call that runs out of time keeps them
                 rows.append(r)
             report["runs"] += rows
             save()

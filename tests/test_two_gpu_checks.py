@@ -75,3 +75,33 @@ def test_pack_holds_the_summaries_and_each_runs_log_only(tmp_path):
     with tarfile.open(archive) as tar:
         assert sorted(tar.getnames()) == ["fsdp2.log", "profile_fsdp2.md", "report.json"]
         assert tar.extractfile("fsdp2.log").read() == b"step: 1"
+
+
+def test_a_call_ended_by_timeout_still_packs_what_it_wrote(tmp_path, monkeypatch):
+    """`timeout` ends a device call with SIGTERM: the summaries written so far must still be
+    flattened and packed (a call that ran out of time once returned nothing)."""
+    import os
+    import signal
+    import sys
+    import tarfile
+
+    script = _script()
+    out, archive = tmp_path / "out", tmp_path / "two_gpu.tgz"
+
+    def parts_then_terminated(args, runner, parts, profiled):
+        (runner.out / "report.json").write_text('{"runs": []}')
+        (runner.out / "fsdp2").mkdir()
+        (runner.out / "fsdp2" / "fsdp2.log").write_text("step: 1")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(script, "run_parts", parts_then_terminated)
+    monkeypatch.setattr(sys, "argv", ["two_gpu_checks.py", "--parts", "same", "--flat",
+                                      "--out", str(out), "--archive", str(archive)])
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit, match="SIGTERM"):
+            script.main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["fsdp2.log", "report.json"]
