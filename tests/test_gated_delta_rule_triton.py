@@ -186,7 +186,9 @@ def test_interpreted_runs_inside_a_fullgraph_compile(interpreted):
     (eager_loss, eager_grads), (loss, grads) = results
     assert torch.allclose(loss, eager_loss, rtol=1e-5)  # inductor fuses sin/square differently
     for a, b in zip(grads, eager_grads):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        # to fp32 resolution of the largest entries (inductor's do differs by an ulp; entries near
+        # zero then differ by an ulp of the sums they come from, so no element-wise rtol)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
 
 
 def test_interpreted_without_final_state_and_custom_scale(interpreted):
@@ -235,6 +237,14 @@ def test_interpreted_dispatcher_triton_backend(interpreted):
         gated_delta_rule(*f32[:5], backend="triton", document_ids=torch.zeros(1, 70, dtype=torch.long))
     with pytest.raises(ValueError, match="float64"):
         gated_delta_rule(q, k, v, g, beta, backend="triton")
+
+
+def test_sequences_past_32_bit_offsets_are_refused_with_the_fix():
+    from fusion_titan.ops.gated_delta_rule_triton import check_offsets
+
+    check_offsets(T=32768, H=32, K=128, V=256)  # 268M elements per sequence: fine
+    with pytest.raises(ValueError, match="gdn_backend"):
+        check_offsets(T=1 << 19, H=32, K=128, V=256)  # 4.3G
 
 
 def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
@@ -347,3 +357,18 @@ def test_gpu_auto_under_compile_calls_the_triton_op():
     assert any("gated_delta_rule_fwd" in t for t in targets), targets
     o_triton, _ = gated_delta_rule(*args, backend="triton")
     assert torch.equal(o_compiled, o_triton)
+
+
+def test_kernel_resources_script_compiles_for_sm90_without_a_gpu():
+    """scripts/gdn_kernel_resources.py: every config of a kernel compiled for sm_90 on this machine,
+    with its registers and spills read back by cuobjdump (the figures docs/performance.md quotes)."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "scripts/gdn_kernel_resources.py", "--only", "_fwd_output_kernel"],
+                       cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith("| _fwd_output_kernel")]
+    assert len(rows) == 3  # its three autotune configs
+    for row in rows:
+        regs, stack = int(row[5]), int(row[6])
+        assert 0 < regs <= 255 and stack >= 0
+        assert int(row[8]) > 0  # Hopper's wgmma path, not the older mma.sync

@@ -16,7 +16,11 @@ Only the chunk scans are sequential; the state stays in registers (fp32) across 
 Forward and backward are custom ops joined by register_autograd, so they run in eager mode and
 inside the compiled blocks alike.
 Every product accumulates in fp32; G and Tm are stored in fp32, the larger intermediates (w, u,
-vn, chunk states and their gradients) in the inputs' dtype for bf16/fp16, fp32 otherwise.
+vn, chunk states and their gradients) in the inputs' dtype for bf16/fp16, fp32 otherwise. The
+forward multiplies in the inputs' dtype (bf16 operands on the tensor cores, as fla: Tm, the
+state and P rounded to bf16 for their products); the backward multiplies fp32 operands (tf32),
+as validated on the H200. Each (batch, head) is addressed from a 64-bit base with 32-bit
+offsets inside it (`_head_rows`, `check_offsets`).
 """
 
 from __future__ import annotations
@@ -96,22 +100,29 @@ def _dot_as_loaded(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _sub_chunk(g_ptr, beta_ptr, t0, i_b, i_h, T, H):
-    """The 16 tokens from t0: their rows in the [B, T, H, *] inputs, mask (t < T), g and beta in
-    fp32 (zeros past T: no decay, no write)."""
-    t = t0 + tl.arange(0, SUB)
-    m_t = t < T
-    tok = (i_b * T + t) * H + i_h
-    b_g = tl.load(g_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
-    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
-    return tok, m_t, b_g, b_beta
+def _head_rows(ptr, i_b, i_h, T, H, C: tl.constexpr):
+    """Where token 0 of (batch i_b, head i_h) starts in a [B, T, H, C] input (token t at
+    + t * H * C): a 64-bit scalar base, so the tiles' offsets stay 32-bit (per-element 64-bit
+    addresses of 64x64 tiles took most of the registers and spilled on sm_90)."""
+    return ptr + (i_b * T * H + i_h) * C
 
 
 @triton.jit
-def _load_rows(ptr, tok, m_t, C: tl.constexpr, BC: tl.constexpr):
-    """Rows tok of a [*, C] input as a [16, BC] tile in its own dtype, zeros where masked."""
+def _sub_chunk(g_rows, beta_rows, t0, T, H):
+    """The 16 tokens from t0: their positions, mask (t < T), g and beta in fp32 (zeros past T:
+    no decay, no write); g_rows / beta_rows from _head_rows."""
+    t = t0 + tl.arange(0, SUB)
+    m_t = t < T
+    b_g = tl.load(g_rows + t * H, mask=m_t, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta_rows + t * H, mask=m_t, other=0.0).to(tl.float32)
+    return t, m_t, b_g, b_beta
+
+
+@triton.jit
+def _load_rows(rows, t, m_t, stride, C: tl.constexpr, BC: tl.constexpr):
+    """Rows t (apart by stride) of a [*, C] input as a [16, BC] tile in its own dtype, zeros where masked."""
     o_c = tl.arange(0, BC)
-    return tl.load(ptr + tok[:, None] * C + o_c[None, :], mask=m_t[:, None] & (o_c < C)[None, :], other=0.0)
+    return tl.load(rows + t[:, None] * stride + o_c[None, :], mask=m_t[:, None] & (o_c < C)[None, :], other=0.0)
 
 
 @triton.jit
@@ -137,10 +148,11 @@ def _inverse_kernel(k_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, T, H, Tp, K: tl.const
     t0 = i_c * BT
     row0 = i_bh * Tp + t0  # first row of the chunk in the [B*H, Tp, *] intermediates
     o_s = tl.arange(0, SUB)
-    tok0, m0, g0, beta0 = _sub_chunk(g_ptr, beta_ptr, t0, i_b, i_h, T, H)
-    tok1, m1, g1, beta1 = _sub_chunk(g_ptr, beta_ptr, t0 + SUB, i_b, i_h, T, H)
-    tok2, m2, g2, beta2 = _sub_chunk(g_ptr, beta_ptr, t0 + 2 * SUB, i_b, i_h, T, H)
-    tok3, m3, g3, beta3 = _sub_chunk(g_ptr, beta_ptr, t0 + 3 * SUB, i_b, i_h, T, H)
+    g_rows, beta_rows = _head_rows(g_ptr, i_b, i_h, T, H, 1), _head_rows(beta_ptr, i_b, i_h, T, H, 1)
+    tok0, m0, g0, beta0 = _sub_chunk(g_rows, beta_rows, t0, T, H)
+    tok1, m1, g1, beta1 = _sub_chunk(g_rows, beta_rows, t0 + SUB, T, H)
+    tok2, m2, g2, beta2 = _sub_chunk(g_rows, beta_rows, t0 + 2 * SUB, T, H)
+    tok3, m3, g3, beta3 = _sub_chunk(g_rows, beta_rows, t0 + 3 * SUB, T, H)
     G0 = tl.cumsum(g0, axis=0)
     G1 = tl.sum(g0, axis=0) + tl.cumsum(g1, axis=0)
     G2 = tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.cumsum(g2, axis=0)
@@ -150,10 +162,11 @@ def _inverse_kernel(k_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, T, H, Tp, K: tl.const
     tl.store(G_ptr + row0 + 2 * SUB + o_s, G2)
     tl.store(G_ptr + row0 + 3 * SUB + o_s, G3)
 
-    k0 = _load_rows(k_ptr, tok0, m0, K, BK)
-    k1 = _load_rows(k_ptr, tok1, m1, K, BK)
-    k2 = _load_rows(k_ptr, tok2, m2, K, BK)
-    k3 = _load_rows(k_ptr, tok3, m3, K, BK)
+    k_rows = _head_rows(k_ptr, i_b, i_h, T, H, K)
+    k0 = _load_rows(k_rows, tok0, m0, H * K, K, BK)
+    k1 = _load_rows(k_rows, tok1, m1, H * K, K, BK)
+    k2 = _load_rows(k_rows, tok2, m2, H * K, K, BK)
+    k3 = _load_rows(k_rows, tok3, m3, H * K, K, BK)
     Tm = blocked_unit_lower_inverse(
         _kkt_block(k0, k0, G0, G0, beta0, True, PREC),
         _kkt_block(k1, k0, G1, G0, beta1, False, PREC), _kkt_block(k1, k1, G1, G1, beta1, True, PREC),
@@ -181,21 +194,25 @@ def _wu_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
     m_t = t < T
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    tok = (i_b * T + t) * H + i_h  # row of [B, T, H, *] inputs
-    row = i_bh * Tp + t  # row of the [B*H, Tp, *] intermediates
+    k_rows, v_rows = _head_rows(k_ptr, i_b, i_h, T, H, K), _head_rows(v_ptr, i_b, i_h, T, H, V)
+    beta_rows = _head_rows(beta_ptr, i_b, i_h, T, H, 1)
+    w_rows, u_rows = w_ptr + i_bh * Tp * K, u_ptr + i_bh * Tp * V  # [B*H, Tp, *] intermediates
+    G_rows, Tm_rows = G_ptr + i_bh * Tp, Tm_ptr + i_bh * Tp * BT
 
-    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
-    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
-    b_G = tl.load(G_ptr + row)
-    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-    b_w = tl.dot(b_Tm, b_k.to(tl.float32) * (b_beta * tl.exp(b_G))[:, None], input_precision=PREC)
-    tl.store(w_ptr + row[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty), mask=m_k[None, :])
+    b_Tm = tl.load(Tm_rows + t[:, None] * BT + o_t[None, :])
+    b_beta = tl.load(beta_rows + t * H, mask=m_t, other=0.0).to(tl.float32)
+    b_G = tl.load(G_rows + t)
+    b_k = tl.load(k_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    # Tm and the scaled rows in the inputs' dtype for the products (bf16 on the tensor cores, as fla)
+    b_Tmx = b_Tm.to(b_k.dtype)
+    b_w = _dot_as_loaded(b_Tmx, (b_k.to(tl.float32) * (b_beta * tl.exp(b_G))[:, None]).to(b_k.dtype), PREC)
+    tl.store(w_rows + t[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty), mask=m_k[None, :])
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_u = tl.dot(b_Tm, b_v.to(tl.float32) * b_beta[:, None], input_precision=PREC)
-        tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty), mask=m_v[None, :])
+        b_v = tl.load(v_rows + t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_u = _dot_as_loaded(b_Tmx, (b_v.to(tl.float32) * b_beta[:, None]).to(b_k.dtype), PREC)
+        tl.store(u_rows + t[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty), mask=m_v[None, :])
 
 
 @_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"])
@@ -214,6 +231,11 @@ def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
     m_v = o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     kv = o_k[:, None] * V + o_v[None, :]
+    # 64-bit scalar bases of this (batch, head), 32-bit offsets inside them
+    k_rows = k_ptr + (i_b * T * H + i_h) * K  # token t at k_rows + t * H * K
+    w_rows, u_rows, vn_rows = w_ptr + i_bh * Tp * K, u_ptr + i_bh * Tp * V, vn_ptr + i_bh * Tp * V
+    G_rows = G_ptr + i_bh * Tp
+    S_rows = S_ptr + i_bh * N * K * V
 
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
@@ -221,18 +243,18 @@ def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
     for i_c in range(0, N):
         t = i_c * BT + o_t
         m_t = t < T
-        tok = (i_b * T + t) * H + i_h
-        row = i_bh * Tp + t
-        tl.store(S_ptr + (i_bh * N + i_c) * K * V + kv, b_S.to(S_ptr.dtype.element_ty), mask=m_kv)
-        b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-        b_u = tl.load(u_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
-        b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_G = tl.load(G_ptr + row)
-        b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
-        b_vn = b_u - tl.dot(b_w, b_S, input_precision=PREC)
-        tl.store(vn_ptr + row[:, None] * V + o_v[None, :], b_vn.to(vn_ptr.dtype.element_ty), mask=m_v[None, :])
-        b_kd = b_k.to(tl.float32) * tl.exp(b_gl - b_G)[:, None]
-        b_S = b_S * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn, input_precision=PREC)
+        tl.store(S_rows + i_c * K * V + kv, b_S.to(S_ptr.dtype.element_ty), mask=m_kv)
+        b_w = tl.load(w_rows + t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+        b_u = tl.load(u_rows + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_kT = tl.load(k_rows + t[None, :] * (H * K) + o_k[:, None], mask=m_t[None, :] & m_k[:, None], other=0.0)
+        b_G = tl.load(G_rows + t)
+        b_gl = tl.load(G_rows + i_c * BT + BT - 1)
+        # operands in the storage dtype (bf16 products on the tensor cores, as fla), sums in fp32
+        b_vn = b_u.to(tl.float32) - _dot_as_loaded(b_w, b_S.to(b_w.dtype), PREC)
+        tl.store(vn_rows + t[:, None] * V + o_v[None, :], b_vn.to(vn_ptr.dtype.element_ty), mask=m_v[None, :])
+        # the decay on vn's [BT, BV] tile rather than k's [BT, K]
+        b_vd = (b_vn * tl.exp(b_gl - b_G)[:, None]).to(b_w.dtype)
+        b_S = b_S * tl.exp(b_gl) + _dot_as_loaded(b_kT.to(b_w.dtype), b_vd, PREC)
     if STORE_FINAL:
         tl.store(ht_ptr + i_bh * K * V + kv, b_S, mask=m_kv)
 
@@ -252,21 +274,23 @@ def _fwd_output_kernel(q_ptr, k_ptr, G_ptr, S_ptr, vn_ptr, o_ptr, scale,
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    tok = (i_b * T + t) * H + i_h
-    row = i_bh * Tp + t
+    q_rows, k_rows = _head_rows(q_ptr, i_b, i_h, T, H, K), _head_rows(k_ptr, i_b, i_h, T, H, K)
+    o_rows = _head_rows(o_ptr, i_b, i_h, T, H, V)
     m_tk = m_t[:, None] & m_k[None, :]
-    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_G = tl.load(G_ptr + row)
+    b_q = tl.load(q_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0)
+    b_G = tl.load(G_ptr + i_bh * Tp + t)
     b_S = tl.load(S_ptr + (i_bh * N + i_c) * K * V + o_k[:, None] * V + o_v[None, :],
-                  mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-    b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+                  mask=m_k[:, None] & m_v[None, :], other=0.0)
+    b_vn = tl.load(vn_ptr + i_bh * Tp * V + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
     causal = o_t[:, None] >= o_t[None, :]
     decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
-    b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * decay * scale
-    b_o = tl.dot(b_q * (scale * tl.exp(b_G))[:, None], b_S, input_precision=PREC)
-    b_o += tl.dot(b_P, b_vn, input_precision=PREC)
-    tl.store(o_ptr + tok[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
+    # products of the tiles as stored (bf16 on the tensor cores, as fla), sums in fp32;
+    # (q a) S = a * (q S): the decay and the scale go on the output rows
+    b_P = _dot_as_loaded(b_q, tl.trans(b_k), PREC) * decay * scale
+    b_o = _dot_as_loaded(b_q.to(b_S.dtype), b_S, PREC) * (scale * tl.exp(b_G))[:, None]
+    b_o += _dot_as_loaded(b_P.to(b_vn.dtype), b_vn, PREC)
+    tl.store(o_rows + t[:, None] * (H * V) + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
 
 
@@ -290,18 +314,19 @@ def _bwd_local_kernel(q_ptr, k_ptr, G_ptr, do_ptr, dvn_ptr, scale,
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    tok = (i_b * T + t) * H + i_h
-    row = i_bh * Tp + t
+    q_rows, k_rows = _head_rows(q_ptr, i_b, i_h, T, H, K), _head_rows(k_ptr, i_b, i_h, T, H, K)
+    do_rows = _head_rows(do_ptr, i_b, i_h, T, H, V)
     m_tk = m_t[:, None] & m_k[None, :]
-    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-    b_G = tl.load(G_ptr + row)
+    b_q = tl.load(q_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_do = tl.load(do_rows + t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_G = tl.load(G_ptr + i_bh * Tp + t)
     causal = o_t[:, None] >= o_t[None, :]
     decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
     b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * decay * scale
     b_dvn = tl.dot(tl.trans(b_P), b_do.to(tl.float32), input_precision=PREC)
-    tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
+    tl.store(dvn_ptr + i_bh * Tp * V + t[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty),
+             mask=m_v[None, :])
 
 
 @_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"], restore_value=["dvn_ptr"])
@@ -325,6 +350,12 @@ def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_p
     m_kv = m_k[:, None] & m_v[None, :]
     kv = o_k[:, None] * V + o_v[None, :]
 
+    # 64-bit scalar bases of this (batch, head), 32-bit offsets inside them (see _head_rows)
+    q_rows, k_rows = _head_rows(q_ptr, i_b, i_h, T, H, K), _head_rows(k_ptr, i_b, i_h, T, H, K)
+    do_rows = _head_rows(do_ptr, i_b, i_h, T, H, V)
+    w_rows, dvn_rows, G_rows = w_ptr + i_bh * Tp * K, dvn_ptr + i_bh * Tp * V, G_ptr + i_bh * Tp
+    dS_rows = dS_ptr + i_bh * N * K * V
+
     b_dS = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         b_dS += tl.load(dht_ptr + i_bh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
@@ -332,20 +363,18 @@ def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_p
         i_c = N - 1 - j
         t = i_c * BT + o_t
         m_t = t < T
-        tok = (i_b * T + t) * H + i_h
-        row = i_bh * Tp + t
         m_tk = m_t[:, None] & m_k[None, :]
-        tl.store(dS_ptr + (i_bh * N + i_c) * K * V + kv, b_dS.to(dS_ptr.dtype.element_ty), mask=m_kv)
-        b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-        b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
-        b_G = tl.load(G_ptr + row)
-        b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
+        tl.store(dS_rows + i_c * K * V + kv, b_dS.to(dS_ptr.dtype.element_ty), mask=m_kv)
+        b_q = tl.load(q_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_w = tl.load(w_rows + t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+        b_do = tl.load(do_rows + t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_dvn = tl.load(dvn_rows + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_G = tl.load(G_rows + t)
+        b_gl = tl.load(G_rows + i_c * BT + BT - 1)
         b_kd = b_k * tl.exp(b_gl - b_G)[:, None]
         b_dvn += tl.dot(b_kd, b_dS, input_precision=PREC)
-        tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
+        tl.store(dvn_rows + t[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
         b_qa = b_q * (scale * tl.exp(b_G))[:, None]
         b_dS = b_dS * tl.exp(b_gl) + tl.dot(tl.trans(b_qa), b_do.to(tl.float32), input_precision=PREC)
         b_dS -= tl.dot(tl.trans(b_w), b_dvn, input_precision=PREC)
@@ -366,18 +395,23 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
     m_t = t < T
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    tok = (i_b * T + t) * H + i_h
-    row = i_bh * Tp + t
+    # 64-bit scalar bases of this (batch, head), 32-bit offsets inside them (see _head_rows)
+    q_rows, k_rows = _head_rows(q_ptr, i_b, i_h, T, H, K), _head_rows(k_ptr, i_b, i_h, T, H, K)
+    v_rows, do_rows = _head_rows(v_ptr, i_b, i_h, T, H, V), _head_rows(do_ptr, i_b, i_h, T, H, V)
+    beta_rows = _head_rows(beta_ptr, i_b, i_h, T, H, 1)
+    vn_rows, dvn_rows = vn_ptr + i_bh * Tp * V, dvn_ptr + i_bh * Tp * V
+    G_rows = G_ptr + i_bh * Tp
     m_tk = m_t[:, None] & m_k[None, :]
-    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
-    b_G = tl.load(G_ptr + row)
-    b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
-    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
+    b_q = tl.load(q_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta_rows + t * H, mask=m_t, other=0.0).to(tl.float32)
+    b_G = tl.load(G_rows + t)
+    b_gl = tl.load(G_rows + i_c * BT + BT - 1)
+    b_Tm = tl.load(Tm_ptr + i_bh * Tp * BT + t[:, None] * BT + o_t[None, :])
     b_a = tl.exp(b_G)
-    state = (i_bh * N + i_c) * K * V
+    S_state, dS_state = S_ptr + (i_bh * N + i_c) * K * V, dS_ptr + (i_bh * N + i_c) * K * V
 
+    dv_rows = _head_rows(dv_ptr, i_b, i_h, T, H, V)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # do S^T
     b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # do vn^T
     b_dk2 = tl.zeros([BT, BK], dtype=tl.float32)  # vn dS_end^T
@@ -391,12 +425,12 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
         m_tv = m_t[:, None] & m_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         kv = o_k[:, None] * V + o_v[None, :]
-        b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
-        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
-        b_S = tl.load(S_ptr + state + kv, mask=m_kv, other=0.0).to(tl.float32)
-        b_dSe = tl.load(dS_ptr + state + kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_do = tl.load(do_rows + t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_v = tl.load(v_rows + t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_vn = tl.load(vn_rows + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_dvn = tl.load(dvn_rows + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_S = tl.load(S_state + kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_dSe = tl.load(dS_state + kv, mask=m_kv, other=0.0).to(tl.float32)
         b_dq += tl.dot(b_do, tl.trans(b_S), input_precision=PREC)
         b_dP += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
         b_dk2 += tl.dot(b_vn, tl.trans(b_dSe), input_precision=PREC)
@@ -404,7 +438,7 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
         b_SdS += tl.sum(b_S * b_dSe, 1)
         # u = Tm (beta v), du = dvn
         b_dvb = tl.dot(tl.trans(b_Tm), b_dvn, input_precision=PREC)
-        tl.store(dv_ptr + tok[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
+        tl.store(dv_rows + t[:, None] * (H * V) + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
                  mask=m_tv)
         b_dbeta += tl.sum(b_v * b_dvb, 1)
         b_dTm += tl.dot(b_dvn, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
@@ -449,10 +483,11 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
 
     b_dG += tl.where(o_t == BT - 1, b_dgl, 0.0)
     b_dg = tl.cumsum(b_dG, axis=0, reverse=True)  # G = cumsum(g)
-    tl.store(dq_ptr + tok[:, None] * K + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
-    tl.store(dk_ptr + tok[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
-    tl.store(dg_ptr + tok, b_dg.to(dg_ptr.dtype.element_ty), mask=m_t)
-    tl.store(dbeta_ptr + tok, b_dbeta.to(dbeta_ptr.dtype.element_ty), mask=m_t)
+    dq_rows, dk_rows = _head_rows(dq_ptr, i_b, i_h, T, H, K), _head_rows(dk_ptr, i_b, i_h, T, H, K)
+    tl.store(dq_rows + t[:, None] * (H * K) + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
+    tl.store(dk_rows + t[:, None] * (H * K) + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
+    tl.store(_head_rows(dg_ptr, i_b, i_h, T, H, 1) + t * H, b_dg.to(dg_ptr.dtype.element_ty), mask=m_t)
+    tl.store(_head_rows(dbeta_ptr, i_b, i_h, T, H, 1) + t * H, b_dbeta.to(dbeta_ptr.dtype.element_ty), mask=m_t)
 
 
 # ---------------------------------------------------------------------------
@@ -486,7 +521,19 @@ _OPS = "fusion_titan" if __name__ == "fusion_titan.ops.gated_delta_rule_triton" 
 def _shapes(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
     B, T, H, K = k.shape
     N = triton.cdiv(T, CHUNK)
+    check_offsets(T, H, K, v.shape[-1])
     return B, T, H, K, v.shape[-1], N, N * CHUNK
+
+
+def check_offsets(T: int, H: int, K: int, V: int) -> None:
+    """The kernels address one (batch, head) from a 64-bit base with 32-bit offsets: one
+    sequence's rows (T x H x max(K, V), and its chunk states) must stay below 2^31 elements."""
+    Tp = triton.cdiv(T, CHUNK) * CHUNK
+    largest = max(Tp * H * max(K, V), Tp // CHUNK * K * V, Tp * CHUNK)
+    if largest >= 2**31:
+        raise ValueError(f"gated delta rule (Triton): a sequence of {T} tokens x {H} heads x head dims "
+                         f"({K}, {V}) needs offsets past 2^31 within one sequence; use a shorter "
+                         "seq_len or [model] gdn_backend = \"torch\"")
 
 
 def _empty_intermediates(q, k, v, output_final_state: bool):
