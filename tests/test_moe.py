@@ -636,6 +636,23 @@ def test_sum_combine_has_no_batched_matmul_in_forward_or_backward():
     assert sum(bmm_count("einsum")) > 0  # the check can see the batched matmul
 
 
+def test_sum_combine_keeps_the_expert_outputs_narrow_for_backward():
+    """bf16 expert outputs combined with float32 router weights: autograd keeps the bf16 rows
+    (as the einsum under autocast did), not float32 copies of them (2x the memory)."""
+    moe = make_moe(top_k=3, combine="sum", dtype=torch.float32)
+    weights = torch.rand(10, 3, requires_grad=True)
+    per_slot = torch.randn(10, 3, 12, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = moe._combine(weights, per_slot, torch.float32)
+    assert out.dtype == torch.float32
+    rows = [t for t in saved if t.dim() == 2 and t.shape == (10, 12)]
+    assert rows and all(t.dtype == torch.bfloat16 for t in rows), [(t.dtype, t.shape) for t in saved]
+    # and the same values as the float32 computation
+    ref = torch.einsum("nk,nkd->nd", weights.double(), per_slot.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+
 def test_unknown_combine_is_refused():
     with pytest.raises(ValueError, match="moe_combine = 'dot'"):
         make_moe(combine="dot")

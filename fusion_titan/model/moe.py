@@ -163,9 +163,13 @@ class DeepSeekMoE(nn.Module):
         """sum_j weights[:, j] * per_slot[:, j] in cdt: weights [n, k], per_slot [n, k, dim]."""
         if self.combine == "einsum":
             return torch.einsum("nk,nkd->nd", weights, per_slot.to(cdt))
-        out = weights[:, 0, None] * per_slot[:, 0].to(cdt)
+        if torch.promote_types(per_slot.dtype, cdt) != cdt:
+            per_slot = per_slot.to(cdt)
+        # else type promotion computes in cdt and autograd keeps the narrower per_slot for the
+        # weights' gradient (an explicit cast would keep k cdt-wide copies of it in eager mode)
+        out = weights[:, 0, None] * per_slot[:, 0]
         for j in range(1, per_slot.shape[1]):
-            out = out + weights[:, j, None] * per_slot[:, j].to(cdt)
+            out = out + weights[:, j, None] * per_slot[:, j]
         return out
 
     @property
