@@ -227,6 +227,23 @@ def test_interpreted_bf16_inputs(interpreted):
     assert rel_err(s.double(), s_ref) < 2e-2
 
 
+def test_interpreted_bf16_gradients(interpreted):
+    """The GPU test's dtypes (q, k, v, beta bf16; g and the state float32) at a small size, forward
+    and backward: bf16 products and storage stay within the GPU test's tolerances of float64."""
+    inputs = make_inputs(1, 100, 2, 32, 32, with_h0=True, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    do = torch.randn(1, 100, 2, 32, generator=gen, dtype=torch.float64)
+    dS = torch.randn(1, 2, 32, 32, generator=gen, dtype=torch.float64)
+    o_ref, s_ref, g_ref = reference_and_grads(inputs, do, dS)
+    dtypes = [torch.bfloat16] * 3 + [torch.float32, torch.bfloat16, torch.float32]
+    leaves = [x.to(dt).requires_grad_() for x, dt in zip(inputs, dtypes)]
+    o, s = interpreted(*leaves[:5], initial_state=leaves[5], output_final_state=True)
+    grads = torch.autograd.grad((o.double() * do).sum() + (s.double() * dS).sum(), leaves)
+    assert rel_err(o.double(), o_ref) < 2e-2 and rel_err(s.double(), s_ref) < 2e-2
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "h0"], grads, g_ref):
+        assert rel_err(a.double(), b) < 5e-2, (name, rel_err(a.double(), b))
+
+
 def test_interpreted_dispatcher_triton_backend(interpreted):
     q, k, v, g, beta, h0 = make_inputs(1, 70, 2, 16, 16, with_h0=True, seed=6)
     f32 = [x.float() for x in (q, k, v, g, beta, h0)]

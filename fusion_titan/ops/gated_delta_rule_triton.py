@@ -381,7 +381,7 @@ def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_p
     tl.store(dh0_ptr + i_bh * K * V + kv, b_dS, mask=m_kv)
 
 
-@_autotune(_cfgs([(64, 8, 1), (32, 8, 1), (32, 4, 1)]), key=["K", "V"])
+@_autotune(_cfgs([(64, 8, 1), (32, 8, 1), (32, 4, 1), (16, 8, 1)]), key=["K", "V"])
 @triton.jit
 def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_ptr, vn_ptr, dvn_ptr,
                       do_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, scale,
@@ -402,8 +402,6 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
     vn_rows, dvn_rows = vn_ptr + i_bh * Tp * V, dvn_ptr + i_bh * Tp * V
     G_rows = G_ptr + i_bh * Tp
     m_tk = m_t[:, None] & m_k[None, :]
-    b_q = tl.load(q_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
     b_beta = tl.load(beta_rows + t * H, mask=m_t, other=0.0).to(tl.float32)
     b_G = tl.load(G_rows + t)
     b_gl = tl.load(G_rows + i_c * BT + BT - 1)
@@ -425,17 +423,21 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
         m_tv = m_t[:, None] & m_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         kv = o_k[:, None] * V + o_v[None, :]
-        b_do = tl.load(do_rows + t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        # tiles as stored (bf16 for bf16 inputs): products of two of them are exact in fp32 either
+        # way, so multiplying them natively is the tf32 product of their fp32 copies, in half the
+        # registers (this kernel spills)
+        b_do = tl.load(do_rows + t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0)
         b_v = tl.load(v_rows + t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_vn = tl.load(vn_rows + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
-        b_dvn = tl.load(dvn_rows + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
-        b_S = tl.load(S_state + kv, mask=m_kv, other=0.0).to(tl.float32)
-        b_dSe = tl.load(dS_state + kv, mask=m_kv, other=0.0).to(tl.float32)
-        b_dq += tl.dot(b_do, tl.trans(b_S), input_precision=PREC)
-        b_dP += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
-        b_dk2 += tl.dot(b_vn, tl.trans(b_dSe), input_precision=PREC)
-        b_dw -= tl.dot(b_dvn, tl.trans(b_S), input_precision=PREC)
-        b_SdS += tl.sum(b_S * b_dSe, 1)
+        b_vn = tl.load(vn_rows + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_dvn = tl.load(dvn_rows + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_S = tl.load(S_state + kv, mask=m_kv, other=0.0)
+        b_dSe = tl.load(dS_state + kv, mask=m_kv, other=0.0)
+        b_dq += _dot_as_loaded(b_do, tl.trans(b_S), PREC)
+        b_dP += _dot_as_loaded(b_do, tl.trans(b_vn), PREC)
+        b_dk2 += _dot_as_loaded(b_vn, tl.trans(b_dSe), PREC)
+        b_dw -= _dot_as_loaded(b_dvn, tl.trans(b_S), PREC)
+        b_SdS += tl.sum(b_S.to(tl.float32) * b_dSe.to(tl.float32), 1)
+        b_dvn = b_dvn.to(tl.float32)
         # u = Tm (beta v), du = dvn
         b_dvb = tl.dot(tl.trans(b_Tm), b_dvn, input_precision=PREC)
         tl.store(dv_rows + t[:, None] * (H * V) + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
@@ -443,6 +445,9 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
         b_dbeta += tl.sum(b_v * b_dvb, 1)
         b_dTm += tl.dot(b_dvn, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
 
+    # q and k only from here on (loaded after the V loop: not held through it)
+    b_q = tl.load(q_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
     # o = s (q a) S: dq, and its dG through a
     b_dq = b_dq * (scale * b_a)[:, None]
     b_dG = tl.sum(b_q * b_dq, 1)
