@@ -389,3 +389,21 @@ def test_kernel_resources_script_compiles_for_sm90_without_a_gpu():
         regs, stack = int(row[5]), int(row[6])
         assert 0 < regs <= 255 and stack >= 0
         assert int(row[8]) > 0  # Hopper's wgmma path, not the older mma.sync
+
+
+def test_bench_gdn_loads_other_versions_of_the_kernels_beside_the_current_one(tmp_path):
+    """scripts/bench_gdn.py --version git:REV / PATH: another kernel file as its own module, its
+    custom ops in their own namespace (so both register in one process), or one clear error."""
+    from test_eval import script
+
+    bench = script("bench_gdn")
+    other = bench.load_version("git:HEAD")
+    assert callable(other.triton_chunk_gated_delta_rule)
+    assert other._OPS != "fusion_titan" and hasattr(getattr(torch.ops, other._OPS), "gated_delta_rule_fwd")
+    copy = tmp_path / "kernels.py"
+    copy.write_text((Path(__file__).resolve().parents[1] / bench.KERNEL_FILE).read_text())
+    assert bench.load_version(str(copy))._OPS not in ("fusion_titan", other._OPS)
+    with pytest.raises(SystemExit, match="pass the file's path"):
+        bench.load_version("git:no-such-revision")
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.load_version(str(tmp_path / "missing.py"))
