@@ -4,7 +4,8 @@ target on this machine (no GPU needed): what an autotuned config costs before it
     python scripts/gdn_kernel_resources.py [--arch 90] [--only _fwd_state_kernel,...] [--module PATH]
 
 Compiles each autotune config of each kernel in fusion_titan/ops/gated_delta_rule_triton.py (or
---module) at fusion_1b's GDN shapes (K 64, V 128, bf16 inputs, chunk 64) for sm_<arch>, and prints
+--module) at fusion_1b's GDN shapes (K 64, V 128, bf16 inputs, chunk 64, B4 T4096 H8, with the
+JIT's divisibility specializations of those shapes) for sm_<arch>, and prints
 per config cuobjdump's REG (registers per thread; 255 is the ceiling), STACK (bytes per thread
 spilled to local memory: slow) and the dynamic shared memory, with the wgmma / mma instruction
 counts of the PTX (wgmma: Hopper's asynchronous tensor-core path).
@@ -48,7 +49,12 @@ def compile_config(fn, cfg, arch: int) -> dict:
     sig = {p: "constexpr" if p in consts else
            ("*fp32" if p in FP32_POINTERS else "*bf16") if p.endswith("_ptr") else
            "fp32" if p == "scale" else "i32" for p in params}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
+    # what the JIT specializes at these shapes: 16-byte aligned pointers and the ints that are
+    # multiples of 16 (T = Tp = 4096, N = 64; H = 8 is not) get tt.divisibility 16, which lets
+    # loads vectorize (without it the figures are not those of the kernels the GPU runs)
+    divisible = [i for i, p in enumerate(params) if p not in consts and (p.endswith("_ptr") or p in ("T", "Tp", "N"))]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"

@@ -328,7 +328,10 @@ def run_parts(args, runner: Runner, parts: set[str], profiled: list[str]) -> Non
                     "max_rel_loss_vs_1gpu", "tps_per_gpu_vs_1gpu", "tps_per_gpu_vs_1gpu_no_accum")}}),
                       flush=True)  # as soon as known: a call that runs out of time keeps them
                 rows.append(r)
+                report["runs_so_far"] = rows
+                save()
             report["runs"] += rows
+            report.pop("runs_so_far", None)
             save()
             if not tag:
                 plot([r for r in rows if r is not no_accum], runner.out / "same_losses.png")

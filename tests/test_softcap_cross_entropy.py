@@ -109,28 +109,39 @@ def test_cuda_bf16_matches_fp32_reference(autocast):
 def test_impl_resolution():
     from fusion_titan.ops.softcap_cross_entropy import resolve_ce_impl
 
-    assert resolve_ce_impl("auto", on_cuda=False, need_extras=False) == "chunked"
-    assert resolve_ce_impl("auto", on_cuda=True, need_extras=True) == "chunked"
+    assert resolve_ce_impl("auto", on_cuda=False, need_extras=False, low_precision=True) == "chunked"
+    assert resolve_ce_impl("auto", on_cuda=True, need_extras=True, low_precision=True) == "chunked"
     with pytest.raises(ValueError, match="needs CUDA"):
-        resolve_ce_impl("cce", on_cuda=False, need_extras=False)
+        resolve_ce_impl("cce", on_cuda=False, need_extras=False, low_precision=True)
     with pytest.raises(ValueError, match="z-loss"):
-        resolve_ce_impl("liger", on_cuda=True, need_extras=True)
+        resolve_ce_impl("liger", on_cuda=True, need_extras=True, low_precision=True)
     with pytest.raises(ValueError, match="choose one of"):
-        resolve_ce_impl("triton", on_cuda=True, need_extras=False)
+        resolve_ce_impl("triton", on_cuda=True, need_extras=False, low_precision=True)
 
 
 def test_float32_runs_do_not_take_cut_cross_entropy(monkeypatch):
     """cut-cross-entropy's backward asserts bf16/fp16 operands: auto takes Liger or the chunked op
-    for a float32 head, and an explicit 'cce' is refused before the first step."""
+    for a float32 head, and an explicit 'cce' is refused at the first forward, naming the fix (not
+    by an assertion inside the library's backward)."""
     from fusion_titan.ops import softcap_cross_entropy as ce
 
     monkeypatch.setattr(ce, "_library_available", lambda name: name == "cce")
-    assert ce.resolve_ce_impl("auto", on_cuda=True, need_extras=False) == "cce"
+    assert ce.resolve_ce_impl("auto", on_cuda=True, need_extras=False, low_precision=True) == "cce"
     assert ce.resolve_ce_impl("auto", on_cuda=True, need_extras=False, low_precision=False) == "chunked"
     monkeypatch.setattr(ce, "_library_available", lambda name: True)
     assert ce.resolve_ce_impl("auto", on_cuda=True, need_extras=False, low_precision=False) == "liger"
     with pytest.raises(ValueError, match="mixed_precision_param"):
         ce.resolve_ce_impl("cce", on_cuda=True, need_extras=False, low_precision=False)
+
+
+def test_head_kernel_dtype_is_what_the_library_kernel_would_multiply_in():
+    from fusion_titan.ops.softcap_cross_entropy import head_kernel_dtype
+
+    h = torch.randn(3, 4)
+    assert head_kernel_dtype(h) == torch.float32
+    assert head_kernel_dtype(h.bfloat16()) == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU autocast does not decide a CUDA kernel
+        assert head_kernel_dtype(h) == torch.float32
 
 
 def test_cce_filter_eps_option():

@@ -98,6 +98,11 @@ def test_a_call_ended_by_timeout_still_packs_what_it_wrote(tmp_path, monkeypatch
     monkeypatch.setattr(sys, "argv", ["two_gpu_checks.py", "--parts", "same", "--flat",
                                       "--out", str(out), "--archive", str(archive)])
     previous = signal.getsignal(signal.SIGTERM)
+
+    def no_handler_installed(*_):  # in place of the default action, which would end pytest itself
+        raise AssertionError("two_gpu_checks.main installed no SIGTERM handler")
+
+    signal.signal(signal.SIGTERM, no_handler_installed)
     try:
         with pytest.raises(SystemExit, match="SIGTERM"):
             script.main()

@@ -19,8 +19,8 @@ Every product accumulates in fp32; G and Tm are stored in fp32, the larger inter
 vn, chunk states and their gradients) in the inputs' dtype for bf16/fp16, fp32 otherwise. The
 forward multiplies in the inputs' dtype (bf16 operands on the tensor cores, as fla: Tm, the
 state and P rounded to bf16 for their products); the backward multiplies fp32 operands (tf32),
-as validated on the H200. Each (batch, head) is addressed from a 64-bit base with 32-bit
-offsets inside it (`_head_rows`, `check_offsets`).
+as validated on the H200 (where both operands are stored tiles it multiplies them as loaded:
+the same products as tf32 of their fp32 copies).
 """
 
 from __future__ import annotations
@@ -101,9 +101,8 @@ def _dot_as_loaded(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def _head_rows(ptr, i_b, i_h, T, H, C: tl.constexpr):
-    """Where token 0 of (batch i_b, head i_h) starts in a [B, T, H, C] input (token t at
-    + t * H * C): a 64-bit scalar base, so the tiles' offsets stay 32-bit (per-element 64-bit
-    addresses of 64x64 tiles took most of the registers and spilled on sm_90)."""
+    """Where token 0 of (batch i_b, head i_h) starts in a [B, T, H, C] input: token t at
+    + t * H * C (the kernels' token positions t are int64, so no size limit)."""
     return ptr + (i_b * T * H + i_h) * C
 
 
@@ -145,14 +144,14 @@ def _inverse_kernel(k_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, T, H, Tp, K: tl.const
     tl.static_assert(BT == 4 * SUB)
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_c * BT
+    t0 = i_c.to(tl.int64) * BT
     row0 = i_bh * Tp + t0  # first row of the chunk in the [B*H, Tp, *] intermediates
     o_s = tl.arange(0, SUB)
     g_rows, beta_rows = _head_rows(g_ptr, i_b, i_h, T, H, 1), _head_rows(beta_ptr, i_b, i_h, T, H, 1)
-    tok0, m0, g0, beta0 = _sub_chunk(g_rows, beta_rows, t0, T, H)
-    tok1, m1, g1, beta1 = _sub_chunk(g_rows, beta_rows, t0 + SUB, T, H)
-    tok2, m2, g2, beta2 = _sub_chunk(g_rows, beta_rows, t0 + 2 * SUB, T, H)
-    tok3, m3, g3, beta3 = _sub_chunk(g_rows, beta_rows, t0 + 3 * SUB, T, H)
+    pos0, m0, g0, beta0 = _sub_chunk(g_rows, beta_rows, t0, T, H)
+    pos1, m1, g1, beta1 = _sub_chunk(g_rows, beta_rows, t0 + SUB, T, H)
+    pos2, m2, g2, beta2 = _sub_chunk(g_rows, beta_rows, t0 + 2 * SUB, T, H)
+    pos3, m3, g3, beta3 = _sub_chunk(g_rows, beta_rows, t0 + 3 * SUB, T, H)
     G0 = tl.cumsum(g0, axis=0)
     G1 = tl.sum(g0, axis=0) + tl.cumsum(g1, axis=0)
     G2 = tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.cumsum(g2, axis=0)
@@ -163,10 +162,10 @@ def _inverse_kernel(k_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, T, H, Tp, K: tl.const
     tl.store(G_ptr + row0 + 3 * SUB + o_s, G3)
 
     k_rows = _head_rows(k_ptr, i_b, i_h, T, H, K)
-    k0 = _load_rows(k_rows, tok0, m0, H * K, K, BK)
-    k1 = _load_rows(k_rows, tok1, m1, H * K, K, BK)
-    k2 = _load_rows(k_rows, tok2, m2, H * K, K, BK)
-    k3 = _load_rows(k_rows, tok3, m3, H * K, K, BK)
+    k0 = _load_rows(k_rows, pos0, m0, H * K, K, BK)
+    k1 = _load_rows(k_rows, pos1, m1, H * K, K, BK)
+    k2 = _load_rows(k_rows, pos2, m2, H * K, K, BK)
+    k3 = _load_rows(k_rows, pos3, m3, H * K, K, BK)
     Tm = blocked_unit_lower_inverse(
         _kkt_block(k0, k0, G0, G0, beta0, True, PREC),
         _kkt_block(k1, k0, G1, G0, beta1, False, PREC), _kkt_block(k1, k1, G1, G1, beta1, True, PREC),
@@ -190,7 +189,7 @@ def _wu_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
-    t = i_c * BT + o_t
+    t = i_c.to(tl.int64) * BT + o_t
     m_t = t < T
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -231,19 +230,18 @@ def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
     m_v = o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     kv = o_k[:, None] * V + o_v[None, :]
-    # 64-bit scalar bases of this (batch, head), 32-bit offsets inside them
-    k_rows = k_ptr + (i_b * T * H + i_h) * K  # token t at k_rows + t * H * K
+    # scalar bases of this (batch, head); token positions t are int64 (see _head_rows)
+    k_rows = _head_rows(k_ptr, i_b, i_h, T, H, K)
     w_rows, u_rows, vn_rows = w_ptr + i_bh * Tp * K, u_ptr + i_bh * Tp * V, vn_ptr + i_bh * Tp * V
     G_rows = G_ptr + i_bh * Tp
-    S_rows = S_ptr + i_bh * N * K * V
 
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         b_S += tl.load(h0_ptr + i_bh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
     for i_c in range(0, N):
-        t = i_c * BT + o_t
+        t = i_c * BT + o_t.to(tl.int64)  # int64 (i_c is a plain int under the interpreter)
         m_t = t < T
-        tl.store(S_rows + i_c * K * V + kv, b_S.to(S_ptr.dtype.element_ty), mask=m_kv)
+        tl.store(S_ptr + (i_bh * N + i_c) * K * V + kv, b_S.to(S_ptr.dtype.element_ty), mask=m_kv)
         b_w = tl.load(w_rows + t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
         b_u = tl.load(u_rows + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
         b_kT = tl.load(k_rows + t[None, :] * (H * K) + o_k[:, None], mask=m_t[None, :] & m_k[:, None], other=0.0)
@@ -268,7 +266,7 @@ def _fwd_output_kernel(q_ptr, k_ptr, G_ptr, S_ptr, vn_ptr, o_ptr, scale,
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
-    t = i_c * BT + o_t
+    t = i_c.to(tl.int64) * BT + o_t
     m_t = t < T
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -308,7 +306,7 @@ def _bwd_local_kernel(q_ptr, k_ptr, G_ptr, do_ptr, dvn_ptr, scale,
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
-    t = i_c * BT + o_t
+    t = i_c.to(tl.int64) * BT + o_t
     m_t = t < T
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -350,21 +348,20 @@ def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_p
     m_kv = m_k[:, None] & m_v[None, :]
     kv = o_k[:, None] * V + o_v[None, :]
 
-    # 64-bit scalar bases of this (batch, head), 32-bit offsets inside them (see _head_rows)
+    # scalar bases of this (batch, head); token positions t are int64 (see _head_rows)
     q_rows, k_rows = _head_rows(q_ptr, i_b, i_h, T, H, K), _head_rows(k_ptr, i_b, i_h, T, H, K)
     do_rows = _head_rows(do_ptr, i_b, i_h, T, H, V)
     w_rows, dvn_rows, G_rows = w_ptr + i_bh * Tp * K, dvn_ptr + i_bh * Tp * V, G_ptr + i_bh * Tp
-    dS_rows = dS_ptr + i_bh * N * K * V
 
     b_dS = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         b_dS += tl.load(dht_ptr + i_bh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
     for j in range(0, N):
         i_c = N - 1 - j
-        t = i_c * BT + o_t
+        t = i_c * BT + o_t.to(tl.int64)  # int64 (i_c is a plain int under the interpreter)
         m_t = t < T
         m_tk = m_t[:, None] & m_k[None, :]
-        tl.store(dS_rows + i_c * K * V + kv, b_dS.to(dS_ptr.dtype.element_ty), mask=m_kv)
+        tl.store(dS_ptr + (i_bh * N + i_c) * K * V + kv, b_dS.to(dS_ptr.dtype.element_ty), mask=m_kv)
         b_q = tl.load(q_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
         b_k = tl.load(k_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
         b_w = tl.load(w_rows + t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
@@ -391,11 +388,11 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
-    t = i_c * BT + o_t
+    t = i_c.to(tl.int64) * BT + o_t
     m_t = t < T
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    # 64-bit scalar bases of this (batch, head), 32-bit offsets inside them (see _head_rows)
+    # scalar bases of this (batch, head); token positions t are int64 (see _head_rows)
     q_rows, k_rows = _head_rows(q_ptr, i_b, i_h, T, H, K), _head_rows(k_ptr, i_b, i_h, T, H, K)
     v_rows, do_rows = _head_rows(v_ptr, i_b, i_h, T, H, V), _head_rows(do_ptr, i_b, i_h, T, H, V)
     beta_rows = _head_rows(beta_ptr, i_b, i_h, T, H, 1)
@@ -526,19 +523,7 @@ _OPS = "fusion_titan" if __name__ == "fusion_titan.ops.gated_delta_rule_triton" 
 def _shapes(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
     B, T, H, K = k.shape
     N = triton.cdiv(T, CHUNK)
-    check_offsets(T, H, K, v.shape[-1])
     return B, T, H, K, v.shape[-1], N, N * CHUNK
-
-
-def check_offsets(T: int, H: int, K: int, V: int) -> None:
-    """The kernels address one (batch, head) from a 64-bit base with 32-bit offsets: one
-    sequence's rows (T x H x max(K, V), and its chunk states) must stay below 2^31 elements."""
-    Tp = triton.cdiv(T, CHUNK) * CHUNK
-    largest = max(Tp * H * max(K, V), Tp // CHUNK * K * V, Tp * CHUNK)
-    if largest >= 2**31:
-        raise ValueError(f"gated delta rule (Triton): a sequence of {T} tokens x {H} heads x head dims "
-                         f"({K}, {V}) needs offsets past 2^31 within one sequence; use a shorter "
-                         "seq_len or [model] gdn_backend = \"torch\"")
 
 
 def _empty_intermediates(q, k, v, output_final_state: bool):

@@ -145,7 +145,7 @@ def _library_available(name: str) -> bool:
     return True
 
 
-def resolve_ce_impl(impl: str, on_cuda: bool, need_extras: bool, low_precision: bool = True) -> str:
+def resolve_ce_impl(impl: str, on_cuda: bool, need_extras: bool, *, low_precision: bool) -> str:
     """auto: cut-cross-entropy, else Liger-Kernel, on CUDA when installed; our chunked op otherwise.
 
     The library kernels give neither the z-loss nor the top-1 hit count, so runs that need them
