@@ -100,28 +100,22 @@ def _dot_as_loaded(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _head_rows(ptr, i_b, i_h, T, H, C: tl.constexpr):
-    """Where token 0 of (batch i_b, head i_h) starts in a [B, T, H, C] input: token t at
-    + t * H * C (the kernels' token positions t are int64, so no size limit)."""
-    return ptr + (i_b * T * H + i_h) * C
-
-
-@triton.jit
-def _sub_chunk(g_rows, beta_rows, t0, T, H):
-    """The 16 tokens from t0: their positions, mask (t < T), g and beta in fp32 (zeros past T:
-    no decay, no write); g_rows / beta_rows from _head_rows."""
+def _sub_chunk(g_ptr, beta_ptr, t0, i_b, i_h, T, H):
+    """The 16 tokens from t0: their rows in the [B, T, H, *] inputs, mask (t < T), g and beta in
+    fp32 (zeros past T: no decay, no write)."""
     t = t0 + tl.arange(0, SUB)
     m_t = t < T
-    b_g = tl.load(g_rows + t * H, mask=m_t, other=0.0).to(tl.float32)
-    b_beta = tl.load(beta_rows + t * H, mask=m_t, other=0.0).to(tl.float32)
-    return t, m_t, b_g, b_beta
+    tok = (i_b * T + t) * H + i_h
+    b_g = tl.load(g_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
+    return tok, m_t, b_g, b_beta
 
 
 @triton.jit
-def _load_rows(rows, t, m_t, stride, C: tl.constexpr, BC: tl.constexpr):
-    """Rows t (apart by stride) of a [*, C] input as a [16, BC] tile in its own dtype, zeros where masked."""
+def _load_rows(ptr, tok, m_t, C: tl.constexpr, BC: tl.constexpr):
+    """Rows tok of a [*, C] input as a [16, BC] tile in its own dtype, zeros where masked."""
     o_c = tl.arange(0, BC)
-    return tl.load(rows + t[:, None] * stride + o_c[None, :], mask=m_t[:, None] & (o_c < C)[None, :], other=0.0)
+    return tl.load(ptr + tok[:, None] * C + o_c[None, :], mask=m_t[:, None] & (o_c < C)[None, :], other=0.0)
 
 
 @triton.jit
@@ -144,14 +138,13 @@ def _inverse_kernel(k_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, T, H, Tp, K: tl.const
     tl.static_assert(BT == 4 * SUB)
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_c.to(tl.int64) * BT
+    t0 = i_c * BT
     row0 = i_bh * Tp + t0  # first row of the chunk in the [B*H, Tp, *] intermediates
     o_s = tl.arange(0, SUB)
-    g_rows, beta_rows = _head_rows(g_ptr, i_b, i_h, T, H, 1), _head_rows(beta_ptr, i_b, i_h, T, H, 1)
-    pos0, m0, g0, beta0 = _sub_chunk(g_rows, beta_rows, t0, T, H)
-    pos1, m1, g1, beta1 = _sub_chunk(g_rows, beta_rows, t0 + SUB, T, H)
-    pos2, m2, g2, beta2 = _sub_chunk(g_rows, beta_rows, t0 + 2 * SUB, T, H)
-    pos3, m3, g3, beta3 = _sub_chunk(g_rows, beta_rows, t0 + 3 * SUB, T, H)
+    tok0, m0, g0, beta0 = _sub_chunk(g_ptr, beta_ptr, t0, i_b, i_h, T, H)
+    tok1, m1, g1, beta1 = _sub_chunk(g_ptr, beta_ptr, t0 + SUB, i_b, i_h, T, H)
+    tok2, m2, g2, beta2 = _sub_chunk(g_ptr, beta_ptr, t0 + 2 * SUB, i_b, i_h, T, H)
+    tok3, m3, g3, beta3 = _sub_chunk(g_ptr, beta_ptr, t0 + 3 * SUB, i_b, i_h, T, H)
     G0 = tl.cumsum(g0, axis=0)
     G1 = tl.sum(g0, axis=0) + tl.cumsum(g1, axis=0)
     G2 = tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.cumsum(g2, axis=0)
@@ -161,11 +154,10 @@ def _inverse_kernel(k_ptr, g_ptr, beta_ptr, G_ptr, Tm_ptr, T, H, Tp, K: tl.const
     tl.store(G_ptr + row0 + 2 * SUB + o_s, G2)
     tl.store(G_ptr + row0 + 3 * SUB + o_s, G3)
 
-    k_rows = _head_rows(k_ptr, i_b, i_h, T, H, K)
-    k0 = _load_rows(k_rows, pos0, m0, H * K, K, BK)
-    k1 = _load_rows(k_rows, pos1, m1, H * K, K, BK)
-    k2 = _load_rows(k_rows, pos2, m2, H * K, K, BK)
-    k3 = _load_rows(k_rows, pos3, m3, H * K, K, BK)
+    k0 = _load_rows(k_ptr, tok0, m0, K, BK)
+    k1 = _load_rows(k_ptr, tok1, m1, K, BK)
+    k2 = _load_rows(k_ptr, tok2, m2, K, BK)
+    k3 = _load_rows(k_ptr, tok3, m3, K, BK)
     Tm = blocked_unit_lower_inverse(
         _kkt_block(k0, k0, G0, G0, beta0, True, PREC),
         _kkt_block(k1, k0, G1, G0, beta1, False, PREC), _kkt_block(k1, k1, G1, G1, beta1, True, PREC),
@@ -189,29 +181,27 @@ def _wu_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
-    t = i_c.to(tl.int64) * BT + o_t
+    t = i_c * BT + o_t
     m_t = t < T
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    k_rows, v_rows = _head_rows(k_ptr, i_b, i_h, T, H, K), _head_rows(v_ptr, i_b, i_h, T, H, V)
-    beta_rows = _head_rows(beta_ptr, i_b, i_h, T, H, 1)
-    w_rows, u_rows = w_ptr + i_bh * Tp * K, u_ptr + i_bh * Tp * V  # [B*H, Tp, *] intermediates
-    G_rows, Tm_rows = G_ptr + i_bh * Tp, Tm_ptr + i_bh * Tp * BT
+    tok = (i_b * T + t) * H + i_h  # row of [B, T, H, *] inputs
+    row = i_bh * Tp + t  # row of the [B*H, Tp, *] intermediates
 
-    b_Tm = tl.load(Tm_rows + t[:, None] * BT + o_t[None, :])
-    b_beta = tl.load(beta_rows + t * H, mask=m_t, other=0.0).to(tl.float32)
-    b_G = tl.load(G_rows + t)
-    b_k = tl.load(k_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
+    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
+    b_G = tl.load(G_ptr + row)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
     # Tm and the scaled rows in the inputs' dtype for the products (bf16 on the tensor cores, as fla)
     b_Tmx = b_Tm.to(b_k.dtype)
     b_w = _dot_as_loaded(b_Tmx, (b_k.to(tl.float32) * (b_beta * tl.exp(b_G))[:, None]).to(b_k.dtype), PREC)
-    tl.store(w_rows + t[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty), mask=m_k[None, :])
+    tl.store(w_ptr + row[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty), mask=m_k[None, :])
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        b_v = tl.load(v_rows + t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         b_u = _dot_as_loaded(b_Tmx, (b_v.to(tl.float32) * b_beta[:, None]).to(b_k.dtype), PREC)
-        tl.store(u_rows + t[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty), mask=m_v[None, :])
+        tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty), mask=m_v[None, :])
 
 
 @_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"])
@@ -230,29 +220,27 @@ def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
     m_v = o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     kv = o_k[:, None] * V + o_v[None, :]
-    # scalar bases of this (batch, head); token positions t are int64 (see _head_rows)
-    k_rows = _head_rows(k_ptr, i_b, i_h, T, H, K)
-    w_rows, u_rows, vn_rows = w_ptr + i_bh * Tp * K, u_ptr + i_bh * Tp * V, vn_ptr + i_bh * Tp * V
-    G_rows = G_ptr + i_bh * Tp
 
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         b_S += tl.load(h0_ptr + i_bh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
     for i_c in range(0, N):
-        t = i_c * BT + o_t.to(tl.int64)  # int64 (i_c is a plain int under the interpreter)
+        t = i_c * BT + o_t
         m_t = t < T
+        tok = (i_b * T + t) * H + i_h
+        row = i_bh * Tp + t
         tl.store(S_ptr + (i_bh * N + i_c) * K * V + kv, b_S.to(S_ptr.dtype.element_ty), mask=m_kv)
-        b_w = tl.load(w_rows + t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-        b_u = tl.load(u_rows + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
-        b_kT = tl.load(k_rows + t[None, :] * (H * K) + o_k[:, None], mask=m_t[None, :] & m_k[:, None], other=0.0)
-        b_G = tl.load(G_rows + t)
-        b_gl = tl.load(G_rows + i_c * BT + BT - 1)
+        b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+        b_u = tl.load(u_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_G = tl.load(G_ptr + row)
+        b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
         # operands in the storage dtype (bf16 products on the tensor cores, as fla), sums in fp32
         b_vn = b_u.to(tl.float32) - _dot_as_loaded(b_w, b_S.to(b_w.dtype), PREC)
-        tl.store(vn_rows + t[:, None] * V + o_v[None, :], b_vn.to(vn_ptr.dtype.element_ty), mask=m_v[None, :])
+        tl.store(vn_ptr + row[:, None] * V + o_v[None, :], b_vn.to(vn_ptr.dtype.element_ty), mask=m_v[None, :])
         # the decay on vn's [BT, BV] tile rather than k's [BT, K]
         b_vd = (b_vn * tl.exp(b_gl - b_G)[:, None]).to(b_w.dtype)
-        b_S = b_S * tl.exp(b_gl) + _dot_as_loaded(b_kT.to(b_w.dtype), b_vd, PREC)
+        b_S = b_S * tl.exp(b_gl) + _dot_as_loaded(tl.trans(b_k.to(b_w.dtype)), b_vd, PREC)
     if STORE_FINAL:
         tl.store(ht_ptr + i_bh * K * V + kv, b_S, mask=m_kv)
 
@@ -266,21 +254,21 @@ def _fwd_output_kernel(q_ptr, k_ptr, G_ptr, S_ptr, vn_ptr, o_ptr, scale,
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
-    t = i_c.to(tl.int64) * BT + o_t
+    t = i_c * BT + o_t
     m_t = t < T
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    q_rows, k_rows = _head_rows(q_ptr, i_b, i_h, T, H, K), _head_rows(k_ptr, i_b, i_h, T, H, K)
-    o_rows = _head_rows(o_ptr, i_b, i_h, T, H, V)
+    tok = (i_b * T + t) * H + i_h
+    row = i_bh * Tp + t
     m_tk = m_t[:, None] & m_k[None, :]
-    b_q = tl.load(q_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0)
-    b_k = tl.load(k_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0)
-    b_G = tl.load(G_ptr + i_bh * Tp + t)
+    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_G = tl.load(G_ptr + row)
     b_S = tl.load(S_ptr + (i_bh * N + i_c) * K * V + o_k[:, None] * V + o_v[None, :],
                   mask=m_k[:, None] & m_v[None, :], other=0.0)
-    b_vn = tl.load(vn_ptr + i_bh * Tp * V + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+    b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
     causal = o_t[:, None] >= o_t[None, :]
     decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
     # products of the tiles as stored (bf16 on the tensor cores, as fla), sums in fp32;
@@ -288,7 +276,7 @@ def _fwd_output_kernel(q_ptr, k_ptr, G_ptr, S_ptr, vn_ptr, o_ptr, scale,
     b_P = _dot_as_loaded(b_q, tl.trans(b_k), PREC) * decay * scale
     b_o = _dot_as_loaded(b_q.to(b_S.dtype), b_S, PREC) * (scale * tl.exp(b_G))[:, None]
     b_o += _dot_as_loaded(b_P.to(b_vn.dtype), b_vn, PREC)
-    tl.store(o_rows + t[:, None] * (H * V) + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + tok[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
 
 
@@ -306,25 +294,24 @@ def _bwd_local_kernel(q_ptr, k_ptr, G_ptr, do_ptr, dvn_ptr, scale,
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
-    t = i_c.to(tl.int64) * BT + o_t
+    t = i_c * BT + o_t
     m_t = t < T
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    q_rows, k_rows = _head_rows(q_ptr, i_b, i_h, T, H, K), _head_rows(k_ptr, i_b, i_h, T, H, K)
-    do_rows = _head_rows(do_ptr, i_b, i_h, T, H, V)
+    tok = (i_b * T + t) * H + i_h
+    row = i_bh * Tp + t
     m_tk = m_t[:, None] & m_k[None, :]
-    b_q = tl.load(q_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_do = tl.load(do_rows + t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-    b_G = tl.load(G_ptr + i_bh * Tp + t)
+    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_G = tl.load(G_ptr + row)
     causal = o_t[:, None] >= o_t[None, :]
     decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
     b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * decay * scale
     b_dvn = tl.dot(tl.trans(b_P), b_do.to(tl.float32), input_precision=PREC)
-    tl.store(dvn_ptr + i_bh * Tp * V + t[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty),
-             mask=m_v[None, :])
+    tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
 
 
 @_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=["K", "V"], restore_value=["dvn_ptr"])
@@ -348,30 +335,27 @@ def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_p
     m_kv = m_k[:, None] & m_v[None, :]
     kv = o_k[:, None] * V + o_v[None, :]
 
-    # scalar bases of this (batch, head); token positions t are int64 (see _head_rows)
-    q_rows, k_rows = _head_rows(q_ptr, i_b, i_h, T, H, K), _head_rows(k_ptr, i_b, i_h, T, H, K)
-    do_rows = _head_rows(do_ptr, i_b, i_h, T, H, V)
-    w_rows, dvn_rows, G_rows = w_ptr + i_bh * Tp * K, dvn_ptr + i_bh * Tp * V, G_ptr + i_bh * Tp
-
     b_dS = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         b_dS += tl.load(dht_ptr + i_bh * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
     for j in range(0, N):
         i_c = N - 1 - j
-        t = i_c * BT + o_t.to(tl.int64)  # int64 (i_c is a plain int under the interpreter)
+        t = i_c * BT + o_t
         m_t = t < T
+        tok = (i_b * T + t) * H + i_h
+        row = i_bh * Tp + t
         m_tk = m_t[:, None] & m_k[None, :]
         tl.store(dS_ptr + (i_bh * N + i_c) * K * V + kv, b_dS.to(dS_ptr.dtype.element_ty), mask=m_kv)
-        b_q = tl.load(q_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_k = tl.load(k_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_w = tl.load(w_rows + t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-        b_do = tl.load(do_rows + t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_dvn = tl.load(dvn_rows + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
-        b_G = tl.load(G_rows + t)
-        b_gl = tl.load(G_rows + i_c * BT + BT - 1)
+        b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+        b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_G = tl.load(G_ptr + row)
+        b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
         b_kd = b_k * tl.exp(b_gl - b_G)[:, None]
         b_dvn += tl.dot(b_kd, b_dS, input_precision=PREC)
-        tl.store(dvn_rows + t[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
+        tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
         b_qa = b_q * (scale * tl.exp(b_G))[:, None]
         b_dS = b_dS * tl.exp(b_gl) + tl.dot(tl.trans(b_qa), b_do.to(tl.float32), input_precision=PREC)
         b_dS -= tl.dot(tl.trans(b_w), b_dvn, input_precision=PREC)
@@ -388,25 +372,20 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BT)
-    t = i_c.to(tl.int64) * BT + o_t
+    t = i_c * BT + o_t
     m_t = t < T
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    # scalar bases of this (batch, head); token positions t are int64 (see _head_rows)
-    q_rows, k_rows = _head_rows(q_ptr, i_b, i_h, T, H, K), _head_rows(k_ptr, i_b, i_h, T, H, K)
-    v_rows, do_rows = _head_rows(v_ptr, i_b, i_h, T, H, V), _head_rows(do_ptr, i_b, i_h, T, H, V)
-    beta_rows = _head_rows(beta_ptr, i_b, i_h, T, H, 1)
-    vn_rows, dvn_rows = vn_ptr + i_bh * Tp * V, dvn_ptr + i_bh * Tp * V
-    G_rows = G_ptr + i_bh * Tp
+    tok = (i_b * T + t) * H + i_h
+    row = i_bh * Tp + t
     m_tk = m_t[:, None] & m_k[None, :]
-    b_beta = tl.load(beta_rows + t * H, mask=m_t, other=0.0).to(tl.float32)
-    b_G = tl.load(G_rows + t)
-    b_gl = tl.load(G_rows + i_c * BT + BT - 1)
-    b_Tm = tl.load(Tm_ptr + i_bh * Tp * BT + t[:, None] * BT + o_t[None, :])
+    b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
+    b_G = tl.load(G_ptr + row)
+    b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
+    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
     b_a = tl.exp(b_G)
-    S_state, dS_state = S_ptr + (i_bh * N + i_c) * K * V, dS_ptr + (i_bh * N + i_c) * K * V
+    state = (i_bh * N + i_c) * K * V
 
-    dv_rows = _head_rows(dv_ptr, i_b, i_h, T, H, V)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # do S^T
     b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # do vn^T
     b_dk2 = tl.zeros([BT, BK], dtype=tl.float32)  # vn dS_end^T
@@ -423,12 +402,12 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
         # tiles as stored (bf16 for bf16 inputs): products of two of them are exact in fp32 either
         # way, so multiplying them natively is the tf32 product of their fp32 copies, in half the
         # registers (this kernel spills)
-        b_do = tl.load(do_rows + t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0)
-        b_v = tl.load(v_rows + t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_vn = tl.load(vn_rows + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
-        b_dvn = tl.load(dvn_rows + t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
-        b_S = tl.load(S_state + kv, mask=m_kv, other=0.0)
-        b_dSe = tl.load(dS_state + kv, mask=m_kv, other=0.0)
+        b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_S = tl.load(S_ptr + state + kv, mask=m_kv, other=0.0)
+        b_dSe = tl.load(dS_ptr + state + kv, mask=m_kv, other=0.0)
         b_dq += _dot_as_loaded(b_do, tl.trans(b_S), PREC)
         b_dP += _dot_as_loaded(b_do, tl.trans(b_vn), PREC)
         b_dk2 += _dot_as_loaded(b_vn, tl.trans(b_dSe), PREC)
@@ -437,14 +416,14 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
         b_dvn = b_dvn.to(tl.float32)
         # u = Tm (beta v), du = dvn
         b_dvb = tl.dot(tl.trans(b_Tm), b_dvn, input_precision=PREC)
-        tl.store(dv_rows + t[:, None] * (H * V) + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
+        tl.store(dv_ptr + tok[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
                  mask=m_tv)
         b_dbeta += tl.sum(b_v * b_dvb, 1)
         b_dTm += tl.dot(b_dvn, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
 
     # q and k only from here on (loaded after the V loop: not held through it)
-    b_q = tl.load(q_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k_rows + t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
     # o = s (q a) S: dq, and its dG through a
     b_dq = b_dq * (scale * b_a)[:, None]
     b_dG = tl.sum(b_q * b_dq, 1)
@@ -485,11 +464,10 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
 
     b_dG += tl.where(o_t == BT - 1, b_dgl, 0.0)
     b_dg = tl.cumsum(b_dG, axis=0, reverse=True)  # G = cumsum(g)
-    dq_rows, dk_rows = _head_rows(dq_ptr, i_b, i_h, T, H, K), _head_rows(dk_ptr, i_b, i_h, T, H, K)
-    tl.store(dq_rows + t[:, None] * (H * K) + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
-    tl.store(dk_rows + t[:, None] * (H * K) + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
-    tl.store(_head_rows(dg_ptr, i_b, i_h, T, H, 1) + t * H, b_dg.to(dg_ptr.dtype.element_ty), mask=m_t)
-    tl.store(_head_rows(dbeta_ptr, i_b, i_h, T, H, 1) + t * H, b_dbeta.to(dbeta_ptr.dtype.element_ty), mask=m_t)
+    tl.store(dq_ptr + tok[:, None] * K + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
+    tl.store(dk_ptr + tok[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
+    tl.store(dg_ptr + tok, b_dg.to(dg_ptr.dtype.element_ty), mask=m_t)
+    tl.store(dbeta_ptr + tok, b_dbeta.to(dbeta_ptr.dtype.element_ty), mask=m_t)
 
 
 # ---------------------------------------------------------------------------
