@@ -24,8 +24,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ["_inverse_kernel", "_wu_kernel", "_fwd_state_kernel", "_fwd_output_kernel",
-           "_bwd_local_kernel", "_bwd_state_kernel", "_bwd_grads_kernel"]
 FP32_POINTERS = {"G_ptr", "Tm_ptr", "h0_ptr", "ht_ptr", "dht_ptr", "dh0_ptr", "g_ptr", "dg_ptr"}
 
 
@@ -76,7 +74,10 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     mod = load(args.module)
-    names = [n for n in args.only.split(",") if n] or KERNELS
+    import triton
+
+    tuned = [n for n, v in vars(mod).items() if isinstance(v, triton.runtime.autotuner.Autotuner)]
+    names = [n for n in args.only.split(",") if n] or tuned  # the module's kernels, in file order
     print(f"| kernel | config | warps | stages | REG | STACK (spill bytes) | dyn. shared | wgmma | mma |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in names:

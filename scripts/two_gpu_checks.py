@@ -318,6 +318,8 @@ def run_parts(args, runner: Runner, parts: set[str], profiled: list[str]) -> Non
             # throughput: also the 1-GPU run of the same per-GPU work (no accumulation)
             no_accum = run(f"one_gpu_no_accum{tag}") if "throughput" in parts else None
             rows += [no_accum] if no_accum else []
+            report["runs"] += rows
+            save()
             for name in (f"fsdp2{tag}", f"fsdp2_ep2{tag}"):
                 r = run(name)
                 r["max_rel_loss_vs_1gpu"] = max_rel(r["losses"], one["losses"], all_steps)
@@ -328,11 +330,8 @@ def run_parts(args, runner: Runner, parts: set[str], profiled: list[str]) -> Non
                     "max_rel_loss_vs_1gpu", "tps_per_gpu_vs_1gpu", "tps_per_gpu_vs_1gpu_no_accum")}}),
                       flush=True)  # as soon as known: a call that runs out of time keeps them
                 rows.append(r)
-                report["runs_so_far"] = rows
-                save()
-            report["runs"] += rows
-            report.pop("runs_so_far", None)
-            save()
+                report["runs"].append(r)
+                save()  # after every run: a call that runs out of time keeps the report so far
             if not tag:
                 plot([r for r in rows if r is not no_accum], runner.out / "same_losses.png")
 
