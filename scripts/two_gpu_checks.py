@@ -24,6 +24,12 @@ local batch, as 2 micro-batches on one GPU or one per GPU on two.
   compared with the run that wrote it (the 2-GPU writer is the faults part's uninterrupted run
   when that part ran).
 
+`--runs NAME,...` trains these runs instead of the two parts' defaults (and, without --parts, no
+other part), e.g. `--runs one_gpu,fsdp2,fsdp2_noreshard,one_gpu_normuon,fsdp2_noreshard_normuon`:
+`fsdp2_noreshard` keeps the gathered parameters from forward to backward
+(`--parallelism.fsdp_reshard_after_forward never`). Each 2-GPU run needs the 1-GPU run of its
+optimizer in the list.
+
 Writes report.json and same_losses.png under --out; prints a summary. `--archive FILE` also packs
 the summaries and every run's log into one .tar.gz (a device call returns only a few files).
 
@@ -31,7 +37,7 @@ Profiling one run's step (e.g. why NorMuon loses more than AdamW to expert paral
 
     python scripts/two_gpu_checks.py --profile fsdp2_ep2_normuon [--steps 12] [--flat] [--out DIR]
 
-`--profile RUN` (one_gpu, one_gpu_no_accum, fsdp2 or fsdp2_ep2, with `_normuon` for NorMuon; comma-separate
+`--profile RUN` (one_gpu, one_gpu_no_accum, fsdp2, fsdp2_ep2 or fsdp2_noreshard, with `_normuon` for NorMuon; comma-separate
 several) trains that run from the seed checkpoint with torchtitan's profiler on step
 `steps - 1` and writes `profile_<RUN>.md` at the top of --out, per rank: step time, GPU-busy
 time, the optimizer step's host time and the GPU time / count of the kernels it launched, NCCL
@@ -73,7 +79,25 @@ NORMUON = ["--optimizer.name", "NorMuon"]
 # 2-GPU run does between optimizer steps: per-GPU throughput at the same per-GPU work, where
 # per-step costs (the optimizer step, above all NorMuon's) fall on the same tokens.
 RUNS = {"one_gpu": (1, 2, []), "one_gpu_no_accum": (1, 1, []), "fsdp2": (2, 2, []),
-        "fsdp2_ep2": (2, 2, EP2)}
+        "fsdp2_ep2": (2, 2, EP2),
+        # FSDP keeping the gathered parameters from forward to backward: one all-gather per step
+        "fsdp2_noreshard": (2, 2, ["--parallelism.fsdp_reshard_after_forward", "never"])}
+
+
+def default_runs(parts: set[str]) -> list[str]:
+    """The runs of the same / throughput parts, 1-GPU references first for each optimizer."""
+    tags = ([""] if "same" in parts else []) + (["_normuon"] if "throughput" in parts else [])
+    return [name + tag for tag in tags for name in
+            ["one_gpu"] + (["one_gpu_no_accum"] if "throughput" in parts else []) + ["fsdp2", "fsdp2_ep2"]]
+
+
+def check_runs(names: list[str]) -> None:
+    """Refuse an unknown name, or a 2-GPU run without the 1-GPU run it is compared with."""
+    for name in names:
+        ngpu, _, _ = named_run(name)
+        ref = "one_gpu_normuon" if name.endswith("_normuon") else "one_gpu"
+        if ngpu == 2 and ref not in names:
+            raise SystemExit(f"--runs {name}: add {ref} (its losses and tokens/s are compared with it)")
 
 
 def named_run(name: str) -> tuple[int, int, list[str]]:
@@ -81,7 +105,7 @@ def named_run(name: str) -> tuple[int, int, list[str]]:
     base, normuon = (name[:-len("_normuon")], True) if name.endswith("_normuon") else (name, False)
     if base not in RUNS:
         choices = ", ".join(f"{n}, {n}_normuon" for n in RUNS)
-        raise SystemExit(f"--profile {name}: unknown run; choose from {choices}")
+        raise SystemExit(f"{name}: unknown run; choose from {choices}")
     ngpu, batches, extra = RUNS[base]
     return ngpu, batches, (NORMUON if normuon else []) + extra
 
@@ -268,6 +292,8 @@ def main() -> None:
     ap.add_argument("--parts", default=None,
                     help="default: same,throughput,faults,resume (none when --profile is given)")
     ap.add_argument("--profile", default="", help="comma list of run names to profile one step of")
+    ap.add_argument("--runs", default="", help="comma list of the runs the same / throughput parts "
+                    "train, instead of their defaults (e.g. one_gpu,fsdp2,fsdp2_noreshard)")
     ap.add_argument("--flat", action="store_true",
                     help="leave only flat files at the top of --out (device output folders)")
     ap.add_argument("--archive", type=Path, help="also write the summaries and logs as one .tar.gz here "
@@ -281,8 +307,10 @@ def main() -> None:
     if profiled and args.steps < 5:
         ap.error("--profile needs --steps >= 5 (torchtitan's profiler warms up 3 steps)")
     if args.parts is None:
-        args.parts = "" if profiled else "same,throughput,faults,resume"
+        args.parts = "" if profiled or args.runs else "same,throughput,faults,resume"
     parts = set(filter(None, args.parts.split(",")))
+    if args.runs:
+        check_runs(args.runs.split(","))  # before any run
     runner = Runner(args)
     runner.out.mkdir(parents=True, exist_ok=True)
     # `timeout` sends SIGTERM: end like SIGINT, so the summaries so far are flattened and packed
@@ -306,34 +334,35 @@ def run_parts(args, runner: Runner, parts: set[str], profiled: list[str]) -> Non
     # be loaded, and each run would start from its own initialization
     from_seed = ["--checkpoint.enable", "--checkpoint.load_only"]
 
-    if "same" in parts or "throughput" in parts:
-        tags = ([""] if "same" in parts else []) + (["_normuon"] if "throughput" in parts else [])
+    names = args.runs.split(",") if args.runs else default_runs(parts)
+    for tag in dict.fromkeys("_normuon" if n.endswith("_normuon") else "" for n in names):
+        mine = [n for n in names if n.endswith("_normuon") == bool(tag)]
+
         def run(name: str) -> dict:
             ngpu, batches, extra = named_run(name)
             return runner.train(name, ngpu, from_seed + extra, batches=batches)
 
-        for tag in tags:
-            one = run(f"one_gpu{tag}")
-            rows = [one]
-            # throughput: also the 1-GPU run of the same per-GPU work (no accumulation)
-            no_accum = run(f"one_gpu_no_accum{tag}") if "throughput" in parts else None
-            rows += [no_accum] if no_accum else []
-            report["runs"] += rows
-            save()
-            for name in (f"fsdp2{tag}", f"fsdp2_ep2{tag}"):
-                r = run(name)
-                r["max_rel_loss_vs_1gpu"] = max_rel(r["losses"], one["losses"], all_steps)
-                for key, ref in (("tps_per_gpu_vs_1gpu", one), ("tps_per_gpu_vs_1gpu_no_accum", no_accum)):
-                    if ref and r["tps_per_gpu"] and ref["tps_per_gpu"]:
-                        r[key] = r["tps_per_gpu"] / ref["tps_per_gpu"]
-                print(json.dumps({"name": name, **{k: r.get(k) for k in (
-                    "max_rel_loss_vs_1gpu", "tps_per_gpu_vs_1gpu", "tps_per_gpu_vs_1gpu_no_accum")}}),
-                      flush=True)  # as soon as known: a call that runs out of time keeps them
-                rows.append(r)
-                report["runs"].append(r)
-                save()  # after every run: a call that runs out of time keeps the report so far
-            if not tag:
-                plot([r for r in rows if r is not no_accum], runner.out / "same_losses.png")
+        one = run(f"one_gpu{tag}")
+        rows = [one]
+        # the 1-GPU run of the same per-GPU work (no accumulation), where asked for
+        no_accum = run(f"one_gpu_no_accum{tag}") if f"one_gpu_no_accum{tag}" in mine else None
+        rows += [no_accum] if no_accum else []
+        report["runs"] += rows
+        save()
+        for name in (n for n in mine if named_run(n)[0] == 2):
+            r = run(name)
+            r["max_rel_loss_vs_1gpu"] = max_rel(r["losses"], one["losses"], all_steps)
+            for key, ref in (("tps_per_gpu_vs_1gpu", one), ("tps_per_gpu_vs_1gpu_no_accum", no_accum)):
+                if ref and r["tps_per_gpu"] and ref["tps_per_gpu"]:
+                    r[key] = r["tps_per_gpu"] / ref["tps_per_gpu"]
+            print(json.dumps({"name": name, **{k: r.get(k) for k in (
+                "max_rel_loss_vs_1gpu", "tps_per_gpu_vs_1gpu", "tps_per_gpu_vs_1gpu_no_accum")}}),
+                  flush=True)  # as soon as known: a call that runs out of time keeps them
+            rows.append(r)
+            report["runs"].append(r)
+            save()  # after every run: a call that runs out of time keeps the report so far
+        if not tag:
+            plot([r for r in rows if r is not no_accum], runner.out / "same_losses.png")
 
     every = max(1, args.steps // 4)
     ckpt = ["--checkpoint.enable", "--checkpoint.interval", str(every),

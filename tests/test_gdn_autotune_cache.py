@@ -1,5 +1,6 @@
-"""The Triton gated delta rule's autotuning is benchmarked once per machine, not once per process
-(triton.autotune's cache_results): a second process reads the first one's timings."""
+"""The Triton gated delta rule's autotuning is benchmarked once per machine and problem shape, not
+once per process (triton.autotune's cache_results): a second process reads the first one's
+timings, and a second shape gets a choice of its own."""
 
 import json
 import os
@@ -34,7 +35,13 @@ o, _ = ours.triton_chunk_gated_delta_rule(*leaves)
 grads = torch.autograd.grad(o.sum(), leaves)
 err = lambda a, b: ((a.double().cpu() - b).norm() / b.norm()).item()
 tuners = [f for f in vars(ours).values() if isinstance(f, Autotuner)]
+# another problem shape (same head dims and dtypes): a choice of its own, not the first one's
+longer = [torch.randn(B, 2 * T, *x.shape[2:], device="cuda", requires_grad=True) for x in leaves[:3]]
+longer += [(-torch.rand(B, 2 * T, H, device="cuda") * 0.5).requires_grad_(),
+           torch.rand(B, 2 * T, H, device="cuda", requires_grad=True)]
+torch.autograd.grad(ours.triton_chunk_gated_delta_rule(*longer)[0].sum(), longer)
 print(json.dumps({"tuners": len(tuners), "benchmarked": sum(hasattr(t, "bench_time") for t in tuners),
+                  "choices": [len(t.cache) for t in tuners],
                   "errors": [err(o, o_ref.detach())] + [err(a, b) for a, b in zip(grads, grads_ref)]}))
 """
 
@@ -54,5 +61,7 @@ def test_a_second_process_reuses_the_autotuning(tmp_path):
     first, second = probe(), probe()
     assert first["tuners"] >= 6 and first["benchmarked"] == first["tuners"]  # every kernel tuned
     assert second["benchmarked"] == 0  # ... and none again
+    # each kernel tuned per problem shape: a key of the head dims alone held one choice
+    assert first["choices"] == second["choices"] == [2] * first["tuners"]
     for run in (first, second):  # the in-place dvn kernel is right with and without a benchmark
         assert max(run["errors"]) < 1e-3, run["errors"]

@@ -110,3 +110,52 @@ def test_a_call_ended_by_timeout_still_packs_what_it_wrote(tmp_path, monkeypatch
         signal.signal(signal.SIGTERM, previous)
     with tarfile.open(archive) as tar:
         assert sorted(tar.getnames()) == ["fsdp2.log", "report.json"]
+
+
+def test_runs_trains_exactly_the_listed_runs_each_compared_with_its_optimizers_one_gpu(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from torchtitan.config import ConfigManager
+
+    script = _script()
+    trained = []
+
+    def fake_train(self, name, ngpu, extra, dump=None, kill_at=None, batches=2):
+        trained.append((name, ngpu, batches, extra))
+        scale = {"one_gpu": 1.0, "one_gpu_normuon": 2.0}.get(name, 1.001)
+        tps = {"one_gpu": 100.0, "fsdp2": 90.0, "fsdp2_noreshard": 95.0, "one_gpu_normuon": 80.0}
+        return {"name": name, "ngpu": ngpu, "losses": {1: 5.0 * scale, 2: 4.0 * scale},
+                "tps_per_gpu": tps.get(name, 76.0)}
+
+    monkeypatch.setattr(script.Runner, "make_seed", lambda self: None)
+    monkeypatch.setattr(script.Runner, "train", fake_train)
+    monkeypatch.setattr(script, "plot", lambda runs, path: None)
+    runs = "one_gpu,fsdp2,fsdp2_noreshard,one_gpu_normuon,fsdp2_noreshard_normuon"
+    monkeypatch.setattr(sys, "argv", ["two_gpu_checks.py", "--steps", "2", "--runs", runs,
+                                      "--out", str(tmp_path / "out")])
+    script.main()
+    assert [t[0] for t in trained] == runs.split(",")  # no other part, no no-accumulation run
+    assert [t[1] for t in trained] == [1, 2, 2, 1, 2]
+    report = {r["name"]: r for r in json.loads((tmp_path / "out" / "report.json").read_text())["runs"]}
+    assert report["fsdp2_noreshard"]["tps_per_gpu_vs_1gpu"] == pytest.approx(0.95)
+    # NorMuon's 2-GPU run against NorMuon's 1-GPU run (its losses are 2x AdamW's here)
+    assert report["fsdp2_noreshard_normuon"]["tps_per_gpu_vs_1gpu"] == pytest.approx(76 / 80)
+    assert report["fsdp2_noreshard_normuon"]["max_rel_loss_vs_1gpu"] == pytest.approx(0.5, rel=1e-2)
+    assert report["fsdp2"]["max_rel_loss_vs_1gpu"] == pytest.approx(0.001, rel=1e-6)
+    # the overrides parse and keep the gathered parameters from forward to backward
+    extra = trained[2][3]
+    cfg = ConfigManager().parse_args(["--job.config_file", str(ROOT / "train_configs" / "fusion_1b.toml"), *extra])
+    assert cfg.parallelism.fsdp_reshard_after_forward == "never" and cfg.checkpoint.load_only
+    assert "--optimizer.name" in trained[4][3]
+
+
+def test_runs_refuses_a_two_gpu_run_without_its_reference(tmp_path, monkeypatch):
+    import sys
+
+    script = _script()
+    monkeypatch.setattr(script.Runner, "make_seed", lambda self: pytest.fail("trained before refusing"))
+    monkeypatch.setattr(sys, "argv", ["two_gpu_checks.py", "--runs", "one_gpu,fsdp2_normuon",
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="add one_gpu_normuon"):
+        script.main()
