@@ -27,8 +27,9 @@ local batch, as 2 micro-batches on one GPU or one per GPU on two.
 `--runs NAME,...` trains these runs instead of the two parts' defaults (and, without --parts, no
 other part), e.g. `--runs one_gpu,fsdp2,fsdp2_noreshard,one_gpu_normuon,fsdp2_noreshard_normuon`:
 `fsdp2_noreshard` keeps the gathered parameters from forward to backward
-(`--parallelism.fsdp_reshard_after_forward never`). Each 2-GPU run needs the 1-GPU run of its
-optimizer in the list.
+(`--parallelism.fsdp_reshard_after_forward never`). The list needs the 1-GPU run of each
+optimizer it names (`one_gpu`, `one_gpu_normuon`); per optimizer (in the order first named), the
+1-GPU runs train first, then the 2-GPU runs in the listed order.
 
 Writes report.json and same_losses.png under --out; prints a summary. `--archive FILE` also packs
 the summaries and every run's log into one .tar.gz (a device call returns only a few files).
@@ -92,11 +93,14 @@ def default_runs(parts: set[str]) -> list[str]:
 
 
 def check_runs(names: list[str]) -> None:
-    """Refuse an unknown name, or a 2-GPU run without the 1-GPU run it is compared with."""
+    """Refuse an unknown or repeated name, or runs of an optimizer without its 1-GPU reference
+    (every run of an optimizer is compared with it, and it is trained first)."""
     for name in names:
-        ngpu, _, _ = named_run(name)
+        named_run(name)
+        if names.count(name) > 1:
+            raise SystemExit(f"--runs {name}: listed twice (each run trains once into its own folder)")
         ref = "one_gpu_normuon" if name.endswith("_normuon") else "one_gpu"
-        if ngpu == 2 and ref not in names:
+        if ref not in names:
             raise SystemExit(f"--runs {name}: add {ref} (its losses and tokens/s are compared with it)")
 
 

@@ -142,17 +142,24 @@ def _short_conv_layout(x):
     return x.reshape(B, T, H * D).transpose(1, 2).contiguous().transpose(1, 2).view(B, T, H, D)
 
 
-def test_interpreted_every_kernel_tunes_per_problem_shape(interpreted):
-    """triton.autotune drops key names that are not arguments of the kernel without a word, and
-    a key of the head dims alone reused a tuning of the tests' small shapes at the model's."""
+def test_interpreted_every_kernel_tunes_per_problem_size(interpreted):
+    """Each kernel's autotune key names its head dims and the size buckets, all of them arguments
+    of the kernel (triton 3.6's autotune drops other names without a word): keyed on the head
+    dims alone, a choice made at the tests' small shapes most likely served the model's."""
     from fusion_titan.ops import gated_delta_rule_triton as ours
 
     tuned = {name: obj for name, obj in vars(ours).items() if isinstance(obj, ours._FixedConfig)}
     assert len(tuned) == 7, sorted(tuned)
     for name, kernel in tuned.items():
-        shape = {"B", "T", "H", "K", "V"} & set(kernel.fn.arg_names)
-        assert {"B", "T", "H", "K"} <= shape, name
-        assert set(kernel.keys) == shape, f"{name}: keyed on {kernel.keys}, its shape arguments are {shape}"
+        wanted = {"BH_BUCKET", "N_BUCKET", "K", "V"} & set(kernel.fn.arg_names)
+        assert {"BH_BUCKET", "N_BUCKET", "K"} <= wanted, name
+        assert set(kernel.keys) == wanted, f"{name}: keyed on {kernel.keys}, wanted {wanted}"
+    # buckets: the model's T 4096 and an evaluation batch padded to 4000 share a choice; a 2x
+    # longer sequence or 2x the sequences get their own
+    N = lambda T: -(-T // ours.CHUNK)  # noqa: E731
+    assert ours._size_buckets(4, 8, N(4000)) == ours._size_buckets(4, 8, N(4096)) == (32, 64)
+    assert len({ours._size_buckets(4, 8, N(4096)), ours._size_buckets(4, 8, N(8192)),
+                ours._size_buckets(8, 8, N(4096))}) == 3
 
 
 def test_interpreted_custom_ops_pass_opcheck(interpreted):

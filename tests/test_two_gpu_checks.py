@@ -155,7 +155,10 @@ def test_runs_refuses_a_two_gpu_run_without_its_reference(tmp_path, monkeypatch)
 
     script = _script()
     monkeypatch.setattr(script.Runner, "make_seed", lambda self: pytest.fail("trained before refusing"))
-    monkeypatch.setattr(sys, "argv", ["two_gpu_checks.py", "--runs", "one_gpu,fsdp2_normuon",
-                                      "--out", str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match="add one_gpu_normuon"):
-        script.main()
+    for runs, error in (("one_gpu,fsdp2_normuon", "add one_gpu_normuon"),
+                        ("one_gpu_no_accum", "add one_gpu"),
+                        ("one_gpu,fsdp2,fsdp2", "fsdp2: listed twice"),
+                        ("one_gpu,fsdp4", "unknown run")):
+        monkeypatch.setattr(sys, "argv", ["two_gpu_checks.py", "--runs", runs, "--out", str(tmp_path / "out")])
+        with pytest.raises(SystemExit, match=error):
+            script.main()
