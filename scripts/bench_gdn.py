@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import gdn_inputs, gdn_micro  # noqa: E402
+from benchmark import gdn_fwd_bwd, gdn_inputs, gdn_micro  # noqa: E402
 
 TARGETS = {"fwd": 1.25, "fwd_bwd": 3.5}  # ours in Triton over fla's forward
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,17 +94,10 @@ def kernel_comparison(flavor: str, batch: int, seq: int, versions: tuple[str, ..
                 fn(*leaves)
         return call
 
-    # a fixed output gradient: the figure holds the op's kernels only (a loss such as
-    # o.float().square().mean() added four elementwise kernels, ~0.17 ms per call at B4 T4096)
-    with torch.no_grad():
-        do = torch.randn_like(triton_chunk_gated_delta_rule(*leaves)[0])
+    do = torch.randn_like(leaves[2])  # o has v's shape and dtype
 
     def fwd_bwd(fn):
-        def call():
-            for x in leaves:  # no gradient accumulation kernels in the figure
-                x.grad = None
-            fn(*leaves)[0].backward(do)
-        return call
+        return gdn_fwd_bwd(fn, leaves, do)
 
     out = {"ours_triton_fwd_kernel_ms": kernel_ms("ours (Triton) forward", fwd(triton_chunk_gated_delta_rule)),
            "ours_triton_fwd_bwd_kernel_ms": kernel_ms("ours (Triton) forward+backward",

@@ -99,19 +99,25 @@ def check_runs(names: list[str]) -> None:
         named_run(name)
         if names.count(name) > 1:
             raise SystemExit(f"--runs {name}: listed twice (each run trains once into its own folder)")
-        ref = "one_gpu_normuon" if name.endswith("_normuon") else "one_gpu"
+        ref = "one_gpu" + optimizer_tag(name)
         if ref not in names:
             raise SystemExit(f"--runs {name}: add {ref} (its losses and tokens/s are compared with it)")
 
 
+def optimizer_tag(name: str) -> str:
+    """"_normuon" for a run with NorMuon, "" for one with the TOML's optimizer."""
+    return "_normuon" if name.endswith("_normuon") else ""
+
+
 def named_run(name: str) -> tuple[int, int, list[str]]:
     """(GPUs, local batches per optimizer step, overrides) of a run of the same / throughput parts."""
-    base, normuon = (name[:-len("_normuon")], True) if name.endswith("_normuon") else (name, False)
+    tag = optimizer_tag(name)
+    base = name[:len(name) - len(tag)]
     if base not in RUNS:
         choices = ", ".join(f"{n}, {n}_normuon" for n in RUNS)
         raise SystemExit(f"{name}: unknown run; choose from {choices}")
     ngpu, batches, extra = RUNS[base]
-    return ngpu, batches, (NORMUON if normuon else []) + extra
+    return ngpu, batches, (NORMUON if tag else []) + extra
 
 
 class Runner:
@@ -338,14 +344,13 @@ def run_parts(args, runner: Runner, parts: set[str], profiled: list[str]) -> Non
     # be loaded, and each run would start from its own initialization
     from_seed = ["--checkpoint.enable", "--checkpoint.load_only"]
 
+    def run(name: str) -> dict:
+        ngpu, batches, extra = named_run(name)
+        return runner.train(name, ngpu, from_seed + extra, batches=batches)
+
     names = args.runs.split(",") if args.runs else default_runs(parts)
-    for tag in dict.fromkeys("_normuon" if n.endswith("_normuon") else "" for n in names):
-        mine = [n for n in names if n.endswith("_normuon") == bool(tag)]
-
-        def run(name: str) -> dict:
-            ngpu, batches, extra = named_run(name)
-            return runner.train(name, ngpu, from_seed + extra, batches=batches)
-
+    for tag in dict.fromkeys(map(optimizer_tag, names)):  # each optimizer, in the order first named
+        mine = [n for n in names if optimizer_tag(n) == tag]
         one = run(f"one_gpu{tag}")
         rows = [one]
         # the 1-GPU run of the same per-GPU work (no accumulation), where asked for
