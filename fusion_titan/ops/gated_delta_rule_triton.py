@@ -16,11 +16,10 @@ Only the chunk scans are sequential; the state stays in registers (fp32) across 
 Forward and backward are custom ops joined by register_autograd, so they run in eager mode and
 inside the compiled blocks alike.
 Every product accumulates in fp32; G and Tm are stored in fp32, the larger intermediates (w, u,
-vn, chunk states and their gradients) in the inputs' dtype for bf16/fp16, fp32 otherwise. The
-forward multiplies in the inputs' dtype (bf16 operands on the tensor cores, as fla: Tm, the
-state and P rounded to bf16 for their products); the backward multiplies fp32 operands (tf32),
-as validated on the H200 (where both operands are stored tiles it multiplies them as loaded:
-the same products as tf32 of their fp32 copies).
+vn, chunk states and their gradients) in the inputs' dtype for bf16/fp16, fp32 otherwise. Forward
+and backward multiply in the inputs' dtype, as fla does (bf16 operands on the tensor cores: Tm,
+the states, P and the gradient tiles rounded to bf16 for their products; sums in fp32); float32
+inputs keep full fp32 (`ieee`) products. Only the inverse's merges stay fp32 in every case.
 """
 
 from __future__ import annotations
@@ -217,7 +216,7 @@ def _wu_kernel(k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, w_ptr, u_ptr,
         tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty), mask=m_v[None, :])
 
 
-@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=SHAPE_KEY)
+@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2), (16, 4, 3), (32, 4, 3)]), key=SHAPE_KEY)
 @triton.jit
 def _fwd_state_kernel(k_ptr, w_ptr, u_ptr, G_ptr, h0_ptr, S_ptr, vn_ptr, ht_ptr,
                       T, H, Tp, BH_BUCKET, N_BUCKET, N, K: tl.constexpr, V: tl.constexpr,
@@ -316,18 +315,19 @@ def _bwd_local_kernel(q_ptr, k_ptr, G_ptr, do_ptr, dvn_ptr, scale,
     tok = (i_b * T + t) * H + i_h
     row = i_bh * Tp + t
     m_tk = m_t[:, None] & m_k[None, :]
-    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
     b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
     b_G = tl.load(G_ptr + row)
     causal = o_t[:, None] >= o_t[None, :]
     decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
-    b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * decay * scale
-    b_dvn = tl.dot(tl.trans(b_P), b_do.to(tl.float32), input_precision=PREC)
+    b_P = _dot_as_loaded(b_q, tl.trans(b_k), PREC) * decay * scale
+    b_dvn = _dot_as_loaded(tl.trans(b_P.to(b_q.dtype)), b_do, PREC)
     tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
 
 
-@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2)]), key=SHAPE_KEY, restore_value=["dvn_ptr"])
+@_autotune(_cfgs([(32, 4, 2), (16, 4, 2), (64, 8, 2), (16, 4, 3), (32, 4, 3)]), key=SHAPE_KEY,
+           restore_value=["dvn_ptr"])
 @triton.jit
 def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_ptr, dh0_ptr, scale,
                       T, H, Tp, BH_BUCKET, N_BUCKET, N, K: tl.constexpr, V: tl.constexpr,
@@ -359,23 +359,25 @@ def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, G_ptr, do_ptr, dht_ptr, dS_ptr, dvn_p
         row = i_bh * Tp + t
         m_tk = m_t[:, None] & m_k[None, :]
         tl.store(dS_ptr + (i_bh * N + i_c) * K * V + kv, b_dS.to(dS_ptr.dtype.element_ty), mask=m_kv)
-        b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+        b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
         b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
         b_G = tl.load(G_ptr + row)
         b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
-        b_kd = b_k * tl.exp(b_gl - b_G)[:, None]
-        b_dvn += tl.dot(b_kd, b_dS, input_precision=PREC)
+        # operands rounded to the storage dtype (bf16 products, as fla's bwd_dhu), sums in fp32
+        b_kd = (b_k.to(tl.float32) * tl.exp(b_gl - b_G)[:, None]).to(b_w.dtype)
+        b_dvn += _dot_as_loaded(b_kd, b_dS.to(b_w.dtype), PREC)
         tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_v[None, :])
-        b_qa = b_q * (scale * tl.exp(b_G))[:, None]
-        b_dS = b_dS * tl.exp(b_gl) + tl.dot(tl.trans(b_qa), b_do.to(tl.float32), input_precision=PREC)
-        b_dS -= tl.dot(tl.trans(b_w), b_dvn, input_precision=PREC)
+        b_qa = (b_q.to(tl.float32) * (scale * tl.exp(b_G))[:, None]).to(b_w.dtype)
+        b_dS = b_dS * tl.exp(b_gl) + _dot_as_loaded(tl.trans(b_qa), b_do, PREC)
+        b_dS -= _dot_as_loaded(tl.trans(b_w), b_dvn.to(b_w.dtype), PREC)
     tl.store(dh0_ptr + i_bh * K * V + kv, b_dS, mask=m_kv)
 
 
-@_autotune(_cfgs([(64, 8, 1), (32, 8, 1), (32, 4, 1), (16, 8, 1)]), key=SHAPE_KEY)
+# 8 warps, 1 stage: 4 warps or 2 stages spill (sm_90 compile, scripts/gdn_kernel_resources.py)
+@_autotune(_cfgs([(64, 8, 1), (32, 8, 1), (16, 8, 1)]), key=SHAPE_KEY)
 @triton.jit
 def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_ptr, vn_ptr, dvn_ptr,
                       do_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, scale,
@@ -395,7 +397,8 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
     b_beta = tl.load(beta_ptr + tok, mask=m_t, other=0.0).to(tl.float32)
     b_G = tl.load(G_ptr + row)
     b_gl = tl.load(G_ptr + i_bh * Tp + i_c * BT + BT - 1)
-    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :])
+    X = vn_ptr.dtype.element_ty  # the storage dtype: every product's operands (bf16 as fla)
+    b_Tm = tl.load(Tm_ptr + row[:, None] * BT + o_t[None, :]).to(X)
     b_a = tl.exp(b_G)
     state = (i_bh * N + i_c) * K * V
 
@@ -412,11 +415,9 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
         m_tv = m_t[:, None] & m_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         kv = o_k[:, None] * V + o_v[None, :]
-        # tiles as stored (bf16 for bf16 inputs): products of two of them are exact in fp32 either
-        # way, so multiplying them natively is the tf32 product of their fp32 copies, in half the
-        # registers (this kernel spills)
+        # tiles as stored (bf16 for bf16 inputs), multiplied natively
         b_do = tl.load(do_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_v = tl.load(v_ptr + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         b_vn = tl.load(vn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
         b_dvn = tl.load(dvn_ptr + row[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
         b_S = tl.load(S_ptr + state + kv, mask=m_kv, other=0.0)
@@ -426,30 +427,31 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
         b_dk2 += _dot_as_loaded(b_vn, tl.trans(b_dSe), PREC)
         b_dw -= _dot_as_loaded(b_dvn, tl.trans(b_S), PREC)
         b_SdS += tl.sum(b_S.to(tl.float32) * b_dSe.to(tl.float32), 1)
-        b_dvn = b_dvn.to(tl.float32)
         # u = Tm (beta v), du = dvn
-        b_dvb = tl.dot(tl.trans(b_Tm), b_dvn, input_precision=PREC)
+        b_dvb = _dot_as_loaded(tl.trans(b_Tm), b_dvn, PREC)
         tl.store(dv_ptr + tok[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
                  mask=m_tv)
+        b_v = b_v.to(tl.float32)
         b_dbeta += tl.sum(b_v * b_dvb, 1)
-        b_dTm += tl.dot(b_dvn, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
+        b_dTm += _dot_as_loaded(b_dvn, tl.trans((b_v * b_beta[:, None]).to(X)), PREC)
 
     # q and k only from here on (loaded after the V loop: not held through it)
-    b_q = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_qx = tl.load(q_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(X)
+    b_kx = tl.load(k_ptr + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(X)
+    b_k = b_kx.to(tl.float32)
     # o = s (q a) S: dq, and its dG through a
     b_dq = b_dq * (scale * b_a)[:, None]
-    b_dG = tl.sum(b_q * b_dq, 1)
+    b_dG = tl.sum(b_qx.to(tl.float32) * b_dq, 1)
     # o += P vn with P = s q k^T D (causal)
     causal = o_t[:, None] >= o_t[None, :]
     decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
-    b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * decay * scale
+    b_P = _dot_as_loaded(b_qx, tl.trans(b_kx), PREC) * decay * scale
     b_dP = tl.where(causal, b_dP, 0.0)
     b_dPP = b_dP * b_P
     b_dG += tl.sum(b_dPP, 1) - tl.sum(b_dPP, 0)
-    b_dQK = b_dP * decay * scale
-    b_dq += tl.dot(b_dQK, b_k, input_precision=PREC)
-    b_dk = tl.dot(tl.trans(b_dQK), b_q, input_precision=PREC)
+    b_dQK = (b_dP * decay * scale).to(X)
+    b_dq += _dot_as_loaded(b_dQK, b_kx, PREC)
+    b_dk = _dot_as_loaded(tl.trans(b_dQK), b_qx, PREC)
     # S_end = exp(G_last) S + (k exp(G_last - G))^T vn
     b_dk2 = b_dk2 * tl.exp(b_gl - b_G)[:, None]
     b_dk += b_dk2
@@ -457,23 +459,24 @@ def _bwd_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, G_ptr, Tm_ptr, S_ptr, dS_pt
     b_dG -= b_kdk2
     b_dgl = tl.sum(b_kdk2, 0) + tl.exp(b_gl) * tl.sum(b_SdS, 0)
     # vn = u - w S, w = Tm (beta a k)
-    b_dkb = tl.dot(tl.trans(b_Tm), b_dw, input_precision=PREC)
+    b_dwx = b_dw.to(X)
+    b_dkb = _dot_as_loaded(tl.trans(b_Tm), b_dwx, PREC)
     b_dk += b_dkb * (b_beta * b_a)[:, None]
     b_kdkb = tl.sum(b_k * b_dkb, 1)
     b_dbeta += b_a * b_kdkb
     b_dG += b_beta * b_a * b_kdkb
-    b_dTm += tl.dot(b_dw, tl.trans(b_k * (b_beta * b_a)[:, None]), input_precision=PREC)
+    b_dTm += _dot_as_loaded(b_dwx, tl.trans((b_k * (b_beta * b_a)[:, None]).to(X)), PREC)
     # Tm = (I + A)^-1: dA = -Tm^T dTm Tm^T on the strict lower triangle
     strict = o_t[:, None] > o_t[None, :]
-    b_dA = -tl.dot(tl.dot(tl.trans(b_Tm), b_dTm, input_precision=PREC), tl.trans(b_Tm), input_precision=PREC)
+    b_dA = -_dot_as_loaded(_dot_as_loaded(tl.trans(b_Tm), b_dTm.to(X), PREC).to(X), tl.trans(b_Tm), PREC)
     b_dA = tl.where(strict, b_dA, 0.0)
     sdecay = tl.where(strict, decay, 0.0)
-    b_kkD = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * sdecay
+    b_kkD = _dot_as_loaded(b_kx, tl.trans(b_kx), PREC) * sdecay
     b_dbeta += tl.sum(b_dA * b_kkD, 1)
     b_dAA = b_dA * b_kkD * b_beta[:, None]
     b_dG += tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0)
-    b_dAk = b_dA * sdecay * b_beta[:, None]
-    b_dk += tl.dot(b_dAk, b_k, input_precision=PREC) + tl.dot(tl.trans(b_dAk), b_k, input_precision=PREC)
+    b_dAk = (b_dA * sdecay * b_beta[:, None]).to(X)
+    b_dk += _dot_as_loaded(b_dAk, b_kx, PREC) + _dot_as_loaded(tl.trans(b_dAk), b_kx, PREC)
 
     b_dG += tl.where(o_t == BT - 1, b_dgl, 0.0)
     b_dg = tl.cumsum(b_dG, axis=0, reverse=True)  # G = cumsum(g)
