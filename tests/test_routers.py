@@ -17,7 +17,7 @@ from fusion_titan.model.balance_losses import gshard_balance_loss, router_z_loss
 from fusion_titan.model.flavors import FLAVORS
 from fusion_titan.model.model import FusionModel
 from fusion_titan.model.moe import DeepSeekMoE, load_metrics
-from fusion_titan.model.routers import ROUTERS, GroupLimitedRouter, SoftmaxTopKRouter
+from fusion_titan.model.routers import ROUTERS, GroupLimitedRouter, SoftmaxTopKRouter, top_k
 from fusion_titan.training.moe_balance import ExpertBiasUpdater
 from fusion_titan.training.tb_scalars import read_all_scalars
 from trainer_runs import run_train, tb_losses
@@ -142,6 +142,48 @@ def test_softmax_router_compiles_fullgraph_with_jitter():
     w, idx, _ = r(x)
     torch.testing.assert_close(cw, w)
     assert torch.equal(cidx, idx)
+
+
+@pytest.mark.parametrize("k", [1, 2, 6])
+def test_top_k_picks_the_largest_first_and_breaks_ties_to_the_lower_index(k):
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.randn(50, 32, generator=g)
+    values, indices = top_k(distinct, k)
+    ref_values, ref_indices = torch.topk(distinct, k, dim=-1)  # distinct values: one answer
+    assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
+    tied = torch.randint(0, 4, (50, 8), generator=g).float()  # many ties
+    values, indices = top_k(tied, k)
+    for row, got in zip(tied.tolist(), indices.tolist()):
+        assert got == sorted(range(8), key=lambda i: (-row[i], i))[:k]
+    assert torch.equal(values, tied.gather(1, indices))
+
+
+def test_top_k_passes_gradients_to_the_chosen_entries_only():
+    x = torch.randn(4, 8, dtype=D, requires_grad=True)
+    values, indices = top_k(x, 3)
+    (values * torch.arange(1.0, 4.0, dtype=D)).sum().backward()
+    expected = torch.zeros(4, 8, dtype=D).scatter(1, indices, torch.arange(1.0, 4.0, dtype=D).expand(4, 3))
+    assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_deepseek_router_sorts_in_triton_without_a_topk_call():
+    """The reason top_k sorts: inductor fuses it into the router's Triton kernels (no aten topk)."""
+    from torch._inductor.utils import run_and_get_code
+
+    r = GroupLimitedRouter(64, 32, 6, 8, 3, route_scale=2.5).cuda()
+    x = torch.randn(4096, 64, device="cuda")
+    bias = torch.randn(32, device="cuda") * 0.01
+    compiled = torch.compile(r, fullgraph=True, dynamic=False)
+    (w, idx, _), codes = run_and_get_code(compiled, x, bias)
+    # the generated code's statements (its comments name the ATen ops each kernel fuses)
+    calls = [line for code in codes for line in code.splitlines() if not line.strip().startswith("#")]
+    assert not [line for line in calls if "aten.topk" in line or "aten.sort" in line]  # no fallbacks
+    assert any("sort" in line and ".run(" in line for line in calls)  # a Triton kernel sorts
+    ref_w, ref_idx, _ = r(x, bias)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(w, ref_w)
 
 
 # ---------------------------------------------------------------------------------------------

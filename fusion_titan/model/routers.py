@@ -48,6 +48,15 @@ def check_jitter(jitter: float) -> None:
         raise ValueError(f"moe_router_jitter must be in [0, 1) (noise range 1 +- jitter), got {jitter}")
 
 
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries along the last dim and their indices, largest first, ties to the
+    lower index. By a stable sort rather than torch.topk: inductor compiles a sort over a few
+    dozen entries into a Triton kernel fused with the router's other ops, where topk stays a
+    library call (`gatherTopK`, 1.8% of GPU time in a compiled fusion_1b step on an H200)."""
+    values, indices = x.sort(dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
 def jittered(x: torch.Tensor, jitter: float, training: bool) -> torch.Tensor:
     """Switch Transformer's multiplicative router-input noise, training forwards only."""
     if not training or jitter <= 0:
@@ -107,11 +116,11 @@ class GroupLimitedRouter(TopKRouter):
         if self.n_groups:
             group_size = self.n_experts // self.n_groups
             grouped = choice.view(-1, self.n_groups, group_size)
-            group_score = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)  # [N, G]
-            keep = group_score.topk(self.n_limited_groups, dim=-1).indices
+            group_score = top_k(grouped, min(2, group_size))[0].sum(-1)  # [N, G]
+            keep = top_k(group_score, self.n_limited_groups)[1]
             masked = torch.ones_like(group_score, dtype=torch.bool).scatter(1, keep, False)
             choice = grouped.masked_fill(masked.unsqueeze(-1), float("-inf")).view_as(scores)
-        indices = choice.topk(self.top_k, dim=-1).indices
+        indices = top_k(choice, self.top_k)[1]
         weights = scores.gather(1, indices)  # unbiased affinities: the bias never reaches the weights
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20) * self.route_scale
         return (weights, indices, scores, logits) if return_logits else (weights, indices, scores)
@@ -136,7 +145,7 @@ class SoftmaxTopKRouter(TopKRouter):
         logits = self.gate(jittered(x, self.jitter, self.training))
         logits = logits.to(compute_dtype(logits.dtype))
         probs = torch.softmax(logits, dim=-1)
-        weights, indices = probs.topk(self.top_k, dim=-1)
+        weights, indices = top_k(probs, self.top_k)
         if self.normalize_topk:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
         return (weights, indices, probs, logits) if return_logits else (weights, indices, probs)
