@@ -23,8 +23,8 @@ from trainer_runs import ROOT
 transformers = pytest.importorskip("transformers")
 
 
-def exported(tmp_path, tokenizer=None, **changes):
-    """(our model, the folder dcp-to-hf wrote from its DCP checkpoint)."""
+def exported(tmp_path, tokenizer=None, edit=None, **changes):
+    """(our model, the folder dcp-to-hf wrote from its DCP checkpoint); edit(model) runs before the save."""
     args = FLAVORS["debugmodel"].replace(**{
         "vocab_size": 256, "n_layers": 4, "layer_schedule": "2:1", "max_seq_len": 64,
         "dim": 256, "mup_base_dim": 64, **changes})  # dim > base: the muP logit scale is 1/4
@@ -37,6 +37,8 @@ def exported(tmp_path, tokenizer=None, **changes):
         for layer in model.layers.values():
             if layer.moe_enabled:
                 layer.moe.expert_bias.copy_(torch.randn_like(layer.moe.expert_bias) * 0.1)
+        if edit is not None:
+            edit(model)
     dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
     out = tmp_path / "hf"
     dcp_to_hf(str(tmp_path / "dcp"), str(out), args, tokenizer=tokenizer)
@@ -81,6 +83,31 @@ def test_transformers_loads_the_export_and_gives_our_logits(tmp_path, changes):
         loss = theirs(tokens, labels=tokens).loss
         ce = ours(tokens[:, :-1], labels=tokens[:, 1:])["ce_sum"] / tokens[:, 1:].numel()
     torch.testing.assert_close(loss, ce, rtol=1e-4, atol=1e-4)
+
+
+def _tie_every_router(model):
+    """Every expert gets the same gate row and no bias: each token's scores tie exactly."""
+    for layer in model.layers.values():
+        if layer.moe_enabled:
+            gate = layer.moe.router.gate.weight
+            gate.copy_(gate[:1].expand_as(gate))
+            layer.moe.expert_bias.zero_()
+
+
+@pytest.mark.parametrize("router", ["deepseek", "softmax_topk"])
+def test_export_breaks_router_ties_as_training_does(tmp_path, router):
+    """Tied scores: the export chooses the experts training chooses (the lower index first), so
+    the logits still match; the experts differ, so another choice would show."""
+    ours, folder = exported(tmp_path, edit=_tie_every_router, moe_router=router)
+    theirs = load_hf_model(folder)
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), rtol=1e-4, atol=1e-4)
+        moe = next(layer.moe for layer in ours.layers.values() if layer.moe_enabled)
+        h = torch.randn(5, moe.dim)
+        _, indices, scores = moe.router(h)[:3]
+    assert (scores == scores[:, :1]).all()  # the ties are real
+    assert indices.sort(-1).values.tolist() == [list(range(moe.top_k))] * 5
 
 
 def test_export_files_are_readable_by_others_and_need_no_fusion_titan(tmp_path):

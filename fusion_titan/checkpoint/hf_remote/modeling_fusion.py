@@ -32,6 +32,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest along the last dim, ties to the lower index: the training router's rule
+    (fusion_titan/model/routers.py), so an export picks the same experts on exact ties."""
+    values, indices = x.sort(dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
 def _block_kinds(schedule: str, n_layers: int) -> list[str]:
     if schedule in ("mha", "ssm"):
         return ["attn" if schedule == "mha" else "gdn"] * n_layers
@@ -148,7 +155,7 @@ class DeepSeekMoE(nn.Module):
 
     def _softmax_topk(self, logits):
         a = self.a
-        weights, indices = torch.softmax(logits, dim=-1).topk(a.n_activated_experts, dim=-1)
+        weights, indices = _top_k(torch.softmax(logits, dim=-1), a.n_activated_experts)
         if getattr(a, "moe_router_norm_topk", False):
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
         return weights, indices
@@ -159,11 +166,11 @@ class DeepSeekMoE(nn.Module):
         choice = scores + self.gate.e_score_correction_bias.to(scores.dtype)
         if self.n_groups:
             grouped = choice.view(logits.shape[0], self.n_groups, -1)
-            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-            keep = group_score.topk(a.n_limited_groups, dim=-1).indices
+            group_score = _top_k(grouped, min(2, grouped.shape[-1]))[0].sum(-1)
+            keep = _top_k(group_score, a.n_limited_groups)[1]
             dropped = torch.ones_like(group_score, dtype=torch.bool).scatter(1, keep, False)
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view_as(scores)
-        indices = choice.topk(a.n_activated_experts, dim=-1).indices
+        indices = _top_k(choice, a.n_activated_experts)[1]
         weights = scores.gather(1, indices)
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20) * a.route_scale
         return weights, indices
