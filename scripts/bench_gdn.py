@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import gdn_fwd_bwd, gdn_inputs, gdn_micro  # noqa: E402
+from benchmark import gdn_fwd_bwd, gdn_inputs, gdn_micro, kernel_ms  # noqa: E402
 
 TARGETS = {"fwd": 1.25, "fwd_bwd": 3.5}  # ours in Triton over fla's forward
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,24 +58,6 @@ def load_version(spec: str):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
-
-
-def kernel_ms(name: str, fn, calls: int = 3) -> float:
-    """GPU time of fn per call (ms): its kernels' device time summed over `calls` calls (after one
-    untimed call: autotuning, compilation); prints the per-kernel table."""
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    total_us = sum(e.self_device_time_total for e in events)  # self_cuda_time_total: gone in torch 2.11
-    print(f"--- {name}: {total_us / calls / 1e3:.3f} ms of GPU kernels per call")
-    print(events.table(sort_by="self_device_time_total", row_limit=12))
-    return total_us / calls / 1e3
 
 
 def kernel_comparison(flavor: str, batch: int, seq: int, versions: tuple[str, ...] = ()) -> dict:

@@ -3,8 +3,9 @@
 
     python scripts/bench_router.py [--flavor fusion_1b] [--tokens 32768] [--reps 50]
 
-Prints the GPU kernel time per call of each form (torch.profiler: the kernels' device time,
-host overhead excluded) and their ratio, and the number of tokens for which the two choose other experts (they may differ on ties).
+Prints the GPU kernel time per call of each form (benchmark.kernel_ms: the kernels' device time,
+host overhead excluded, with its per-kernel table) and their ratio, and the number of tokens for
+which the two choose other experts (they may differ on ties).
 """
 
 from __future__ import annotations
@@ -15,27 +16,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark.py (it puts the repo root on the path)
 
+from benchmark import kernel_ms  # noqa: E402
 from fusion_titan.model import routers  # noqa: E402
 from fusion_titan.model.flavors import FLAVORS  # noqa: E402
 
 
 def library_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.topk(x, k, dim=-1)
-
-
-def kernel_ms(fn, reps: int) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.key_averages()) / reps / 1e3
 
 
 def main() -> None:
@@ -57,7 +46,7 @@ def main() -> None:
             torch._dynamo.reset()
             fn = torch.compile(router, fullgraph=True, dynamic=False)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                results[name] = (kernel_ms(lambda: fn(x, bias), args.reps), fn(x, bias)[1])
+                results[name] = (kernel_ms(f"router forward, {name}", lambda: fn(x, bias), args.reps), fn(x, bias)[1])
     finally:
         routers.top_k = original
     # the same experts per token, up to the order of ties (bf16 logits tie often)

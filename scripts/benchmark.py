@@ -140,6 +140,24 @@ def _cuda_time(fn, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def kernel_ms(name: str, fn, calls: int = 3) -> float:
+    """GPU time of fn per call (ms): its kernels' device time summed over `calls` calls (after one
+    untimed call: autotuning, compilation); prints the per-kernel table."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total_us = sum(e.self_device_time_total for e in events)  # self_cuda_time_total: gone in torch 2.11
+    print(f"--- {name}: {total_us / calls / 1e3:.3f} ms of GPU kernels per call")
+    print(events.table(sort_by="self_device_time_total", row_limit=12))
+    return total_us / calls / 1e3
+
+
 def optimizer_micro(flavor: str) -> dict:
     """One optimizer step on the flavor's parameters (fp32 master weights, random gradients)."""
     import torch
